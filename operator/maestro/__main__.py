@@ -1,0 +1,5 @@
+"""Allow ``python -m maestro``."""
+
+from maestro.cli.main import main
+
+main()
