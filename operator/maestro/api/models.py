@@ -1,0 +1,362 @@
+"""Pydantic models of the ``Workflow`` and ``WorkflowRun`` resources.
+
+These models are the one source of truth: the CRDs in ``crds/`` are generated from
+them (see :mod:`maestro.api.crd`), the CLI validates files with them and the
+operator parses cluster objects with them. Field names are camelCase on the wire.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from maestro.api.phases import RunPhase, TaskPhase
+
+GROUP = "maestro.dev"
+VERSION = "v1alpha1"
+API_VERSION: Literal["maestro.dev/v1alpha1"] = "maestro.dev/v1alpha1"
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+PARAM_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+
+TaskName = Annotated[str, StringConstraints(pattern=DNS_LABEL, min_length=1, max_length=63)]
+ParamName = Annotated[str, StringConstraints(pattern=PARAM_NAME, min_length=1, max_length=128)]
+ResourceName = Annotated[str, StringConstraints(min_length=1, max_length=253)]
+# Kubernetes quantities arrive from YAML as numbers or strings ("500m", 1, "2Gi").
+Quantity = int | str
+
+
+class Model(BaseModel):
+    """Base for every wire model: camelCase aliases, unknown fields are errors."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+
+class ObjectMeta(BaseModel):
+    """The parts of Kubernetes object metadata Maestro reads; the rest passes through."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
+
+    name: str | None = None
+    generate_name: str | None = None
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+# --- Workflow spec -------------------------------------------------------------------
+
+
+class Param(Model):
+    """A declared input of a workflow."""
+
+    name: ParamName
+    default: str | None = Field(None, description="Value used when the run does not set it.")
+    description: str | None = None
+
+
+class RetryPolicy(Model):
+    """How often and how fast a failed task is tried again (exponential backoff)."""
+
+    limit: int = Field(0, ge=0, le=100, description="Retries after the first attempt.")
+    backoff_seconds: float = Field(10.0, ge=0, description="Delay before the first retry.")
+    factor: float = Field(2.0, ge=1, description="Multiplier applied to each further delay.")
+    max_backoff_seconds: float = Field(3600.0, ge=0, description="Upper bound of the delay.")
+
+    def delay(self, failed_attempt: int) -> float:
+        """Seconds to wait after attempt number ``failed_attempt`` (1-based) failed."""
+        raw = self.backoff_seconds * self.factor ** (failed_attempt - 1)
+        return min(raw, self.max_backoff_seconds)
+
+
+class SecretKeyRef(Model):
+    """A key of a Secret in the run's namespace."""
+
+    name: ResourceName
+    key: Annotated[str, StringConstraints(min_length=1, max_length=253)]
+
+
+class ValueFrom(Model):
+    """Where a value comes from when it is not written inline."""
+
+    secret_key_ref: SecretKeyRef
+
+
+class EnvVar(Model):
+    """An environment variable of a container task; ``value`` may use templates."""
+
+    name: Annotated[str, StringConstraints(pattern=ENV_NAME, min_length=1)]
+    value: str | None = None
+    value_from: ValueFrom | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvVar:
+        if (self.value is None) == (self.value_from is None):
+            raise ValueError("exactly one of value and valueFrom must be set")
+        return self
+
+
+class Resources(Model):
+    """Compute requests and limits, as in a Kubernetes container."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+
+
+class PodMetadata(Model):
+    """Labels and annotations added to the pods a container task creates."""
+
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class ContainerTask(Model):
+    """Run an image as a Kubernetes Job (one Job per attempt).
+
+    Outputs: the container writes a JSON object to its termination message
+    (``/dev/termination-log``); it becomes the task's outputs.
+    """
+
+    image: Annotated[str, StringConstraints(min_length=1)]
+    command: list[str] | None = None
+    args: list[str] | None = None
+    env: list[EnvVar] = Field(default_factory=list)
+    working_dir: str | None = None
+    resources: Resources | None = None
+    service_account_name: ResourceName | None = None
+    pod_metadata: PodMetadata | None = None
+
+
+HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
+
+
+class HttpHeader(Model):
+    """A request header; the value is inline (templated) or read from a Secret."""
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    value: str | None = None
+    value_from: ValueFrom | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HttpHeader:
+        if (self.value is None) == (self.value_from is None):
+            raise ValueError("exactly one of value and valueFrom must be set")
+        return self
+
+
+class HttpTask(Model):
+    """Call an HTTP endpoint from the operator; a JSON response body becomes the outputs."""
+
+    url: Annotated[str, StringConstraints(min_length=1)]
+    method: HttpMethod = "GET"
+    headers: list[HttpHeader] = Field(default_factory=list)
+    body: str | None = Field(None, description="Request body; templates are expanded.")
+    expected_status: list[Annotated[int, Field(ge=100, le=599)]] = Field(
+        default_factory=list, description="Accepted status codes; empty means any 2xx."
+    )
+
+
+class ApprovalTask(Model):
+    """A gate that opens when the run's ``spec.approvals`` names the task."""
+
+    message: str | None = Field(None, description="What the approver is asked.")
+
+
+_ONE_EXECUTOR = "exactly one of container, http and approval must be set"
+
+
+class Task(Model):
+    """One node of the DAG."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "[has(self.container), has(self.http), has(self.approval)]"
+                    ".filter(x, x).size() == 1",
+                    "message": _ONE_EXECUTOR,
+                }
+            ]
+        }
+    )
+
+    name: TaskName
+    depends_on: list[TaskName] = Field(default_factory=list)
+    when: str | None = Field(
+        None, description="Expression over params and upstream tasks; false skips the task."
+    )
+    retries: RetryPolicy | None = None
+    timeout_seconds: int | None = Field(None, ge=1, description="Per attempt.")
+    container: ContainerTask | None = None
+    http: HttpTask | None = None
+    approval: ApprovalTask | None = None
+
+    @model_validator(mode="after")
+    def _one_executor(self) -> Task:
+        if sum(x is not None for x in (self.container, self.http, self.approval)) != 1:
+            raise ValueError(_ONE_EXECUTOR)
+        return self
+
+    @property
+    def kind(self) -> Literal["container", "http", "approval"]:
+        """Which executor runs this task."""
+        if self.container is not None:
+            return "container"
+        if self.http is not None:
+            return "http"
+        return "approval"
+
+
+class WorkflowSpec(Model):
+    """A reusable DAG template."""
+
+    params: list[Param] = Field(default_factory=list)
+    tasks: list[Task] = Field(min_length=1)
+    finally_: list[Task] = Field(
+        default_factory=list,
+        alias="finally",
+        validation_alias=AliasChoices("finally", "finally_"),
+        description="Tasks run after the DAG ends, whatever its outcome.",
+    )
+    concurrency: int | None = Field(None, ge=1, description="Max tasks running at once per run.")
+    fail_fast: bool = Field(
+        True, description="On a failure stop scheduling new tasks (true) or go on (false)."
+    )
+    timeout_seconds: int | None = Field(None, ge=1, description="Whole run.")
+
+    def all_tasks(self) -> list[Task]:
+        """Main tasks followed by finally tasks."""
+        return [*self.tasks, *self.finally_]
+
+
+class Condition(Model):
+    """A Kubernetes-style condition (kstatus compatible)."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str | None = None
+    message: str | None = None
+    last_transition_time: datetime | None = None
+    observed_generation: int | None = None
+
+
+class WorkflowStatus(Model):
+    """What the operator reports about a Workflow."""
+
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+    task_count: int | None = None
+
+
+class Workflow(Model):
+    """The ``Workflow`` resource."""
+
+    model_config = ConfigDict(title="Workflow")
+
+    api_version: Literal["maestro.dev/v1alpha1"] = API_VERSION
+    kind: Literal["Workflow"] = "Workflow"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: WorkflowSpec
+    status: WorkflowStatus | None = None
+
+
+# --- WorkflowRun ---------------------------------------------------------------------
+
+
+class WorkflowRef(Model):
+    """A Workflow in the run's namespace."""
+
+    name: ResourceName
+
+
+class WorkflowRunSpec(Model):
+    """One execution of a workflow."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.workflowRef) != has(self.workflowSpec)",
+                    "message": "exactly one of workflowRef and workflowSpec must be set",
+                }
+            ]
+        }
+    )
+
+    workflow_ref: WorkflowRef | None = None
+    workflow_spec: WorkflowSpec | None = None
+    params: dict[str, str] = Field(default_factory=dict)
+    suspend: bool = False
+    cancel: bool = False
+    approvals: list[TaskName] = Field(default_factory=list)
+    ttl_seconds_after_finished: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_workflow(self) -> WorkflowRunSpec:
+        if (self.workflow_ref is None) == (self.workflow_spec is None):
+            raise ValueError("exactly one of workflowRef and workflowSpec must be set")
+        return self
+
+
+class TaskStatus(Model):
+    """Summary of one task in a run's status (full detail lives in the store)."""
+
+    phase: TaskPhase
+    attempts: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    reason: str | None = None
+    message: str | None = None
+    job_name: str | None = None
+    outputs: dict[str, Any] | None = Field(
+        None, description="Outputs, shortened when large; the store keeps them whole."
+    )
+
+
+class WorkflowRunStatus(Model):
+    """What the operator reports about a WorkflowRun."""
+
+    phase: RunPhase | None = None
+    run_id: str | None = None
+    workflow_name: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration: str | None = None
+    progress: str | None = None
+    message: str | None = None
+    tasks: dict[str, TaskStatus] = Field(default_factory=dict)
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+    workflow_spec: WorkflowSpec | None = Field(
+        None, description="Snapshot taken at start; editing the Workflow never changes a run."
+    )
+
+
+class WorkflowRun(Model):
+    """The ``WorkflowRun`` resource."""
+
+    model_config = ConfigDict(title="WorkflowRun")
+
+    api_version: Literal["maestro.dev/v1alpha1"] = API_VERSION
+    kind: Literal["WorkflowRun"] = "WorkflowRun"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: WorkflowRunSpec
+    status: WorkflowRunStatus | None = None

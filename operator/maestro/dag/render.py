@@ -1,0 +1,73 @@
+"""Mermaid and Graphviz DOT text of a workflow's DAG, optionally colored by task phase."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from maestro.api.models import WorkflowSpec
+
+# Fill colors per task phase, shared by both formats so a run looks the same in each.
+PHASE_COLORS = {
+    "Pending": "#e0e0e0",
+    "Running": "#90caf9",
+    "Succeeded": "#a5d6a7",
+    "Failed": "#ef9a9a",
+    "Skipped": "#fff59d",
+    "Cancelled": "#bcaaa4",
+}
+_KIND_SHAPES = {"container": ("[", "]"), "http": ("([", "])"), "approval": ("{{", "}}")}
+
+
+def _mermaid_id(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def mermaid(spec: WorkflowSpec, phases: Mapping[str, str] | None = None) -> str:
+    """A Mermaid ``flowchart`` of the DAG; finally tasks sit in their own subgraph."""
+    phases = phases or {}
+    lines = ["flowchart TD"]
+
+    def node(task_name: str, kind: str) -> str:
+        left, right = _KIND_SHAPES[kind]
+        label = f"{task_name}: {phases[task_name]}" if task_name in phases else task_name
+        return f'    {_mermaid_id(task_name)}{left}"{label}"{right}'
+
+    for task in spec.tasks:
+        lines.append(node(task.name, task.kind))
+    if spec.finally_:
+        lines.append("    subgraph finally")
+        lines.extend("  " + node(t.name, t.kind) for t in spec.finally_)
+        lines.append("    end")
+    for task in spec.all_tasks():
+        for dep in task.depends_on:
+            lines.append(f"    {_mermaid_id(dep)} --> {_mermaid_id(task.name)}")
+    for phase, color in PHASE_COLORS.items():
+        members = [_mermaid_id(n) for n, p in phases.items() if p == phase]
+        if members:
+            lines.append(f"    classDef {phase.lower()} fill:{color}")
+            lines.append(f"    class {','.join(members)} {phase.lower()}")
+    return "\n".join(lines) + "\n"
+
+
+def dot(spec: WorkflowSpec, phases: Mapping[str, str] | None = None) -> str:
+    """A Graphviz digraph of the DAG (``dot -Tpng`` turns it into a picture)."""
+    phases = phases or {}
+    shapes = {"container": "box", "http": "oval", "approval": "hexagon"}
+    lines = ["digraph workflow {", "  rankdir=TB;", '  node [style="rounded,filled"];']
+
+    def node(task_name: str, kind: str) -> str:
+        phase = phases.get(task_name)
+        color = PHASE_COLORS.get(phase or "", "#ffffff")
+        label = f"{task_name}\\n{phase}" if phase else task_name
+        return f'  "{task_name}" [label="{label}", shape={shapes[kind]}, fillcolor="{color}"];'
+
+    lines.extend(node(t.name, t.kind) for t in spec.tasks)
+    if spec.finally_:
+        lines.append('  subgraph cluster_finally { label="finally"; style=dashed;')
+        lines.extend("  " + node(t.name, t.kind) for t in spec.finally_)
+        lines.append("  }")
+    for task in spec.all_tasks():
+        lines.extend(f'  "{dep}" -> "{task.name}";' for dep in task.depends_on)
+    lines.append("}")
+    return "\n".join(lines) + "\n"

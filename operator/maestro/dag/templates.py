@@ -1,0 +1,126 @@
+"""Templates in task fields: ``{{ params.x }}``, ``{{ tasks.t.outputs.k }}``, ``{{ run.id }}``.
+
+Plain substitution, no logic: conditions belong in ``when`` expressions, where they
+are typed. A reference that cannot be resolved is an error, never an empty string.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+_TEMPLATE = re.compile(r"\{\{\s*(.*?)\s*\}\}")
+_PARAM = re.compile(r"^params\.([A-Za-z_][A-Za-z0-9_]*)$")
+_OUTPUT = re.compile(r"^tasks\.([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.outputs\.([-\w.]+)$")
+_RUN = re.compile(r"^run\.(id|name|namespace|outcome)$")
+
+RUN_FIELDS = ("id", "name", "namespace", "outcome")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """One reference found in a template."""
+
+    kind: str  # "param", "output" or "run"
+    name: str  # param name, task name or run field
+    key: str | None = None  # output key, for "output"
+
+    def __str__(self) -> str:
+        if self.kind == "param":
+            return f"params.{self.name}"
+        if self.kind == "output":
+            return f"tasks.{self.name}.outputs.{self.key}"
+        return f"run.{self.name}"
+
+
+class TemplateError(ValueError):
+    """A template that does not parse or cannot be resolved."""
+
+
+def parse_ref(text: str) -> Ref:
+    """Parse the inside of ``{{ ... }}``."""
+    if m := _PARAM.match(text):
+        return Ref("param", m.group(1))
+    if m := _OUTPUT.match(text):
+        return Ref("output", m.group(1), m.group(3))
+    if m := _RUN.match(text):
+        return Ref("run", m.group(1))
+    raise TemplateError(
+        f"unknown template reference {{{{ {text} }}}}: expected params.NAME, "
+        f"tasks.TASK.outputs.KEY or run.{'|'.join(RUN_FIELDS)}"
+    )
+
+
+def refs_in(text: str) -> Iterator[Ref]:
+    """Every reference in one string; raises ``TemplateError`` on the first bad one."""
+    for m in _TEMPLATE.finditer(text):
+        yield parse_ref(m.group(1))
+
+
+def strings_in(value: Any) -> Iterator[str]:
+    """Every string inside a JSON-like value (where templates may appear)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from strings_in(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from strings_in(v)
+
+
+@dataclass(frozen=True)
+class Context:
+    """Values templates and expressions read."""
+
+    params: Mapping[str, str]
+    outputs: Mapping[str, Mapping[str, Any]]
+    run: Mapping[str, str]
+
+    def lookup(self, ref: Ref) -> Any:
+        """The value of one reference; ``TemplateError`` says exactly what is missing."""
+        if ref.kind == "param":
+            if ref.name not in self.params:
+                raise TemplateError(f"param {ref.name!r} has no value")
+            return self.params[ref.name]
+        if ref.kind == "run":
+            if ref.name not in self.run:
+                raise TemplateError(f"run.{ref.name} is not known yet")
+            return self.run[ref.name]
+        outputs = self.outputs.get(ref.name)
+        if outputs is None:
+            raise TemplateError(f"task {ref.name!r} has no outputs (it did not succeed)")
+        value: Any = outputs
+        assert ref.key is not None
+        for part in ref.key.split("."):
+            if not isinstance(value, Mapping) or part not in value:
+                keys = ", ".join(sorted(outputs)) or "none"
+                raise TemplateError(
+                    f"task {ref.name!r} has no output {ref.key!r} (its outputs: {keys})"
+                )
+            value = value[part]
+        return value
+
+
+def render(text: str, ctx: Context) -> str:
+    """Expand every template in ``text``; JSON values that are not strings are dumped."""
+
+    def sub(m: re.Match[str]) -> str:
+        value = ctx.lookup(parse_ref(m.group(1)))
+        return value if isinstance(value, str) else json.dumps(value)
+
+    return _TEMPLATE.sub(sub, text)
+
+
+def render_all(value: Any, ctx: Context) -> Any:
+    """Expand templates in every string of a JSON-like value."""
+    if isinstance(value, str):
+        return render(value, ctx)
+    if isinstance(value, Mapping):
+        return {k: render_all(v, ctx) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [render_all(v, ctx) for v in value]
+    return value

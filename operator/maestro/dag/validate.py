@@ -1,0 +1,173 @@
+"""Semantic validation of a workflow: every problem at once, each naming its tasks.
+
+The pydantic models check shapes; this module checks meaning (the graph, the
+expressions and the templates), which no CRD schema can express.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from maestro.api.models import Task, WorkflowSpec
+from maestro.dag import expressions, templates
+from maestro.dag.graph import Graph
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a workflow. ``task`` is None for workflow-level problems."""
+
+    task: str | None
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.task}: {self.message}" if self.task else self.message
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated workflow's graphs, ready for scheduling."""
+
+    main: Graph
+    final: Graph
+    order: tuple[str, ...]
+
+
+def _graph_problems(tasks: list[Task], graph: Graph, known: set[str], label: str) -> list[Problem]:
+    problems: list[Problem] = []
+    for task in tasks:
+        for dep in task.depends_on:
+            if dep == task.name:
+                problems.append(Problem(task.name, "depends on itself"))
+            elif dep not in known:
+                problems.append(Problem(task.name, f"depends on unknown task {dep!r}"))
+            elif dep not in graph.deps:
+                problems.append(
+                    Problem(
+                        task.name,
+                        f"{label} task cannot depend on {dep!r}: dependsOn of a {label} task "
+                        f"may only name other {label} tasks",
+                    )
+                )
+    for cycle in graph.cycles():
+        problems.append(Problem(cycle[0], "dependency cycle: " + " -> ".join(cycle)))
+    return problems
+
+
+def _reference_problems(
+    task: Task,
+    params: set[str],
+    graph: Graph,
+    main_tasks: set[str],
+    is_final: bool,
+) -> list[Problem]:
+    """Templates and ``when`` may only read declared params and upstream tasks."""
+    problems: list[Problem] = []
+
+    def check_task(name: str, how: str) -> None:
+        if name not in main_tasks and name not in graph.deps:
+            problems.append(Problem(task.name, f"{how} reads unknown task {name!r}"))
+        elif is_final and name in main_tasks:
+            return  # finally tasks run after the whole DAG, so every main task is upstream
+        elif name == task.name:
+            problems.append(Problem(task.name, f"{how} reads its own outputs"))
+        elif name not in graph.deps or not graph.is_upstream(name, task.name):
+            problems.append(
+                Problem(
+                    task.name,
+                    f"{how} reads task {name!r}, which is not upstream: "
+                    f"add it to dependsOn (directly or through another task)",
+                )
+            )
+
+    if task.when is not None:
+        try:
+            for ref in expressions.parse(task.when):
+                if ref.root == "params" and ref.name not in params:
+                    problems.append(Problem(task.name, f"when: unknown param {ref.name!r}"))
+                elif ref.root == "tasks":
+                    check_task(ref.name, "when")
+                elif ref.root == "run" and ref.name == "outcome" and not is_final:
+                    problems.append(
+                        Problem(task.name, "when: run.outcome is only known in finally tasks")
+                    )
+        except expressions.ExpressionError as err:
+            problems.append(Problem(task.name, f"when: {err}"))
+
+    executor = getattr(task, task.kind)
+    for text in templates.strings_in(executor.model_dump(by_alias=True, exclude_none=True)):
+        try:
+            refs = list(templates.refs_in(text))
+        except templates.TemplateError as err:
+            problems.append(Problem(task.name, str(err)))
+            continue
+        for tref in refs:
+            if tref.kind == "param" and tref.name not in params:
+                problems.append(Problem(task.name, f"template reads unknown param {tref.name!r}"))
+            elif tref.kind == "output":
+                check_task(tref.name, f"template {{{{ {tref} }}}}")
+            elif tref.kind == "run" and tref.name == "outcome" and not is_final:
+                problems.append(Problem(task.name, "run.outcome is only known in finally tasks"))
+    return problems
+
+
+def validate(spec: WorkflowSpec) -> list[Problem]:
+    """Every semantic problem of ``spec``; an empty list means it can run."""
+    problems: list[Problem] = []
+    names = Counter(t.name for t in spec.all_tasks())
+    for name, count in names.items():
+        if count > 1:
+            problems.append(Problem(name, f"task name is used {count} times"))
+    param_names = Counter(p.name for p in spec.params)
+    for name, count in param_names.items():
+        if count > 1:
+            problems.append(Problem(None, f"param {name!r} is declared {count} times"))
+
+    main = Graph.build((t.name, t.depends_on) for t in spec.tasks)
+    final = Graph.build((t.name, t.depends_on) for t in spec.finally_)
+    known = set(names)
+    problems += _graph_problems(spec.tasks, main, known, "main")
+    problems += _graph_problems(spec.finally_, final, known, "finally")
+
+    params = set(param_names)
+    main_names = set(main.deps)
+    for task in spec.tasks:
+        problems += _reference_problems(task, params, main, main_names, is_final=False)
+    for task in spec.finally_:
+        problems += _reference_problems(task, params, final, main_names, is_final=True)
+    return problems
+
+
+def plan(spec: WorkflowSpec) -> Plan:
+    """Graphs and order of a spec that :func:`validate` accepted."""
+    main = Graph.build((t.name, t.depends_on) for t in spec.tasks)
+    final = Graph.build((t.name, t.depends_on) for t in spec.finally_)
+    return Plan(main, final, tuple(main.topological_order() + final.topological_order()))
+
+
+def resolve_params(
+    spec: WorkflowSpec, given: Mapping[str, str]
+) -> tuple[dict[str, str], list[str]]:
+    """Merge a run's params over the declared defaults.
+
+    Returns the values and the problems: undeclared params and required params
+    without a value, each named.
+    """
+    declared = {p.name: p for p in spec.params}
+    problems = [
+        f"params.{name}: not declared by the workflow (declared: "
+        f"{', '.join(sorted(declared)) or 'none'})"
+        for name in given
+        if name not in declared
+    ]
+    values: dict[str, str] = {}
+    for name, param in declared.items():
+        if name in given:
+            values[name] = given[name]
+        elif param.default is not None:
+            values[name] = param.default
+        else:
+            problems.append(f"params.{name}: required (no default) but not given")
+    return values, problems
