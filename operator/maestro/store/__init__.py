@@ -1,0 +1,37 @@
+"""The context store: run state in PostgreSQL (or an explicit SQLite file).
+
+Everything that runs work takes a :class:`Store`, opened with :meth:`Store.open`.
+"""
+
+from maestro.store.errors import (
+    AttemptNotFound,
+    InvalidDatabaseURL,
+    InvalidOutputs,
+    OutputsTooLarge,
+    RunNotFound,
+    SchemaError,
+    StoreError,
+    StoreUnavailable,
+)
+from maestro.store.migrate import current, head, upgrade
+from maestro.store.records import AttemptRecord, EventRecord, RunRecord
+from maestro.store.repository import DEFAULT_CONTROLS, Store
+
+__all__ = [
+    "DEFAULT_CONTROLS",
+    "AttemptNotFound",
+    "AttemptRecord",
+    "EventRecord",
+    "InvalidDatabaseURL",
+    "InvalidOutputs",
+    "OutputsTooLarge",
+    "RunNotFound",
+    "RunRecord",
+    "SchemaError",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "current",
+    "head",
+    "upgrade",
+]

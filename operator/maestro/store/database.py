@@ -1,0 +1,83 @@
+"""Async engines for the store's two backends, and connecting to them fail-fast."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from maestro.store.errors import StoreUnavailable
+from maestro.store.urls import describe, scrub
+
+# SQLite serialises writers with a file lock; wait this long for it rather than fail.
+SQLITE_BUSY_TIMEOUT = 30.0
+
+
+def make_engine(url: URL, *, connect_timeout: float) -> AsyncEngine:
+    """Create (without connecting) the async engine for a URL from :func:`parse_url`."""
+    if url.get_backend_name() == "sqlite":
+        engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
+        _make_sqlite_transactions_immediate(engine)
+        return engine
+    # libpq takes whole seconds and treats anything below 2 as 2.
+    return create_async_engine(
+        url,
+        connect_args={"connect_timeout": max(2, math.ceil(connect_timeout))},
+        pool_pre_ping=True,
+    )
+
+
+def _make_sqlite_transactions_immediate(engine: AsyncEngine) -> None:
+    # pysqlite only emits BEGIN before the first write, so a read-then-write transaction
+    # is not atomic. Taking the write lock at BEGIN makes every store transaction
+    # serialisable, which the compare-and-set transitions rely on.
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def unavailable(exc: BaseException, url: URL, timeout: float) -> StoreUnavailable:
+    """A :class:`StoreUnavailable` for a failed connection, with the password scrubbed."""
+    if isinstance(exc, TimeoutError):
+        detail = f"no answer within {timeout:g}s"
+    else:
+        # SQLAlchemy wraps the driver error; the driver's own text is the useful part.
+        orig = getattr(exc, "orig", None) or exc
+        detail = scrub(str(orig).split("\n(Background on this error")[0], url)
+    return StoreUnavailable(f"cannot connect to {describe(url)}: {detail}")
+
+
+@asynccontextmanager
+async def connect(
+    engine: AsyncEngine, url: URL, connect_timeout: float
+) -> AsyncIterator[AsyncConnection]:
+    """Connect within ``connect_timeout`` seconds, or raise :class:`StoreUnavailable`.
+
+    Database errors inside the block are reported the same way (password scrubbed).
+    """
+    try:
+        async with asyncio.timeout(connect_timeout):
+            conn = await engine.connect()
+    except (OSError, SQLAlchemyError, TimeoutError) as exc:
+        # ``from None``: the chained driver exception could carry the DSN into a traceback.
+        raise unavailable(exc, url, connect_timeout) from None
+    try:
+        yield conn
+    except (OSError, SQLAlchemyError) as exc:
+        raise unavailable(exc, url, connect_timeout) from None
+    finally:
+        await conn.close()

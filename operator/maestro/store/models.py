@@ -1,0 +1,122 @@
+"""Tables of the context store (SQLAlchemy 2.x typed declarative models).
+
+The schema itself is created by the Alembic migrations in ``migrations/versions``;
+these models must describe exactly the same tables (a test compares them).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from maestro.store.types import JSONType, UTCDateTime
+
+# Deterministic constraint names, so migrations can refer to them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+JSONDict = dict[str, Any]
+
+
+class Base(DeclarativeBase):
+    """Declarative base carrying the shared metadata."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class RunRow(Base):
+    """One WorkflowRun: its snapshot, parameters, phase and user controls."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    namespace: Mapped[str] = mapped_column(String(253))
+    name: Mapped[str] = mapped_column(String(253))
+    uid: Mapped[str | None] = mapped_column(String(64))
+    workflow_name: Mapped[str | None] = mapped_column(String(253))
+    spec: Mapped[JSONDict] = mapped_column(JSONType)
+    params: Mapped[JSONDict] = mapped_column(JSONType)
+    phase: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(64))
+    message: Mapped[str | None] = mapped_column(Text)
+    controls: Mapped[JSONDict] = mapped_column(JSONType)
+    generation: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        # NULL uids (local runs) never collide: NULLs are distinct in a unique constraint.
+        UniqueConstraint("namespace", "uid"),
+        Index(
+            "ix_runs_unfinished",
+            "namespace",
+            "created_at",
+            postgresql_where="finished_at IS NULL",
+            sqlite_where="finished_at IS NULL",
+        ),
+        Index("ix_runs_finished_at", "finished_at"),
+    )
+
+
+class AttemptRow(Base):
+    """One attempt of one task in a run (a retry is a new attempt)."""
+
+    __tablename__ = "task_attempts"
+
+    # The primary key (run_id, task, attempt) also serves "attempts by run".
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    task: Mapped[str] = mapped_column(String(63), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    phase: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(64))
+    message: Mapped[str | None] = mapped_column(Text)
+    outputs: Mapped[JSONDict | None] = mapped_column(JSONType)
+    job_name: Mapped[str | None] = mapped_column(String(63))
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (CheckConstraint("attempt >= 1", name="attempt_positive"),)
+
+
+class EventRow(Base):
+    """An append-only audit record of one change to a run or an attempt."""
+
+    __tablename__ = "events"
+
+    # INTEGER PRIMARY KEY is SQLite's rowid alias; BIGINT identity on PostgreSQL.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    task: Mapped[str | None] = mapped_column(String(63))
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(32))
+    from_phase: Mapped[str | None] = mapped_column(String(16))
+    to_phase: Mapped[str | None] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(64))
+    message: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_events_run_id_id", "run_id", "id"),)

@@ -1,0 +1,126 @@
+"""Immutable snapshots of store rows, as handed to the engine and the operator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from maestro.api.phases import RunPhase, TaskPhase
+from maestro.store.models import AttemptRow, EventRow, RunRow
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """One run as stored. ``controls`` holds ``suspend``, ``cancel`` and ``approvals``."""
+
+    id: str
+    namespace: str
+    name: str
+    uid: str | None
+    workflow_name: str | None
+    spec: dict[str, Any]
+    params: dict[str, Any]
+    phase: RunPhase
+    reason: str | None
+    message: str | None
+    controls: dict[str, Any]
+    generation: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, row: RunRow) -> RunRecord:
+        """Snapshot an ORM row."""
+        return cls(
+            id=row.id,
+            namespace=row.namespace,
+            name=row.name,
+            uid=row.uid,
+            workflow_name=row.workflow_name,
+            spec=row.spec,
+            params=row.params,
+            phase=RunPhase(row.phase),
+            reason=row.reason,
+            message=row.message,
+            controls=row.controls,
+            generation=row.generation,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            updated_at=row.updated_at,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One attempt of one task as stored."""
+
+    run_id: str
+    task: str
+    attempt: int
+    phase: TaskPhase
+    reason: str | None
+    message: str | None
+    outputs: dict[str, Any] | None
+    job_name: str | None
+    not_before: datetime | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, row: AttemptRow) -> AttemptRecord:
+        """Snapshot an ORM row."""
+        return cls(
+            run_id=row.run_id,
+            task=row.task,
+            attempt=row.attempt,
+            phase=TaskPhase(row.phase),
+            reason=row.reason,
+            message=row.message,
+            outputs=row.outputs,
+            job_name=row.job_name,
+            not_before=row.not_before,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """One entry of a run's append-only event log.
+
+    ``kind`` is ``RunPhase``, ``TaskPhase``, ``Controls`` or ``Approved``; the phases
+    are run or task phases depending on the kind (``from_phase`` is None on creation).
+    """
+
+    id: int
+    run_id: str
+    task: str | None
+    attempt: int | None
+    kind: str
+    from_phase: str | None
+    to_phase: str | None
+    reason: str | None
+    message: str | None
+    at: datetime
+
+    @classmethod
+    def of(cls, row: EventRow) -> EventRecord:
+        """Snapshot an ORM row."""
+        return cls(
+            id=row.id,
+            run_id=row.run_id,
+            task=row.task,
+            attempt=row.attempt,
+            kind=row.kind,
+            from_phase=row.from_phase,
+            to_phase=row.to_phase,
+            reason=row.reason,
+            message=row.message,
+            at=row.at,
+        )

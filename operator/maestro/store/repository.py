@@ -1,0 +1,536 @@
+"""The repository: every read and write of run state goes through :class:`Store`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Collection, Mapping
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import Insert, delete, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from maestro.api.phases import RUN_TRANSITIONS, TASK_TRANSITIONS, RunPhase, TaskPhase
+from maestro.store.database import connect, make_engine, unavailable
+from maestro.store.errors import (
+    AttemptNotFound,
+    InvalidOutputs,
+    OutputsTooLarge,
+    RunNotFound,
+)
+from maestro.store.migrate import ensure_schema
+from maestro.store.models import AttemptRow, EventRow, RunRow
+from maestro.store.records import AttemptRecord, EventRecord, RunRecord
+from maestro.store.urls import describe, parse_url
+
+#: The keys a run's ``controls`` may hold, with their values for a new run.
+DEFAULT_CONTROLS: Mapping[str, Any] = {"suspend": False, "cancel": False, "approvals": []}
+
+PING_TIMEOUT = 2.0
+
+_Phase = TypeVar("_Phase", RunPhase, TaskPhase)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _check_controls(changes: Mapping[str, Any]) -> None:
+    unknown = sorted(set(changes) - set(DEFAULT_CONTROLS))
+    if unknown:
+        raise TypeError(f"unknown run controls {unknown}: expected {sorted(DEFAULT_CONTROLS)}")
+
+
+def _sources(
+    transitions: Mapping[_Phase, frozenset[_Phase]],
+    new: _Phase,
+    expected: Collection[_Phase] | None,
+) -> frozenset[_Phase]:
+    """The phases from which a move to ``new`` is both legal and expected by the caller."""
+    legal = frozenset(src for src, dsts in transitions.items() if new in dsts)
+    return legal if expected is None else legal & frozenset(expected)
+
+
+def _add_event(
+    session: AsyncSession,
+    run_id: str,
+    kind: str,
+    *,
+    at: datetime,
+    task: str | None = None,
+    attempt: int | None = None,
+    from_phase: str | None = None,
+    to_phase: str | None = None,
+    reason: str | None = None,
+    message: str | None = None,
+) -> None:
+    session.add(
+        EventRow(
+            run_id=run_id,
+            task=task,
+            attempt=attempt,
+            kind=kind,
+            from_phase=from_phase,
+            to_phase=to_phase,
+            reason=reason,
+            message=message,
+            at=at,
+        )
+    )
+
+
+class Store:
+    """The context store: runs, task attempts and their event log, in one database.
+
+    Create it with :meth:`open`; it is required by everything that runs work.
+    Transitions are compare-and-set in one transaction each, so concurrent writers
+    (operator replicas, replayed events) can never double-start or resurrect a task.
+    """
+
+    def __init__(
+        self, engine: AsyncEngine, url: URL, *, connect_timeout: float, max_output_bytes: int
+    ) -> None:
+        """Wrap an engine whose schema is known to be current; use :meth:`open` instead."""
+        self._engine = engine
+        self._url = url
+        self._connect_timeout = connect_timeout
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self.max_output_bytes = max_output_bytes
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        migrate: bool = False,
+        connect_timeout: float = 5.0,
+        max_output_bytes: int = 64 * 1024,
+    ) -> Store:
+        """Connect to ``url`` and check (or, with ``migrate``, upgrade) its schema.
+
+        Raises :class:`InvalidDatabaseURL` for a URL that is neither ``postgresql://``
+        nor ``sqlite:///``, :class:`StoreUnavailable` when no connection is made within
+        ``connect_timeout`` seconds, and :class:`SchemaError` when the schema is not
+        the one this Maestro needs. No message ever contains the password.
+        """
+        parsed = parse_url(url)
+        engine = make_engine(parsed, connect_timeout=connect_timeout)
+        try:
+            async with connect(engine, parsed, connect_timeout) as conn:
+                await ensure_schema(conn, parsed, migrate=migrate)
+        except BaseException:
+            await engine.dispose()
+            raise
+        return cls(
+            engine, parsed, connect_timeout=connect_timeout, max_output_bytes=max_output_bytes
+        )
+
+    @property
+    def description(self) -> str:
+        """Where this store lives, safe for logs (no password)."""
+        return describe(self._url)
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        await self._engine.dispose()
+
+    async def ping(self) -> None:
+        """Check the database answers within a short timeout, else raise StoreUnavailable."""
+        try:
+            async with asyncio.timeout(PING_TIMEOUT), self._engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except (OSError, SQLAlchemyError, TimeoutError) as exc:
+            raise unavailable(exc, self._url, PING_TIMEOUT) from None
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncSession]:
+        try:
+            async with self._sessions.begin() as session:
+                yield session
+        except (OSError, OperationalError, InterfaceError, PoolTimeout) as exc:
+            raise unavailable(exc, self._url, self._connect_timeout) from None
+
+    def _insert(self, model: type[RunRow] | type[AttemptRow]) -> Any:
+        # ON CONFLICT DO NOTHING is spelled the same on both, but lives in each dialect.
+        insert = pg_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
+        stmt: Insert = insert(model)
+        return stmt
+
+    # Runs
+
+    async def create_run(
+        self,
+        *,
+        namespace: str,
+        name: str,
+        workflow_name: str | None,
+        spec: dict[str, Any],
+        params: dict[str, Any],
+        uid: str | None = None,
+        generation: int = 1,
+        controls: dict[str, Any] | None = None,
+    ) -> RunRecord:
+        """Record a new Pending run; replaying the same (namespace, uid) returns the first one."""
+        _check_controls(controls or {})
+        now = _now()
+        run_id = str(uuid.uuid4())
+        stmt = (
+            self._insert(RunRow)
+            .values(
+                id=run_id,
+                namespace=namespace,
+                name=name,
+                uid=uid,
+                workflow_name=workflow_name,
+                spec=spec,
+                params=params,
+                phase=RunPhase.PENDING.value,
+                controls={**DEFAULT_CONTROLS, **(controls or {})},
+                generation=generation,
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["namespace", "uid"])
+            .returning(RunRow.id)
+        )
+        async with self._transaction() as session:
+            if (await session.execute(stmt)).scalar_one_or_none() is None:
+                existing = await session.scalars(
+                    select(RunRow).where(RunRow.namespace == namespace, RunRow.uid == uid)
+                )
+                return RunRecord.of(existing.one())
+            _add_event(
+                session, run_id, "RunPhase", at=now, to_phase=RunPhase.PENDING, reason="Created"
+            )
+            row = await session.get_one(RunRow, run_id)
+            return RunRecord.of(row)
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        """The run with this id; raises :class:`RunNotFound`."""
+        async with self._transaction() as session:
+            row = await session.get(RunRow, run_id)
+            if row is None:
+                raise RunNotFound(f"run {run_id} not found")
+            return RunRecord.of(row)
+
+    async def find_run(self, namespace: str, uid: str) -> RunRecord | None:
+        """The run created for the Kubernetes object with this uid, if any."""
+        async with self._transaction() as session:
+            row = await session.scalar(
+                select(RunRow).where(RunRow.namespace == namespace, RunRow.uid == uid)
+            )
+            return None if row is None else RunRecord.of(row)
+
+    async def list_runs(
+        self, *, unfinished: bool = False, namespace: str | None = None, limit: int | None = None
+    ) -> list[RunRecord]:
+        """Runs, oldest first; ``unfinished`` keeps those not yet in a terminal phase."""
+        query = select(RunRow).order_by(RunRow.created_at, RunRow.id).limit(limit)
+        if unfinished:
+            query = query.where(RunRow.finished_at.is_(None))
+        if namespace is not None:
+            query = query.where(RunRow.namespace == namespace)
+        async with self._transaction() as session:
+            return [RunRecord.of(row) for row in await session.scalars(query)]
+
+    async def set_run_phase(
+        self,
+        run_id: str,
+        new: RunPhase,
+        *,
+        expected: RunPhase | Collection[RunPhase] | None = None,
+        message: str | None = None,
+        reason: str | None = None,
+    ) -> bool:
+        """Move a run to ``new`` if it is in an allowed (and expected) phase.
+
+        Compare-and-set in one transaction with its event. Returns False, without
+        writing, when the move is not in RUN_TRANSITIONS or the run is no longer in an
+        expected phase. ``message`` and ``reason`` describe the new phase (None clears).
+        """
+        new = RunPhase(new)
+        if isinstance(expected, RunPhase):
+            expected = {expected}
+        sources = _sources(RUN_TRANSITIONS, new, expected)
+        if not sources:
+            return False
+        now = _now()
+        async with self._transaction() as session:
+            found = (
+                await session.execute(
+                    select(RunRow.phase, RunRow.started_at)
+                    .where(RunRow.id == run_id)
+                    .with_for_update(key_share=True)
+                )
+            ).one_or_none()
+            if found is None:
+                raise RunNotFound(f"run {run_id} not found")
+            current, started_at = RunPhase(found.phase), found.started_at
+            if current not in sources:
+                return False
+            values: dict[str, Any] = {
+                "phase": new.value,
+                "message": message,
+                "reason": reason,
+                "updated_at": now,
+            }
+            if new is RunPhase.RUNNING and started_at is None:
+                values["started_at"] = now
+            if new.finished:
+                values["finished_at"] = now
+            moved = await session.scalar(
+                update(RunRow)
+                .where(RunRow.id == run_id, RunRow.phase == current.value)
+                .values(**values)
+                .returning(RunRow.id)
+                .execution_options(synchronize_session=False)
+            )
+            if moved is None:
+                return False
+            _add_event(
+                session,
+                run_id,
+                "RunPhase",
+                at=now,
+                from_phase=current,
+                to_phase=new,
+                reason=reason,
+                message=message,
+            )
+            return True
+
+    async def _locked_run(self, session: AsyncSession, run_id: str) -> RunRow:
+        row = await session.scalar(
+            select(RunRow).where(RunRow.id == run_id).with_for_update(key_share=True)
+        )
+        if row is None:
+            raise RunNotFound(f"run {run_id} not found")
+        return row
+
+    async def update_controls(
+        self, run_id: str, *, generation: int | None = None, **changes: Any
+    ) -> RunRecord:
+        """Merge ``changes`` (``suspend``, ``cancel``, ``approvals``) into the run's controls.
+
+        ``generation`` records the Kubernetes generation the controls came from. Writes
+        a ``Controls`` event, unless nothing changed (replays are silent no-ops).
+        """
+        _check_controls(changes)
+        async with self._transaction() as session:
+            row = await self._locked_run(session, run_id)
+            merged = {**row.controls, **changes}
+            new_generation = row.generation if generation is None else generation
+            if merged == row.controls and new_generation == row.generation:
+                return RunRecord.of(row)
+            now = _now()
+            row.controls = merged
+            row.generation = new_generation
+            row.updated_at = now
+            _add_event(
+                session,
+                run_id,
+                "Controls",
+                at=now,
+                message=json.dumps(changes, sort_keys=True, default=str),
+            )
+            await session.flush()
+            return RunRecord.of(row)
+
+    async def approve(self, run_id: str, task: str, *, actor: str) -> bool:
+        """Add ``task`` to the run's approvals; False when it was already approved."""
+        async with self._transaction() as session:
+            row = await self._locked_run(session, run_id)
+            approvals = list(row.controls.get("approvals", []))
+            if task in approvals:
+                return False
+            now = _now()
+            row.controls = {**row.controls, "approvals": [*approvals, task]}
+            row.updated_at = now
+            _add_event(session, run_id, "Approved", at=now, task=task, message=f"by {actor}")
+            return True
+
+    # Task attempts
+
+    async def create_attempt(
+        self, run_id: str, task: str, attempt: int, *, not_before: datetime | None = None
+    ) -> AttemptRecord | None:
+        """Record a Pending attempt; None when this (run, task, attempt) already exists.
+
+        ``not_before`` is the earliest start (retry backoff). Raises RunNotFound.
+        """
+        if attempt < 1:
+            raise ValueError(f"attempt numbers start at 1, got {attempt}")
+        now = _now()
+        stmt = (
+            self._insert(AttemptRow)
+            .values(
+                run_id=run_id,
+                task=task,
+                attempt=attempt,
+                phase=TaskPhase.PENDING.value,
+                not_before=not_before,
+                created_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["run_id", "task", "attempt"])
+            .returning(AttemptRow.attempt)
+        )
+        async with self._transaction() as session:
+            if await session.get(RunRow, run_id) is None:
+                raise RunNotFound(f"run {run_id} not found")
+            if (await session.execute(stmt)).scalar_one_or_none() is None:
+                return None
+            _add_event(
+                session,
+                run_id,
+                "TaskPhase",
+                at=now,
+                task=task,
+                attempt=attempt,
+                to_phase=TaskPhase.PENDING,
+                reason="Created",
+            )
+            row = await session.get_one(AttemptRow, (run_id, task, attempt))
+            return AttemptRecord.of(row)
+
+    def _check_outputs(self, task: str, outputs: dict[str, Any]) -> None:
+        if not isinstance(outputs, dict):
+            raise InvalidOutputs(f"outputs of task {task!r} must be a JSON object")
+        try:
+            encoded = json.dumps(outputs, separators=(",", ":"), ensure_ascii=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidOutputs(f"outputs of task {task!r} are not JSON: {exc}") from None
+        size = len(encoded.encode())
+        if size > self.max_output_bytes:
+            raise OutputsTooLarge(task, size, self.max_output_bytes)
+
+    async def transition_attempt(
+        self,
+        run_id: str,
+        task: str,
+        attempt: int,
+        new: TaskPhase,
+        *,
+        expected: TaskPhase | None = None,
+        reason: str | None = None,
+        message: str | None = None,
+        outputs: dict[str, Any] | None = None,
+        job_name: str | None = None,
+    ) -> bool:
+        """Move an attempt to ``new`` with a compare-and-set on its current phase.
+
+        The attempt must be in ``expected`` (or, without it, any phase TASK_TRANSITIONS
+        allows to reach ``new``); otherwise, or if a concurrent writer got there first,
+        returns False and writes nothing. ``outputs`` and ``job_name`` are stored when
+        given (left as they are when None); ``reason``/``message`` describe the new phase.
+        Raises OutputsTooLarge (writing nothing) past ``max_output_bytes``, and
+        AttemptNotFound for an attempt never created.
+        """
+        if outputs is not None:
+            self._check_outputs(task, outputs)
+        new = TaskPhase(new)
+        sources = _sources(TASK_TRANSITIONS, new, None if expected is None else {expected})
+        if not sources:
+            return False
+        now = _now()
+        key = (AttemptRow.run_id == run_id, AttemptRow.task == task, AttemptRow.attempt == attempt)
+        async with self._transaction() as session:
+            found = (
+                await session.execute(
+                    select(AttemptRow.phase, AttemptRow.started_at).where(*key).with_for_update()
+                )
+            ).one_or_none()
+            if found is None:
+                raise AttemptNotFound(
+                    f"attempt {attempt} of task {task!r} in run {run_id} not found"
+                )
+            current, started_at = TaskPhase(found.phase), found.started_at
+            if current not in sources:
+                return False
+            values: dict[str, Any] = {"phase": new.value, "reason": reason, "message": message}
+            if outputs is not None:
+                values["outputs"] = outputs
+            if job_name is not None:
+                values["job_name"] = job_name
+            if new is TaskPhase.RUNNING and started_at is None:
+                values["started_at"] = now
+            if new.finished:
+                values["finished_at"] = now
+            moved = await session.scalar(
+                update(AttemptRow)
+                .where(*key, AttemptRow.phase == current.value)
+                .values(**values)
+                .returning(AttemptRow.attempt)
+                .execution_options(synchronize_session=False)
+            )
+            if moved is None:
+                return False
+            _add_event(
+                session,
+                run_id,
+                "TaskPhase",
+                at=now,
+                task=task,
+                attempt=attempt,
+                from_phase=current,
+                to_phase=new,
+                reason=reason,
+                message=message,
+            )
+            return True
+
+    async def attempts(self, run_id: str) -> list[AttemptRecord]:
+        """Every attempt of the run, ordered by task then attempt number."""
+        query = (
+            select(AttemptRow)
+            .where(AttemptRow.run_id == run_id)
+            .order_by(AttemptRow.task, AttemptRow.attempt)
+        )
+        async with self._transaction() as session:
+            return [AttemptRecord.of(row) for row in await session.scalars(query)]
+
+    async def latest_attempts(self, run_id: str) -> dict[str, AttemptRecord]:
+        """The newest attempt of each task in the run, by task name."""
+        # attempts() is ordered by attempt number, so the last one per task wins.
+        return {record.task: record for record in await self.attempts(run_id)}
+
+    async def events(self, run_id: str) -> list[EventRecord]:
+        """The run's event log, in the order it was written."""
+        query = select(EventRow).where(EventRow.run_id == run_id).order_by(EventRow.id)
+        async with self._transaction() as session:
+            return [EventRecord.of(row) for row in await session.scalars(query)]
+
+    # Retention
+
+    async def prune(self, *, older_than: timedelta) -> int:
+        """Delete runs that finished more than ``older_than`` ago, with their history.
+
+        Returns how many runs were deleted. Unfinished runs are never touched.
+        """
+        cutoff = _now() - older_than
+        old = select(RunRow.id).where(RunRow.finished_at.is_not(None), RunRow.finished_at < cutoff)
+        async with self._transaction() as session:
+            await session.execute(
+                delete(EventRow)
+                .where(EventRow.run_id.in_(old))
+                .execution_options(synchronize_session=False)
+            )
+            await session.execute(
+                delete(AttemptRow)
+                .where(AttemptRow.run_id.in_(old))
+                .execution_options(synchronize_session=False)
+            )
+            deleted = await session.scalars(
+                delete(RunRow)
+                .where(RunRow.id.in_(old))
+                .returning(RunRow.id)
+                .execution_options(synchronize_session=False)
+            )
+            return len(deleted.all())
