@@ -18,12 +18,14 @@ T = TypeVar("T")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType[timedelta, str | timedelta]):
     """A duration such as ``90m``, ``12h``, ``30d`` or ``2w``."""
 
     name = "duration"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+    def convert(
+        self, value: str | timedelta, param: click.Parameter | None, ctx: click.Context | None
+    ) -> timedelta:
         """Parse ``<number><s|m|h|d|w>`` into a timedelta."""
         if isinstance(value, timedelta):
             return value

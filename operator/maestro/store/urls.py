@@ -39,7 +39,8 @@ def parse_url(url: str) -> URL:
             f"unsupported database URL scheme {parsed.drivername!r}: "
             "use postgresql://… (or sqlite:///path for local development)"
         )
-    if driver.startswith("sqlite") and not parsed.database:
+    in_memory = parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory"
+    if driver.startswith("sqlite") and in_memory:
         raise InvalidDatabaseURL(
             "SQLite needs a file: sqlite:///path/to/maestro.db (in-memory stores are not allowed)"
         )
