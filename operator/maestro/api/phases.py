@@ -60,7 +60,10 @@ RUN_TRANSITIONS: dict[RunPhase, frozenset[RunPhase]] = {
 }
 
 TASK_TRANSITIONS: dict[TaskPhase, frozenset[TaskPhase]] = {
-    TaskPhase.PENDING: frozenset({TaskPhase.RUNNING, TaskPhase.SKIPPED, TaskPhase.CANCELLED}),
+    # Pending -> Failed: the task could not start (its inputs did not render).
+    TaskPhase.PENDING: frozenset(
+        {TaskPhase.RUNNING, TaskPhase.SKIPPED, TaskPhase.CANCELLED, TaskPhase.FAILED}
+    ),
     TaskPhase.RUNNING: frozenset({TaskPhase.SUCCEEDED, TaskPhase.FAILED, TaskPhase.CANCELLED}),
     TaskPhase.SUCCEEDED: frozenset(),
     TaskPhase.FAILED: frozenset(),

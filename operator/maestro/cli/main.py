@@ -12,7 +12,9 @@ import click
 from maestro import __version__
 from maestro.api.crd import crds, render
 from maestro.api.models import Workflow, WorkflowRun, WorkflowSpec
+from maestro.cli.db import db
 from maestro.cli.files import load_file
+from maestro.cli.run import run_cmd
 from maestro.dag import render as graph_render
 from maestro.dag.validate import resolve_params, validate
 
@@ -112,6 +114,10 @@ def crds_cmd(directory: Path | None) -> None:
     for name, crd in generated.items():
         (directory / name).write_text(render(crd))
         click.echo(f"wrote {directory / name}")
+
+
+cli.add_command(run_cmd)
+cli.add_command(db)
 
 
 def main() -> None:

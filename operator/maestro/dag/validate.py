@@ -33,6 +33,7 @@ class Plan:
     main: Graph
     final: Graph
     order: tuple[str, ...]
+    reads: Mapping[str, frozenset[str]]  # task -> tasks whose outputs or phase it reads
 
 
 def _graph_problems(tasks: list[Task], graph: Graph, known: set[str], label: str) -> list[Problem]:
@@ -54,6 +55,11 @@ def _graph_problems(tasks: list[Task], graph: Graph, known: set[str], label: str
     for cycle in graph.cycles():
         problems.append(Problem(cycle[0], "dependency cycle: " + " -> ".join(cycle)))
     return problems
+
+
+def _template_strings(task: Task) -> list[str]:
+    executor = getattr(task, task.kind)
+    return list(templates.strings_in(executor.model_dump(by_alias=True, exclude_none=True)))
 
 
 def _reference_problems(
@@ -96,8 +102,7 @@ def _reference_problems(
         except expressions.ExpressionError as err:
             problems.append(Problem(task.name, f"when: {err}"))
 
-    executor = getattr(task, task.kind)
-    for text in templates.strings_in(executor.model_dump(by_alias=True, exclude_none=True)):
+    for text in _template_strings(task):
         try:
             refs = list(templates.refs_in(text))
         except templates.TemplateError as err:
@@ -140,11 +145,26 @@ def validate(spec: WorkflowSpec) -> list[Problem]:
     return problems
 
 
+def reads_of(task: Task) -> frozenset[str]:
+    """Tasks whose outputs (or phase) ``task`` reads, in templates or ``when``."""
+    names = (
+        {r.name for r in expressions.parse(task.when) if r.root == "tasks"} if task.when else set()
+    )
+    for text in _template_strings(task):
+        names.update(r.name for r in templates.refs_in(text) if r.kind == "output")
+    return frozenset(names)
+
+
 def plan(spec: WorkflowSpec) -> Plan:
-    """Graphs and order of a spec that :func:`validate` accepted."""
+    """Graphs, order and data flow of a spec that :func:`validate` accepted."""
     main = Graph.build((t.name, t.depends_on) for t in spec.tasks)
     final = Graph.build((t.name, t.depends_on) for t in spec.finally_)
-    return Plan(main, final, tuple(main.topological_order() + final.topological_order()))
+    return Plan(
+        main,
+        final,
+        tuple(main.topological_order() + final.topological_order()),
+        {t.name: reads_of(t) for t in spec.all_tasks()},
+    )
 
 
 def resolve_params(

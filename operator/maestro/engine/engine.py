@@ -1,0 +1,378 @@
+"""Drive runs from the store: collect executor results, decide, apply with CAS writes.
+
+Every pass starts from what is stored, so the process may die at any instruction:
+the next pass (in this process or a new one) sees the same state and goes on.
+Starting an attempt is ``create (idempotent) -> CAS Pending->Running -> start``;
+only the writer that wins the CAS starts it, and executors' ``start`` is itself
+idempotent for the crash between the CAS and the start.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from maestro.api.models import Task, WorkflowSpec
+from maestro.api.phases import RunPhase, TaskPhase
+from maestro.dag import templates
+from maestro.dag.scheduler import (
+    Controls,
+    Decision,
+    Reason,
+    Retry,
+    RunState,
+    Settle,
+    Start,
+    Stop,
+    TaskState,
+    decide,
+)
+from maestro.dag.validate import Plan, plan, resolve_params, validate
+from maestro.engine.executor import AttemptContext, Executor, Result
+from maestro.store import AttemptRecord, InvalidOutputs, OutputsTooLarge, RunRecord, Store
+
+log = logging.getLogger(__name__)
+
+
+def utcnow() -> datetime:
+    """The engine's clock."""
+    return datetime.now(UTC)
+
+
+class InvalidRun(ValueError):
+    """A run that cannot start: its spec or params are wrong; one problem per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Pass:
+    """What one reconcile pass did."""
+
+    run: RunRecord
+    decision: Decision
+    progressed: bool
+
+
+def controls_of(run: RunRecord) -> Controls:
+    """The run's controls as the scheduler reads them."""
+    c = run.controls
+    return Controls(
+        suspend=bool(c.get("suspend", False)),
+        cancel=bool(c.get("cancel", False)),
+        approvals=frozenset(c.get("approvals", ())),
+    )
+
+
+def _state(a: AttemptRecord) -> TaskState:
+    return TaskState(
+        attempt=a.attempt,
+        phase=a.phase,
+        reason=a.reason,
+        message=a.message,
+        started_at=a.started_at,
+        finished_at=a.finished_at,
+        not_before=a.not_before,
+        outputs=a.outputs,
+    )
+
+
+class Engine:
+    """Moves runs forward. The store is required; executors are keyed by task kind."""
+
+    def __init__(
+        self,
+        store: Store,
+        executors: Mapping[str, Executor],
+        *,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        """Wire the engine to its store and executors (``container``, ``http``, ``approval``)."""
+        self.store = store
+        self.executors = executors
+        self.clock = clock
+        self._plans: dict[str, tuple[WorkflowSpec, Plan]] = {}
+
+    async def create_run(
+        self,
+        *,
+        namespace: str,
+        name: str,
+        spec: WorkflowSpec,
+        params: Mapping[str, str],
+        workflow_name: str | None = None,
+        uid: str | None = None,
+        generation: int = 1,
+        controls: Mapping[str, Any] | None = None,
+    ) -> RunRecord:
+        """Validate, snapshot the spec and params, and record a Pending run.
+
+        Idempotent on ``(namespace, uid)``. Raises :class:`InvalidRun` naming every
+        problem; nothing is stored then.
+        """
+        problems = [str(p) for p in validate(spec)]
+        values, param_problems = resolve_params(spec, params)
+        problems += param_problems
+        if problems:
+            raise InvalidRun(problems)
+        return await self.store.create_run(
+            namespace=namespace,
+            name=name,
+            workflow_name=workflow_name,
+            spec=spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+            params=values,
+            uid=uid,
+            generation=generation,
+            controls=dict(controls or {}),
+        )
+
+    def spec_of(self, run: RunRecord) -> tuple[WorkflowSpec, Plan]:
+        """The run's snapshotted spec and its plan (cached: a snapshot never changes)."""
+        cached = self._plans.get(run.id)
+        if cached is None:
+            spec = WorkflowSpec.model_validate(run.spec)
+            cached = (spec, plan(spec))
+            self._plans[run.id] = cached
+        return cached
+
+    def forget(self, run_id: str) -> None:
+        """Drop cached data of a finished or deleted run."""
+        self._plans.pop(run_id, None)
+
+    def _context(
+        self, run: RunRecord, task: Task, attempt: AttemptRecord | None, n: int, outputs: Any
+    ) -> AttemptContext:
+        return AttemptContext(
+            run=run,
+            task=task,
+            attempt=n,
+            handle=attempt.job_name if attempt else None,
+            inputs={"params": dict(run.params), "tasks": outputs},
+            controls=controls_of(run),
+            started_at=attempt.started_at if attempt else None,
+        )
+
+    async def reconcile(self, run_id: str) -> Pass:
+        """One level-triggered pass over a run."""
+        run = await self.store.get_run(run_id)
+        if run.phase.finished:
+            self.forget(run_id)
+            return Pass(run, Decision(), False)
+        spec, the_plan = self.spec_of(run)
+        tasks = {t.name: t for t in spec.all_tasks()}
+        latest = await self.store.latest_attempts(run_id)
+        progressed = False
+
+        for name, att in list(latest.items()):
+            if att.phase is not TaskPhase.RUNNING:
+                continue
+            ctx = self._context(run, tasks[name], att, att.attempt, {})
+            result = await self.executors[tasks[name].kind].poll(ctx)
+            if result is not None:
+                progressed |= await self._record_result(run_id, name, att.attempt, result)
+        if progressed:
+            latest = await self.store.latest_attempts(run_id)
+
+        state = RunState(
+            spec=spec,
+            plan=the_plan,
+            phase=run.phase,
+            started_at=run.started_at,
+            controls=controls_of(run),
+            tasks={n: _state(a) for n, a in latest.items()},
+            params=run.params,
+            run_info={"id": run.id, "name": run.name, "namespace": run.namespace},
+        )
+        decision = decide(state, self.clock())
+        for action in decision.actions:
+            progressed |= await self._apply(run, tasks, latest, action, decision)
+        phase = run.phase
+        for move in decision.run:
+            if await self.store.set_run_phase(
+                run_id, move.phase, expected=phase, message=move.message, reason=move.reason
+            ):
+                phase = move.phase
+                progressed = True
+        if progressed:
+            run = await self.store.get_run(run_id)
+        return Pass(run, decision, progressed)
+
+    async def _record_result(self, run_id: str, task: str, attempt: int, result: Result) -> bool:
+        try:
+            return await self.store.transition_attempt(
+                run_id,
+                task,
+                attempt,
+                result.phase,
+                expected=TaskPhase.RUNNING,
+                reason=result.reason,
+                message=result.message,
+                outputs=result.outputs,
+            )
+        except (OutputsTooLarge, InvalidOutputs) as err:
+            return await self.store.transition_attempt(
+                run_id,
+                task,
+                attempt,
+                TaskPhase.FAILED,
+                expected=TaskPhase.RUNNING,
+                reason=Reason.ERROR,
+                message=str(err),
+            )
+
+    def _inputs(self, run: RunRecord, task: Task, latest: Mapping[str, AttemptRecord]) -> Any:
+        """Outputs of the tasks ``task`` depends on or reads, as its inputs."""
+        the_plan = self.spec_of(run)[1]
+        wanted = set(task.depends_on) | set(the_plan.reads.get(task.name, ()))
+        return {
+            n: dict(a.outputs or {})
+            for n, a in latest.items()
+            if n in wanted and a.phase is TaskPhase.SUCCEEDED
+        }
+
+    async def _apply(
+        self,
+        run: RunRecord,
+        tasks: Mapping[str, Task],
+        latest: Mapping[str, AttemptRecord],
+        action: Start | Settle | Stop | Retry,
+        decision: Decision,
+    ) -> bool:
+        store = self.store
+        if isinstance(action, Retry):
+            created = await store.create_attempt(
+                run.id, action.task, action.attempt, not_before=action.not_before
+            )
+            return created is not None
+        if isinstance(action, Settle):
+            if action.create:
+                await store.create_attempt(run.id, action.task, action.attempt)
+            return await store.transition_attempt(
+                run.id,
+                action.task,
+                action.attempt,
+                action.phase,
+                expected=TaskPhase.PENDING,
+                reason=action.reason,
+                message=action.message,
+            )
+        task = tasks[action.task]
+        executor = self.executors[task.kind]
+        if isinstance(action, Stop):
+            att = latest[action.task]
+            await executor.stop(self._context(run, task, att, action.attempt, {}))
+            return await store.transition_attempt(
+                run.id,
+                action.task,
+                action.attempt,
+                action.phase,
+                expected=TaskPhase.RUNNING,
+                reason=action.reason,
+                message=action.message,
+            )
+        return await self._start(run, task, latest, action, executor, decision)
+
+    async def _start(
+        self,
+        run: RunRecord,
+        task: Task,
+        latest: Mapping[str, AttemptRecord],
+        action: Start,
+        executor: Executor,
+        decision: Decision,
+    ) -> bool:
+        store = self.store
+        if action.create:
+            await store.create_attempt(run.id, task.name, action.attempt)
+        outputs = self._inputs(run, task, latest)
+        run_info = {"id": run.id, "name": run.name, "namespace": run.namespace}
+        if decision.outcome is not None:
+            run_info["outcome"] = decision.outcome  # only finally tasks start once it is known
+        ctx_values = templates.Context(run.params, outputs, run_info)
+        try:
+            rendered = _render_task(task, ctx_values)
+        except templates.TemplateError as err:
+            return await store.transition_attempt(
+                run.id,
+                task.name,
+                action.attempt,
+                TaskPhase.FAILED,
+                expected=TaskPhase.PENDING,
+                reason=Reason.INPUT_ERROR,
+                message=f"cannot start: {err}",
+            )
+        ctx = AttemptContext(
+            run=run,
+            task=rendered,
+            attempt=action.attempt,
+            handle=None,
+            inputs={"params": dict(run.params), "tasks": outputs, "run": run_info},
+            controls=controls_of(run),
+        )
+        handle = executor.handle(ctx)
+        won = await store.transition_attempt(
+            run.id,
+            task.name,
+            action.attempt,
+            TaskPhase.RUNNING,
+            expected=TaskPhase.PENDING,
+            reason=Reason.STARTED,
+            message=_start_message(task),
+            job_name=handle,
+        )
+        if not won:
+            return False  # another writer started it (or it moved on): never start twice
+        try:
+            await executor.start(AttemptContext(**{**ctx.__dict__, "handle": handle}))
+        except Exception:
+            # The attempt stays Running; the next pass's poll sees it never began and
+            # starts it again (start is idempotent).
+            log.exception("starting %s/%s attempt %d failed", run.name, task.name, action.attempt)
+        return True
+
+    async def abort(self, run_id: str, message: str) -> RunRecord:
+        """Stop every running attempt and cancel the run now, without finally tasks.
+
+        For a WorkflowRun being deleted: its resources are going, so nothing more runs.
+        """
+        run = await self.store.get_run(run_id)
+        if run.phase.finished:
+            return run
+        spec, _ = self.spec_of(run)
+        tasks = {t.name: t for t in spec.all_tasks()}
+        for name, att in (await self.store.latest_attempts(run_id)).items():
+            if att.phase is TaskPhase.RUNNING:
+                ctx = self._context(run, tasks[name], att, att.attempt, {})
+                await self.executors[tasks[name].kind].stop(ctx)
+            if not att.phase.finished:
+                await self.store.transition_attempt(
+                    run_id,
+                    name,
+                    att.attempt,
+                    TaskPhase.CANCELLED,
+                    reason=Reason.RUN_CANCELLED,
+                    message=message,
+                )
+        await self.store.set_run_phase(
+            run_id, RunPhase.CANCELLED, reason=Reason.RUN_CANCELLED, message=message
+        )
+        self.forget(run_id)
+        return await self.store.get_run(run_id)
+
+
+def _render_task(task: Task, ctx: templates.Context) -> Task:
+    executor = getattr(task, task.kind)
+    raw = executor.model_dump(by_alias=True, exclude_none=True)
+    rendered = templates.render_all(raw, ctx)
+    return task.model_copy(update={task.kind: type(executor).model_validate(rendered)})
+
+
+def _start_message(task: Task) -> str:
+    if task.kind == "approval":
+        return "waiting for approval"
+    return "running"
