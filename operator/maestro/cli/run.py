@@ -23,6 +23,7 @@ from maestro.api.phases import RunPhase, TaskPhase
 from maestro.cli.files import load_file
 from maestro.engine.driver import Waker, drive
 from maestro.engine.engine import Engine, InvalidRun, Pass
+from maestro.engine.executor import Executor
 from maestro.executors.approval import ApprovalExecutor
 from maestro.executors.http import HttpExecutor
 from maestro.executors.local import LocalExecutor
@@ -139,7 +140,7 @@ async def _run(
     waker = Waker()
     async with httpx.AsyncClient() as client:
         secrets = EnvSecrets()
-        executors = {
+        executors: dict[str, Executor] = {
             "container": LocalExecutor(state_dir() / "attempts", secrets, waker),
             "http": HttpExecutor(secrets, waker, client),
             "approval": ApprovalExecutor(),
