@@ -75,13 +75,15 @@ def test_invalid_manifests_give_one_line_per_problem(
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     first = result.stderr.splitlines()[0]
-    assert first.startswith(str(f)) and expected in first, result.stderr
+    assert first.startswith(str(f)), result.stderr
+    assert expected in first, result.stderr
 
 
 def test_graph_formats() -> None:
     mermaid = maestro("graph", "examples/sdlc-parallel.yaml")
     assert mermaid.returncode == 0
-    assert "design --> backend" in mermaid.stdout and "design --> frontend" in mermaid.stdout
+    assert "design --> backend" in mermaid.stdout
+    assert "design --> frontend" in mermaid.stdout
     assert "subgraph finally" in mermaid.stdout
     dot = maestro("graph", "--format", "dot", "examples/sdlc-parallel.yaml")
     assert '"backend" -> "testing";' in dot.stdout
