@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -137,3 +138,20 @@ async def test_ping_follows_the_server_going_away_and_back(
 async def test_sqlite_file_in_a_missing_directory_is_unavailable(tmp_path: object) -> None:
     with pytest.raises(StoreUnavailable, match="SQLite database"):
         await Store.open(f"sqlite:///{tmp_path}/no/such/dir/maestro.db", migrate=True)
+
+
+async def test_server_that_never_answers_times_out() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # hold the connection open, say nothing
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            await Store.open(f"postgresql://u:s3cret@127.0.0.1:{port}/db", connect_timeout=1)
+    finally:
+        server.close()
+    assert str(caught.value) == f"cannot connect to database 'db' at 127.0.0.1:{port}: " + (
+        "no answer within 1s"
+    )
