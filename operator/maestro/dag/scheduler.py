@@ -357,9 +357,59 @@ def _done(w: _Walk, tasks: list[Task]) -> bool:
     return True
 
 
-def _failure_message(w: _Walk, name: str) -> str:
-    cur = w.view[name]
+def _failure_message(view: Mapping[str, TaskState], name: str) -> str:
+    cur = view[name]
     return f"task {name!r} failed: {cur.message}" if cur.message else f"task {name!r} failed"
+
+
+def _outcome(
+    spec: WorkflowSpec, view: Mapping[str, TaskState], controls: Controls, timed_out: bool
+) -> tuple[RunPhase, str, str]:
+    """How the main DAG ended: phase, reason and message."""
+    if controls.cancel:
+        return RunPhase.CANCELLED, Reason.RUN_CANCELLED, "cancelled"
+    if timed_out:
+        return (
+            RunPhase.FAILED,
+            Reason.RUN_TIMED_OUT,
+            f"run exceeded timeoutSeconds={spec.timeout_seconds}",
+        )
+    for task in spec.tasks:
+        cur = view.get(task.name)
+        if cur is not None and cur.phase is TaskPhase.FAILED and not retry_left(task, cur):
+            return RunPhase.FAILED, Reason.TASK_FAILED, _failure_message(view, task.name)
+    return RunPhase.SUCCEEDED, Reason.COMPLETED, "all tasks completed"
+
+
+def _timed_out(spec: WorkflowSpec, started_at: datetime | None, now: datetime) -> bool:
+    if not spec.timeout_seconds or started_at is None:
+        return False
+    return now >= started_at + timedelta(seconds=spec.timeout_seconds)
+
+
+def main_outcome(
+    spec: WorkflowSpec,
+    tasks: Mapping[str, TaskState],
+    controls: Controls,
+    started_at: datetime | None,
+    now: datetime,
+) -> str | None:
+    """``run.outcome`` as finally tasks see it; None while the main DAG goes on."""
+    timed_out = _timed_out(spec, started_at, now)
+    failed_for_good = any(
+        (cur := tasks.get(t.name)) is not None
+        and cur.phase is TaskPhase.FAILED
+        and not retry_left(t, cur)
+        for t in spec.tasks
+    )
+    no_retries = controls.cancel or timed_out or (spec.fail_fast and failed_for_good)
+    for task in spec.tasks:
+        cur = tasks.get(task.name)
+        if cur is None or not cur.phase.finished:
+            return None
+        if retry_left(task, cur) and not no_retries:
+            return None
+    return _outcome(spec, tasks, controls, timed_out)[0].value
 
 
 def decide(state: RunState, now: datetime) -> Decision:
@@ -399,16 +449,7 @@ def decide(state: RunState, now: datetime) -> Decision:
         _live_status(w, stopping)
         return _finish_decision(w)
 
-    failed = _first_failure(w, spec.tasks)
-    if state.controls.cancel:
-        outcome, reason, message = RunPhase.CANCELLED, Reason.RUN_CANCELLED, "cancelled"
-    elif timed_out:
-        outcome, reason = RunPhase.FAILED, Reason.RUN_TIMED_OUT
-        message = f"run exceeded timeoutSeconds={spec.timeout_seconds}"
-    elif failed is not None:
-        outcome, reason, message = RunPhase.FAILED, Reason.TASK_FAILED, _failure_message(w, failed)
-    else:
-        outcome, reason, message = RunPhase.SUCCEEDED, Reason.COMPLETED, "all tasks completed"
+    outcome, reason, message = _outcome(spec, w.view, state.controls, timed_out)
 
     decision.outcome = outcome.value
     _walk(w, spec.finally_, state.plan.final, stopping=None, fail_fast=False, outcome=outcome.value)
@@ -418,7 +459,7 @@ def decide(state: RunState, now: datetime) -> Decision:
     final_failed = _first_failure(w, spec.finally_)
     if outcome is RunPhase.SUCCEEDED and final_failed is not None:
         outcome, reason = RunPhase.FAILED, Reason.FINALLY_FAILED
-        message = "finally " + _failure_message(w, final_failed)
+        message = "finally " + _failure_message(w.view, final_failed)
     if state.phase is RunPhase.SUSPENDED:
         decision.run.append(RunTransition(RunPhase.RUNNING, Reason.STARTED, "resumed"))
     decision.run.append(RunTransition(outcome, reason, message))

@@ -29,6 +29,7 @@ from maestro.dag.scheduler import (
     Stop,
     TaskState,
     decide,
+    main_outcome,
 )
 from maestro.dag.validate import Plan, plan, resolve_params, validate
 from maestro.engine.executor import AttemptContext, Executor, Result
@@ -144,17 +145,31 @@ class Engine:
         """Drop cached data of a finished or deleted run."""
         self._plans.pop(run_id, None)
 
-    def _context(
-        self, run: RunRecord, task: Task, attempt: AttemptRecord | None, n: int, outputs: Any
+    def _running_context(
+        self, run: RunRecord, task: Task, att: AttemptRecord, latest: Mapping[str, AttemptRecord]
     ) -> AttemptContext:
+        """The context of a started attempt, rendered again: an executor that lost its
+        in-memory state (a restart) may need the full task to re-attach or start it."""
+        spec, the_plan = self.spec_of(run)
+        outputs = self._inputs(run, task, latest)
+        run_info = {"id": run.id, "name": run.name, "namespace": run.namespace}
+        if task.name in the_plan.final.deps:
+            states = {n: _state(a) for n, a in latest.items()}
+            outcome = main_outcome(spec, states, controls_of(run), run.started_at, self.clock())
+            if outcome is not None:
+                run_info["outcome"] = outcome
+        try:
+            rendered = _render_task(task, templates.Context(run.params, outputs, run_info))
+        except templates.TemplateError:
+            rendered = task  # it rendered when it started; inputs cannot have changed since
         return AttemptContext(
             run=run,
-            task=task,
-            attempt=n,
-            handle=attempt.job_name if attempt else None,
-            inputs={"params": dict(run.params), "tasks": outputs},
+            task=rendered,
+            attempt=att.attempt,
+            handle=att.job_name,
+            inputs={"params": dict(run.params), "tasks": outputs, "run": run_info},
             controls=controls_of(run),
-            started_at=attempt.started_at if attempt else None,
+            started_at=att.started_at,
         )
 
     async def reconcile(self, run_id: str) -> Pass:
@@ -171,7 +186,7 @@ class Engine:
         for name, att in list(latest.items()):
             if att.phase is not TaskPhase.RUNNING:
                 continue
-            ctx = self._context(run, tasks[name], att, att.attempt, {})
+            ctx = self._running_context(run, tasks[name], att, latest)
             result = await self.executors[tasks[name].kind].poll(ctx)
             if result is not None:
                 progressed |= await self._record_result(run_id, name, att.attempt, result)
@@ -264,8 +279,7 @@ class Engine:
         task = tasks[action.task]
         executor = self.executors[task.kind]
         if isinstance(action, Stop):
-            att = latest[action.task]
-            await executor.stop(self._context(run, task, att, action.attempt, {}))
+            await executor.stop(self._running_context(run, task, latest[action.task], latest))
             return await store.transition_attempt(
                 run.id,
                 action.task,
@@ -345,9 +359,10 @@ class Engine:
             return run
         spec, _ = self.spec_of(run)
         tasks = {t.name: t for t in spec.all_tasks()}
-        for name, att in (await self.store.latest_attempts(run_id)).items():
+        latest = await self.store.latest_attempts(run_id)
+        for name, att in latest.items():
             if att.phase is TaskPhase.RUNNING:
-                ctx = self._context(run, tasks[name], att, att.attempt, {})
+                ctx = self._running_context(run, tasks[name], att, latest)
                 await self.executors[tasks[name].kind].stop(ctx)
             if not att.phase.finished:
                 await self.store.transition_attempt(

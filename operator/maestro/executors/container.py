@@ -1,0 +1,221 @@
+"""Container tasks on a cluster: one Kubernetes Job per attempt.
+
+Jobs are named deterministically from run, task and attempt (hashed when too
+long), so a start repeated after a crash finds the Job already there
+(AlreadyExists is success) and an attempt never runs twice. ``backoffLimit: 0``:
+the engine owns retries. Outputs are the JSON object the container writes to its
+termination message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from maestro.engine.executor import AttemptContext, Result, Wake
+from maestro.executors.environment import OUTPUTS_IN_POD, parse_outputs, task_env
+from maestro.k8s.client import Kube, NotFound
+
+MAX_NAME = 63
+LABEL_RUN = "maestro.dev/run"
+LABEL_RUN_ID = "maestro.dev/run-id"
+LABEL_TASK = "maestro.dev/task"
+LABEL_ATTEMPT = "maestro.dev/attempt"
+
+
+def job_name(run_name: str, task: str, attempt: int) -> str:
+    """``<run>-<task>-<attempt>``; past 63 characters a prefix plus a stable hash."""
+    full = f"{run_name}-{task}-{attempt}"
+    if len(full) <= MAX_NAME:
+        return full
+    digest = hashlib.sha256(full.encode()).hexdigest()[:10]
+    return f"{full[: MAX_NAME - 11].rstrip('-')}-{digest}"
+
+
+def _condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == kind and cond.get("status") == "True":
+            return dict(cond)
+    return None
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") == "main":
+            state = (status.get("state") or {}).get("terminated")
+            return dict(state) if state else None
+    return None
+
+
+class ContainerExecutor:
+    """Creates, watches and deletes the Jobs of container tasks."""
+
+    def __init__(self, kube: Kube, wake: Wake) -> None:
+        """``wake`` is told about a run when one of its Jobs changes (see :meth:`observe`)."""
+        self.kube = kube
+        self.wake = wake
+        self._jobs: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def observe(self, job: dict[str, Any], deleted: bool = False) -> None:
+        """Feed a Job from the operator's watch, so polls need no API request."""
+        meta = job["metadata"]
+        key = (meta["namespace"], meta["name"])
+        if deleted:
+            self._jobs.pop(key, None)
+        else:
+            self._jobs[key] = job
+        run_id = (meta.get("labels") or {}).get(LABEL_RUN_ID)
+        if run_id:
+            self.wake(run_id)
+
+    def handle(self, ctx: AttemptContext) -> str | None:
+        """The Job's name."""
+        return job_name(ctx.run.name, ctx.task.name, ctx.attempt)
+
+    def manifest(self, ctx: AttemptContext) -> dict[str, Any]:
+        """The Job for one attempt."""
+        spec = ctx.task.container
+        assert spec is not None
+        name = job_name(ctx.run.name, ctx.task.name, ctx.attempt)
+        labels = {
+            "app.kubernetes.io/managed-by": "maestro",
+            LABEL_RUN: ctx.run.name[:63],
+            LABEL_RUN_ID: ctx.run.id,
+            LABEL_TASK: ctx.task.name,
+            LABEL_ATTEMPT: str(ctx.attempt),
+        }
+        env: list[dict[str, Any]] = [
+            {"name": k, "value": v} for k, v in task_env(ctx, OUTPUTS_IN_POD).items()
+        ]
+        for var in spec.env:
+            if var.value is not None:
+                env.append({"name": var.name, "value": var.value})
+            elif var.value_from is not None:
+                ref = var.value_from.secret_key_ref
+                env.append(
+                    {
+                        "name": var.name,
+                        "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+                    }
+                )
+        container: dict[str, Any] = {
+            "name": "main",
+            "image": spec.image,
+            "env": env,
+            # On failure the log tail becomes the message: a useful error for free.
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+        }
+        if spec.command is not None:
+            container["command"] = spec.command
+        if spec.args is not None:
+            container["args"] = spec.args
+        if spec.working_dir:
+            container["workingDir"] = spec.working_dir
+        if spec.resources is not None:
+            container["resources"] = spec.resources.model_dump(exclude_defaults=True)
+        pod_meta = spec.pod_metadata
+        pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
+        if spec.service_account_name:
+            pod_spec["serviceAccountName"] = spec.service_account_name
+        job_spec: dict[str, Any] = {
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {
+                    "labels": {**(pod_meta.labels if pod_meta else {}), **labels},
+                    "annotations": dict(pod_meta.annotations) if pod_meta else {},
+                },
+                "spec": pod_spec,
+            },
+        }
+        if ctx.task.timeout_seconds is not None:
+            job_spec["activeDeadlineSeconds"] = ctx.task.timeout_seconds
+        owner = []
+        if ctx.run.uid:
+            owner.append(
+                {
+                    "apiVersion": "maestro.dev/v1alpha1",
+                    "kind": "WorkflowRun",
+                    "name": ctx.run.name,
+                    "uid": ctx.run.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            )
+        return {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {
+                "name": name,
+                "namespace": ctx.run.namespace,
+                "labels": labels,
+                "ownerReferences": owner,
+            },
+            "spec": job_spec,
+        }
+
+    async def start(self, ctx: AttemptContext) -> None:
+        """Create the Job; one that already exists is this attempt's (idempotent)."""
+        await self.kube.create_job(ctx.run.namespace, self.manifest(ctx))
+
+    async def poll(self, ctx: AttemptContext) -> Result | None:
+        """Read the Job (from the watch cache when possible) and, once it ended, its pod."""
+        name = ctx.handle or job_name(ctx.run.name, ctx.task.name, ctx.attempt)
+        key = (ctx.run.namespace, name)
+        job = self._jobs.get(key)
+        if job is None or not (_condition(job, "Complete") or _condition(job, "Failed")):
+            try:
+                job = await self.kube.get_job(ctx.run.namespace, name)
+            except NotFound:
+                # Recorded Running but never created (the operator died in between): the
+                # rendered task is not kept, so the next pass marks it interrupted.
+                return Result.failed(
+                    f"job {name} does not exist (deleted, or the operator stopped before "
+                    "creating it)",
+                    "Interrupted",
+                )
+            self._jobs[key] = job
+        if _condition(job, "Complete"):
+            return await self._succeeded(ctx, name)
+        failed = _condition(job, "Failed")
+        if failed:
+            return await self._failed(ctx, name, failed)
+        return None
+
+    async def _succeeded(self, ctx: AttemptContext, name: str) -> Result:
+        pods = await self.kube.job_pods(ctx.run.namespace, name)
+        state = next((s for p in pods if (s := _terminated(p))), None)
+        text = (state or {}).get("message") or ""
+        outputs, problem = parse_outputs(text, source="the termination message")
+        if problem is not None:
+            return Result.failed(problem, "InvalidOutputs")
+        return Result.succeeded(outputs or {}, f"job {name} completed")
+
+    async def _failed(self, ctx: AttemptContext, name: str, cond: dict[str, Any]) -> Result:
+        if cond.get("reason") == "DeadlineExceeded":
+            return Result.failed(
+                f"job {name} exceeded activeDeadlineSeconds={ctx.task.timeout_seconds}",
+                "TimedOut",
+            )
+        pods = await self.kube.job_pods(ctx.run.namespace, name)
+        for pod in pods:
+            state = _terminated(pod)
+            if state is None:
+                continue
+            detail = (state.get("message") or "").strip()
+            if not detail:
+                detail = (
+                    await self.kube.pod_log_tail(ctx.run.namespace, pod["metadata"]["name"])
+                ).strip()
+            detail = " | ".join(detail.splitlines()[-5:])
+            why = state.get("reason") or "Error"
+            msg = f"exit code {state.get('exitCode')} ({why})"
+            return Result.failed(f"{msg}: {detail}" if detail else msg)
+        return Result.failed(
+            f"job {name} failed: {cond.get('reason') or ''} {cond.get('message') or ''}".strip()
+        )
+
+    async def stop(self, ctx: AttemptContext) -> None:
+        """Delete the Job (and its pods)."""
+        name = ctx.handle or job_name(ctx.run.name, ctx.task.name, ctx.attempt)
+        await self.kube.delete_job(ctx.run.namespace, name)
+        self._jobs.pop((ctx.run.namespace, name), None)
