@@ -55,6 +55,8 @@ class ContainerExecutor:
         self.kube = kube
         self.wake = wake
         self._jobs: dict[tuple[str, str], dict[str, Any]] = {}
+        # Jobs the watch saw deleted: never re-created, that would run the attempt twice.
+        self._deleted: set[tuple[str, str]] = set()
 
     def observe(self, job: dict[str, Any], deleted: bool = False) -> None:
         """Feed a Job from the operator's watch, so polls need no API request."""
@@ -62,6 +64,7 @@ class ContainerExecutor:
         key = (meta["namespace"], meta["name"])
         if deleted:
             self._jobs.pop(key, None)
+            self._deleted.add(key)
         else:
             self._jobs[key] = job
         run_id = (meta.get("labels") or {}).get(LABEL_RUN_ID)
@@ -166,13 +169,12 @@ class ContainerExecutor:
             try:
                 job = await self.kube.get_job(ctx.run.namespace, name)
             except NotFound:
-                # Recorded Running but never created (the operator died in between): the
-                # rendered task is not kept, so the next pass marks it interrupted.
-                return Result.failed(
-                    f"job {name} does not exist (deleted, or the operator stopped before "
-                    "creating it)",
-                    "Interrupted",
-                )
+                if key in self._deleted:
+                    return Result.failed(f"job {name} was deleted before it finished", "Deleted")
+                # Recorded Running but not created yet (the operator stopped in between):
+                # the name is deterministic, so creating it now still runs it once.
+                await self.start(ctx)
+                return None
             self._jobs[key] = job
         if _condition(job, "Complete"):
             return await self._succeeded(ctx, name)
