@@ -14,6 +14,7 @@ from maestro.api.crd import crds, render
 from maestro.api.models import Workflow, WorkflowRun, WorkflowSpec
 from maestro.cli.db import db
 from maestro.cli.files import load_file
+from maestro.cli.operator import operator_cmd
 from maestro.cli.run import run_cmd
 from maestro.dag import render as graph_render
 from maestro.dag.validate import resolve_params, validate
@@ -118,6 +119,7 @@ def crds_cmd(directory: Path | None) -> None:
 
 cli.add_command(run_cmd)
 cli.add_command(db)
+cli.add_command(operator_cmd)
 
 
 def main() -> None:

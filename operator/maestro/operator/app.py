@@ -1,0 +1,156 @@
+"""Assemble and run the operator: store (fail fast), engine, executors, Kopf, probes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import kopf
+
+from maestro.api.models import GROUP, VERSION
+from maestro.engine.driver import Waker
+from maestro.engine.engine import Engine
+from maestro.engine.executor import Executor
+from maestro.executors.approval import ApprovalExecutor
+from maestro.executors.container import LABEL_RUN_ID, ContainerExecutor
+from maestro.executors.http import HttpExecutor
+from maestro.executors.secrets import SecretUnavailable
+from maestro.k8s.client import Kube, load_config
+from maestro.operator.health import Health
+from maestro.operator.metrics import Metrics
+from maestro.operator.runs import RunController, Settings
+from maestro.operator.workflows import reconcile_workflow
+from maestro.store import Store
+
+log = logging.getLogger("maestro.operator")
+
+
+@dataclass
+class OperatorConfig:
+    """Everything ``maestro operator`` accepts."""
+
+    database_url: str
+    namespaces: list[str] = field(default_factory=list)
+    kubeconfig: str | None = None
+    migrate: bool = False
+    connect_timeout: float = 5.0
+    max_output_bytes: int = 64 * 1024
+    peering: str | None = None
+    priority: int = 0
+    listen_address: str = "127.0.0.1"
+    health_port: int = 8080
+    metrics_port: int = 8080
+    status_interval: float = 1.0
+
+
+class KubeSecrets:
+    """HTTP header values from Secrets in the run's namespace."""
+
+    def __init__(self, kube: Kube) -> None:
+        """Read through the operator's API client."""
+        self.kube = kube
+
+    async def read(self, namespace: str, name: str, key: str) -> str:
+        """The decoded value, or :class:`SecretUnavailable` naming Secret and key."""
+        value = await self.kube.read_secret_key(namespace, name, key)
+        if value is None:
+            raise SecretUnavailable(f"secret {namespace}/{name} has no key {key!r}")
+        return value
+
+
+def build_registry(
+    runs: RunController, kube: Kube, container: ContainerExecutor
+) -> kopf.OperatorRegistry:
+    """Kopf handlers: thin calls into the controllers (Kopf passes everything by keyword)."""
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.event(GROUP, VERSION, "workflows", registry=registry)
+    async def workflow_event(**kw: Any) -> None:
+        if kw["type"] != "DELETED":
+            await reconcile_workflow(kube, kw["body"])
+
+    @kopf.daemon(GROUP, VERSION, "workflowruns", registry=registry, cancellation_timeout=10)
+    async def run_daemon(**kw: Any) -> None:
+        await runs.daemon(kw["body"], kw["stopped"])
+
+    @kopf.on.event(GROUP, VERSION, "workflowruns", registry=registry)
+    async def run_event(**kw: Any) -> None:
+        if kw["type"] != "DELETED":
+            await runs.sync_controls(kw["body"])
+
+    @kopf.on.delete(GROUP, VERSION, "workflowruns", registry=registry)
+    async def run_deleted(**kw: Any) -> None:
+        await runs.on_delete(kw["body"])
+
+    @kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN_ID: kopf.PRESENT}, registry=registry)
+    async def job_event(**kw: Any) -> None:
+        container.observe(kw["event"]["object"], deleted=kw["type"] == "DELETED")
+
+    return registry
+
+
+def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
+    """Keep Kopf's bookkeeping small and out of our status."""
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    # Kopf would post an Event per handler run: we post our own, fewer and clearer.
+    settings.posting.enabled = False
+    settings.watching.connect_timeout = 60
+    settings.watching.server_timeout = 300
+    if config.peering:
+        settings.peering.name = config.peering
+        settings.peering.priority = config.priority
+        settings.peering.standalone = False
+    else:
+        settings.peering.standalone = True
+
+
+async def run_operator(
+    config: OperatorConfig, store: Store, stop: asyncio.Event | None = None
+) -> None:
+    """Run until ``stop`` is set (or the process is signalled). The store is required."""
+    api = await load_config(config.kubeconfig)
+    kube = Kube(api)
+    waker = Waker()
+    metrics = Metrics(
+        queue_depth=lambda: float(sum(e.is_set() for e in waker._events.values())),
+        api_writes=lambda: float(kube.writes),
+    )
+    watching = asyncio.Event()
+    health = Health(store, metrics, watching)
+    await health.start(config.listen_address, config.health_port, config.metrics_port)
+    async with httpx.AsyncClient() as client:
+        container = ContainerExecutor(kube, waker)
+        executors: dict[str, Executor] = {
+            "container": container,
+            "http": HttpExecutor(KubeSecrets(kube), waker, client),
+            "approval": ApprovalExecutor(),
+        }
+        engine = Engine(store, executors)
+        runs = RunController(
+            engine, kube, waker, metrics, Settings(status_interval=config.status_interval)
+        )
+        registry = build_registry(runs, kube, container)
+        settings = kopf.OperatorSettings()
+        configure_kopf(settings, config)
+        try:
+            await kopf.operator(
+                registry=registry,
+                settings=settings,
+                clusterwide=not config.namespaces,
+                namespaces=config.namespaces,
+                standalone=settings.peering.standalone,
+                peering_name=config.peering,
+                priority=config.priority,
+                ready_flag=watching,
+                stop_flag=stop,
+            )
+        finally:
+            await health.stop()
+            await kube.close()

@@ -1,0 +1,395 @@
+"""WorkflowRun lifecycle: one driving loop per run, fed by Job events and timers.
+
+Kopf starts :meth:`RunController.daemon` for every WorkflowRun (again after an
+operator restart), so every unfinished run is picked up from the store and the
+live Jobs. The loop owns nothing it could lose: each pass starts from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+
+from maestro.api.models import WorkflowRunSpec, WorkflowSpec
+from maestro.api.parse import describe
+from maestro.api.phases import RunPhase
+from maestro.dag.validate import resolve_params, validate
+from maestro.engine.driver import Waker
+from maestro.engine.engine import Engine, InvalidRun
+from maestro.k8s.client import RUNS, Kube, NotFound
+from maestro.operator.metrics import Metrics
+from maestro.operator.status import not_started_status, run_status
+from maestro.store import EventRecord, RunRecord, StoreError
+
+log = logging.getLogger("maestro.operator")
+
+# How long to wait before looking again for a Workflow that is missing or invalid.
+WORKFLOW_RETRY_SECONDS = 10.0
+# Even with no event, a run is looked at this often (a missed watch event heals).
+RESYNC_SECONDS = 30.0
+# A store outage is retried this often; readiness reports it meanwhile.
+STORE_RETRY_SECONDS = 2.0
+# Specs larger than this are not copied into status (etcd objects are capped at 1.5 MiB).
+MAX_SPEC_IN_STATUS = 256 * 1024
+
+
+@dataclass
+class Settings:
+    """Operator tunables."""
+
+    status_interval: float = 1.0
+
+
+def controls_of_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The person-controlled fields of a WorkflowRun spec, as the store keeps them."""
+    return {
+        "suspend": bool(spec.get("suspend", False)),
+        "cancel": bool(spec.get("cancel", False)),
+        "approvals": sorted(set(spec.get("approvals") or [])),
+    }
+
+
+class _Pending(Exception):
+    """The run cannot start yet (or at all); carries the status to show."""
+
+    def __init__(self, phase: RunPhase, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.phase, self.reason, self.message = phase, reason, message
+
+
+class _StatusWriter:
+    """At most one status patch per interval per run; the final state always flushes."""
+
+    def __init__(self, kube: Kube, metrics: Metrics, namespace: str, name: str, interval: float):
+        self.kube, self.metrics = kube, metrics
+        self.namespace, self.name = namespace, name
+        self.interval = interval
+        self.written: dict[str, Any] = {}
+        self.pending: dict[str, Any] | None = None
+        self.last_at = 0.0
+
+    @staticmethod
+    def _comparable(status: Mapping[str, Any]) -> dict[str, Any]:
+        # Duration ticks every second: on its own it is no reason to write.
+        return {k: v for k, v in status.items() if k != "duration"}
+
+    def due_in(self) -> float | None:
+        """Seconds until a held-back status may be written, None when nothing waits."""
+        if self.pending is None:
+            return None
+        return max(0.0, self.last_at + self.interval - time.monotonic())
+
+    async def offer(self, status: dict[str, Any], *, final: bool = False) -> None:
+        """Write now when allowed, otherwise hold it for :meth:`flush`."""
+        if self._comparable(status) == self._comparable(self.written):
+            self.pending = None
+            return
+        self.pending = status
+        if final or time.monotonic() - self.last_at >= self.interval:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write the held-back status, if any."""
+        if self.pending is None:
+            return
+        status, self.pending = self.pending, None
+        await self.kube.patch_status(RUNS, self.namespace, self.name, status)
+        self.metrics.status_patches.inc()
+        self.written = status
+        self.last_at = time.monotonic()
+
+
+_RUN_EVENTS = {
+    (None, "Running"): ("RunStarted", False),
+    ("Pending", "Running"): ("RunStarted", False),
+    ("Suspended", "Running"): ("RunResumed", False),
+    (None, "Suspended"): ("RunSuspended", False),
+    (None, "Succeeded"): ("RunSucceeded", False),
+    (None, "Failed"): ("RunFailed", True),
+    (None, "Cancelled"): ("RunCancelled", True),
+}
+
+
+def _k8s_event(e: EventRecord) -> tuple[str, str, bool] | None:
+    """The Kubernetes Event (reason, message, warning) for a store event, if any."""
+    if e.kind == "RunPhase":
+        found = _RUN_EVENTS.get((e.from_phase, e.to_phase or "")) or _RUN_EVENTS.get(
+            (None, e.to_phase or "")
+        )
+        if found is None or (found[0] == "RunStarted" and e.from_phase not in (None, "Pending")):
+            return None
+        return found[0], e.message or e.to_phase or "", found[1]
+    if e.kind == "TaskPhase" and e.to_phase == "Failed":
+        reason = "TaskTimedOut" if e.reason == "TimedOut" else "TaskFailed"
+        return reason, f"{e.task} attempt {e.attempt}: {e.message or 'failed'}", True
+    if e.kind == "Approved":
+        return "TaskApproved", f"{e.task}: {e.message or 'approved'}", False
+    return None
+
+
+class RunController:
+    """Everything the operator does with WorkflowRuns."""
+
+    def __init__(
+        self, engine: Engine, kube: Kube, waker: Waker, metrics: Metrics, settings: Settings
+    ) -> None:
+        """Share one engine, API client and waker between all runs."""
+        self.engine = engine
+        self.kube = kube
+        self.waker = waker
+        self.metrics = metrics
+        self.settings = settings
+        self._ids: dict[str, str] = {}  # WorkflowRun uid -> store run id
+        self._controls: dict[str, dict[str, Any]] = {}  # run id -> controls last written
+
+    # Start ----------------------------------------------------------------------------
+
+    async def _resolve(
+        self, namespace: str, spec: WorkflowRunSpec
+    ) -> tuple[str | None, WorkflowSpec]:
+        if spec.workflow_spec is not None:
+            return None, spec.workflow_spec
+        assert spec.workflow_ref is not None
+        name = spec.workflow_ref.name
+        try:
+            obj = await self.kube.get_workflow(namespace, name)
+        except NotFound:
+            raise _Pending(
+                RunPhase.PENDING,
+                "WorkflowNotFound",
+                f"spec.workflowRef.name: Workflow {name!r} does not exist in namespace "
+                f"{namespace!r}; the run starts when it appears",
+            ) from None
+        try:
+            wf_spec = WorkflowSpec.model_validate(obj.get("spec") or {})
+        except ValidationError as err:
+            raise _Pending(
+                RunPhase.PENDING,
+                "InvalidWorkflow",
+                f"Workflow {name!r} is invalid: " + "; ".join(describe(err)),
+            ) from None
+        problems = validate(wf_spec)
+        if problems:
+            raise _Pending(
+                RunPhase.PENDING,
+                "InvalidWorkflow",
+                f"Workflow {name!r} is invalid: " + "; ".join(map(str, problems)),
+            )
+        return name, wf_spec
+
+    async def ensure_run(self, body: Mapping[str, Any]) -> RunRecord:
+        """The store's run for this WorkflowRun, created (with its snapshot) on first sight."""
+        meta = body["metadata"]
+        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        existing = await self.engine.store.find_run(namespace, uid)
+        if existing is not None:
+            self._ids[uid] = existing.id
+            return existing
+        try:
+            spec = WorkflowRunSpec.model_validate(body.get("spec") or {})
+        except ValidationError as err:
+            raise _Pending(RunPhase.FAILED, "InvalidSpec", "; ".join(describe(err))) from None
+        wf_name, wf_spec = await self._resolve(namespace, spec)
+        problems = [f"spec.workflowSpec: {p}" for p in validate(wf_spec)] if wf_name is None else []
+        problems += resolve_params(wf_spec, spec.params)[1]
+        if problems:
+            raise _Pending(RunPhase.FAILED, "InvalidSpec", "; ".join(problems))
+        try:
+            run = await self.engine.create_run(
+                namespace=namespace,
+                name=name,
+                spec=wf_spec,
+                params=spec.params,
+                workflow_name=wf_name,
+                uid=uid,
+                generation=int(meta.get("generation") or 1),
+                controls=controls_of_spec(body.get("spec") or {}),
+            )
+        except InvalidRun as err:
+            raise _Pending(RunPhase.FAILED, "InvalidSpec", "; ".join(err.problems)) from None
+        self._ids[uid] = run.id
+        self._controls[run.id] = dict(run.controls)
+        return run
+
+    # Spec changes ----------------------------------------------------------------------
+
+    async def sync_controls(self, body: Mapping[str, Any]) -> None:
+        """Copy suspend/cancel/approvals from the spec into the store, then wake the run."""
+        meta = body["metadata"]
+        run_id = self._ids.get(meta["uid"])
+        if run_id is None:
+            return  # not started yet: the daemon reads the spec when it creates the run
+        wanted = controls_of_spec(body.get("spec") or {})
+        if self._controls.get(run_id) == wanted:
+            return  # most events are our own status patches: nothing to do
+        run = await self.engine.store.update_controls(
+            run_id, generation=int(meta.get("generation") or 1), **wanted
+        )
+        self._controls[run_id] = dict(run.controls)
+        self.waker(run_id)
+
+    # Deletion --------------------------------------------------------------------------
+
+    async def on_delete(self, body: Mapping[str, Any]) -> None:
+        """Stop the run's Jobs and record the cancellation before the object goes."""
+        meta = body["metadata"]
+        run = await self.engine.store.find_run(meta["namespace"], meta["uid"])
+        if run is not None and not run.phase.finished:
+            await self.engine.abort(run.id, "the WorkflowRun was deleted")
+            log.info("run %s/%s cancelled: resource deleted", meta["namespace"], meta["name"])
+        if run is not None:
+            self._controls.pop(run.id, None)
+        self._ids.pop(meta["uid"], None)
+
+    # The loop --------------------------------------------------------------------------
+
+    async def daemon(self, body: Mapping[str, Any], stopped: Any) -> None:
+        """Drive one WorkflowRun until it finishes (and its TTL, if any, expires)."""
+        meta = body["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        writer = _StatusWriter(
+            self.kube, self.metrics, namespace, name, self.settings.status_interval
+        )
+        previous = list((body.get("status") or {}).get("conditions") or [])
+        writer.written = dict(body.get("status") or {})
+        run: RunRecord | None = None
+        while run is None and not stopped:
+            try:
+                run = await self.ensure_run(body)
+            except _Pending as why:
+                now = datetime.now(UTC)
+                status = not_started_status(
+                    why.phase, why.reason, why.message, meta.get("generation"), previous, now
+                )
+                await writer.offer(status, final=True)
+                if why.phase.finished:
+                    return
+                await stopped.wait(WORKFLOW_RETRY_SECONDS)
+            except StoreError as err:
+                log.warning("run %s/%s waits for the store: %s", namespace, name, err)
+                await stopped.wait(STORE_RETRY_SECONDS)
+        if run is None:
+            return
+        await self._drive(run, body, writer, previous, stopped)
+
+    async def _drive(
+        self,
+        run: RunRecord,
+        body: Mapping[str, Any],
+        writer: _StatusWriter,
+        previous: list[Any],
+        stopped: Any,
+    ) -> None:
+        meta = body["metadata"]
+        store = self.engine.store
+        spec, _ = self.engine.spec_of(run)
+        include_spec = len(str(run.spec)) <= MAX_SPEC_IN_STATUS
+        seen_events = max((e.id for e in await store.events(run.id)), default=0)
+        await self.sync_controls(body)
+        while not stopped:
+            try:
+                started = time.perf_counter()
+                step = await self.engine.reconcile(run.id)
+                self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+                run = step.run
+                latest = await store.latest_attempts(run.id)
+                events = [e for e in await store.events(run.id) if e.id > seen_events]
+            except StoreError as err:
+                log.warning(
+                    "run %s/%s: store unavailable, retrying: %s", run.namespace, run.name, err
+                )
+                await stopped.wait(STORE_RETRY_SECONDS)
+                continue
+            self.metrics.run_phase(run.id, run.phase.value)
+            for e in events:
+                seen_events = max(seen_events, e.id)
+                await self._record_event(body, e, latest, spec)
+            now = datetime.now(UTC)
+            status = run_status(
+                run,
+                spec,
+                latest,
+                live_message=step.decision.message,
+                generation=meta.get("generation"),
+                previous_conditions=writer.written.get("conditions") or previous,
+                now=now,
+                include_spec=include_spec,
+            )
+            try:
+                await writer.offer(status, final=run.phase.finished)
+            except NotFound:
+                return  # the WorkflowRun is gone; the delete handler records it
+            if run.phase.finished:
+                self.engine.forget(run.id)
+                await self._expire(run, body, stopped)
+                return
+            if step.progressed:
+                continue
+            timeout = RESYNC_SECONDS
+            if step.decision.wake_at is not None:
+                timeout = min(timeout, max(0.0, (step.decision.wake_at - now).total_seconds()))
+            due = writer.due_in()
+            if due is not None:
+                timeout = min(timeout, due)
+            await self._wait(run.id, timeout, stopped)
+            if writer.due_in() == 0.0:
+                with contextlib.suppress(NotFound):
+                    await writer.flush()
+
+    async def _wait(self, run_id: str, seconds: float, stopped: Any) -> None:
+        """Until woken, ``seconds`` pass, or Kopf asks the daemon to stop."""
+        woken = asyncio.ensure_future(self.waker.wait(run_id, seconds))
+        stop = asyncio.ensure_future(stopped.wait())
+        try:
+            await asyncio.wait({woken, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in (woken, stop):
+                fut.cancel()
+
+    async def _record_event(
+        self, body: Mapping[str, Any], e: EventRecord, latest: Mapping[str, Any], spec: WorkflowSpec
+    ) -> None:
+        if e.kind == "TaskPhase" and e.to_phase in ("Succeeded", "Failed", "Cancelled", "Skipped"):
+            self.metrics.attempts.labels(result=e.to_phase).inc()
+            att = latest.get(e.task or "")
+            if att is not None and att.started_at and att.finished_at and att.attempt == e.attempt:
+                kinds = {t.name: t.kind for t in spec.all_tasks()}
+                self.metrics.task_seconds.labels(kind=kinds.get(att.task, "?")).observe(
+                    (att.finished_at - att.started_at).total_seconds()
+                )
+        found = _k8s_event(e)
+        if found is not None:
+            reason, message, warning = found
+            await self.kube.emit_event(
+                {
+                    "apiVersion": "maestro.dev/v1alpha1",
+                    "kind": "WorkflowRun",
+                    "metadata": body["metadata"],
+                },
+                reason=reason,
+                message=message,
+                warning=warning,
+            )
+
+    async def _expire(self, run: RunRecord, body: Mapping[str, Any], stopped: Any) -> None:
+        """``ttlSecondsAfterFinished``: delete the resource; the store keeps the history."""
+        ttl = (body.get("spec") or {}).get("ttlSecondsAfterFinished")
+        if ttl is None or run.finished_at is None:
+            return
+        due = run.finished_at + timedelta(seconds=int(ttl))
+        wait = (due - datetime.now(UTC)).total_seconds()
+        if wait > 0:
+            await stopped.wait(wait)
+            if stopped:
+                return
+        meta = body["metadata"]
+        await self.kube.delete_run(meta["namespace"], meta["name"])
+        log.info("run %s/%s deleted after its TTL", meta["namespace"], meta["name"])
