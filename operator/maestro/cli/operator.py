@@ -103,6 +103,8 @@ def operator_cmd(
 ) -> None:
     """Run the Maestro operator (Kopf) against the current cluster."""
     setup_logging(log_format, verbose)
+    if kubeconfig:
+        os.environ["KUBECONFIG"] = kubeconfig  # Kopf's login reads it from there
     config = OperatorConfig(
         database_url=database_url,
         namespaces=list(namespaces),

@@ -67,6 +67,12 @@ def build_registry(
     """Kopf handlers: thin calls into the controllers (Kopf passes everything by keyword)."""
     registry = kopf.OperatorRegistry()
 
+    # A private registry has none of Kopf's default login handlers: in a pod the
+    # service account, elsewhere the kubeconfig ($KUBECONFIG or --kubeconfig).
+    @kopf.on.login(registry=registry)
+    def login(**kw: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_with_service_account(**kw) or kopf.login_with_kubeconfig(**kw)
+
     @kopf.on.event(GROUP, VERSION, "workflows", registry=registry)
     async def workflow_event(**kw: Any) -> None:
         if kw["type"] != "DELETED":
