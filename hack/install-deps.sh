@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the test suite needs, non-interactively, and only what is
+# missing: PostgreSQL (server binaries for the private test database) and openssl (the
+# control plane's throw-away PKI). etcd is built from Go modules (see docs/testing.md), so
+# Debian's etcd-server is not needed. Quick no-op when everything is present.
+set -euo pipefail
+
+missing=()
+# The server, not just the client: initdb/pg_ctl live under /usr/lib/postgresql/*/bin.
+compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null || missing+=(postgresql)
+command -v openssl >/dev/null || missing+=(openssl)
+
+if [ "${#missing[@]}" -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  sudo=sudo
+else
+  sudo=
+fi
+echo "install-deps: installing ${missing[*]}" >&2
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
