@@ -366,6 +366,9 @@ def _command_lines(d: Path, bins: Path, ports: dict[str, int], server: str) -> d
             # Test data is disposable; fsync is most of etcd's latency on a slow disk.
             "--unsafe-no-fsync=true",
             "--quota-backend-bytes=2147483648",
+            # A single member elects itself after one election timeout (default 1 s).
+            "--heartbeat-interval=10",
+            "--election-timeout=100",
             "--log-level=warn",
         ],
         "kube-apiserver": [
@@ -398,6 +401,11 @@ def _command_lines(d: Path, bins: Path, ports: dict[str, int], server: str) -> d
             # Each controller uses its own ServiceAccount, so RBAC is exercised as in a
             # real cluster (e.g. the Job controller's ClusterRole).
             "--use-service-account-credentials=true",
+            # The default client rate limit (20 qps) serialises start-up at ~150 ms per
+            # controller and throttles bursts of test Jobs; a test cluster has no one to
+            # protect.
+            "--kube-api-qps=500",
+            "--kube-api-burst=1000",
             f"--service-account-private-key-file={pki / 'sa.key'}",
             f"--root-ca-file={pki / 'ca.crt'}",
             f"--cluster-signing-cert-file={pki / 'ca.crt'}",
@@ -411,6 +419,8 @@ def _command_lines(d: Path, bins: Path, ports: dict[str, int], server: str) -> d
         "kube-scheduler": [
             str(bins / "kube-scheduler"),
             f"--kubeconfig={d / 'scheduler.kubeconfig'}",
+            "--kube-api-qps=500",
+            "--kube-api-burst=1000",
             "--bind-address=127.0.0.1",
             "--secure-port=0",
             "--leader-elect=false",
@@ -522,6 +532,14 @@ def _wait_until(what: str, check: Any, deadline: float, procs: dict[str, int], d
         time.sleep(0.05)
 
 
+def _etcd_healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=1) as resp:
+            return bool(json.loads(resp.read()).get("health") == "true")
+    except (OSError, ValueError):
+        return False
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -541,14 +559,20 @@ def start(
     Returns the plane description and the ``Popen`` objects (so an in-process caller can
     reap its children after :func:`stop`). On failure everything started is stopped.
     """
+    t0 = time.monotonic()
     bins = build(log=log)
     d = directory.resolve()
+
+    def mark(what: str) -> None:
+        print(f"control-plane: {what} at +{time.monotonic() - t0:.2f}s", file=log, flush=True)
+
     if (d / "plane.json").exists() and any(_alive(p) for p in PlaneInfo.load(d).pids.values()):
         raise ControlPlaneError(f"a plane is already running in {d}; run down first")
     for sub in ("pki", "etcd", "logs"):
         shutil.rmtree(d / sub, ignore_errors=True)
     (d / "logs").mkdir(parents=True)
     make_pki(d / "pki")
+    mark("certificates written")
     ports = {name: free_port() for name in ("etcd", "etcd-peer", "apiserver")}
     server = f"https://127.0.0.1:{ports['apiserver']}"
     pki = d / "pki"
@@ -566,14 +590,21 @@ def start(
         etcd_url=f"http://127.0.0.1:{ports['etcd']}",
     )
     try:
-        # Everything starts at once: kcm, scheduler and kwok retry until the API server
-        # answers, so their start-up overlaps with the API server's.
+        # kcm, scheduler and kwok start right after the API server: they retry until it
+        # answers, so their start-up overlaps with its own.
+        deadline = time.monotonic() + timeout
         for name, argv in _command_lines(d, bins, ports, server).items():
             procs[name] = _spawn(name, argv, d / "logs", die_with_parent=die_with_parent)
             info.pids[name] = procs[name].pid
             (d / f"{name}.pid").write_text(f"{procs[name].pid}\n")
-        info.save()
-        deadline = time.monotonic() + timeout
+            info.save()
+            if name == "etcd":
+                # The API server's etcd client backs off for up to a second when etcd is
+                # not listening yet; etcd is ready in ~100 ms, so waiting for it is faster.
+                _wait_until(
+                    "etcd /health", lambda: _etcd_healthy(info.etcd_url), deadline, info.pids, d
+                )
+                mark("etcd ready")
         client = Client(server, pki)
 
         def ok(path: str) -> bool:
@@ -583,6 +614,7 @@ def start(
                 return False
 
         _wait_until("kube-apiserver /readyz", lambda: ok("/readyz"), deadline, info.pids, d)
+        mark("kube-apiserver ready")
         status, body = client.request("POST", "/api/v1/nodes", _fake_node())
         if status not in (201, 409):
             raise ControlPlaneError(f"creating node {FAKE_NODE} failed: {status} {body!r}")
@@ -595,6 +627,7 @@ def start(
             return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
 
         _wait_until("the kwok node to be Ready", node_ready, deadline, info.pids, d)
+        mark(f"node {FAKE_NODE} Ready")
         _wait_until(
             "ServiceAccount default/default",
             lambda: ok("/api/v1/namespaces/default/serviceaccounts/default"),
@@ -602,6 +635,7 @@ def start(
             info.pids,
             d,
         )
+        mark("ServiceAccount default/default exists")
     except BaseException:
         stop(d, procs=procs)
         raise
