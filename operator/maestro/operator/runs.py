@@ -149,6 +149,7 @@ class RunController:
         self.settings = settings
         self._ids: dict[str, str] = {}  # WorkflowRun uid -> store run id
         self._controls: dict[str, dict[str, Any]] = {}  # run id -> controls last written
+        self._generations: dict[str, int] = {}  # run id -> latest metadata.generation seen
 
     # Start ----------------------------------------------------------------------------
 
@@ -192,6 +193,7 @@ class RunController:
         existing = await self.engine.store.find_run(namespace, uid)
         if existing is not None:
             self._ids[uid] = existing.id
+            self._controls[existing.id] = dict(existing.controls)
             return existing
         try:
             spec = WorkflowRunSpec.model_validate(body.get("spec") or {})
@@ -227,13 +229,17 @@ class RunController:
         run_id = self._ids.get(meta["uid"])
         if run_id is None:
             return  # not started yet: the daemon reads the spec when it creates the run
+        generation = int(meta.get("generation") or 1)
         wanted = controls_of_spec(body.get("spec") or {})
         if self._controls.get(run_id) == wanted:
+            if self._generations.get(run_id) != generation:
+                # Nothing to act on, but status must observe the new generation (kstatus).
+                self._generations[run_id] = generation
+                self.waker(run_id)
             return  # most events are our own status patches: nothing to do
-        run = await self.engine.store.update_controls(
-            run_id, generation=int(meta.get("generation") or 1), **wanted
-        )
+        run = await self.engine.store.update_controls(run_id, generation=generation, **wanted)
         self._controls[run_id] = dict(run.controls)
+        self._generations[run_id] = generation
         self.waker(run_id)
 
     # Deletion --------------------------------------------------------------------------
@@ -247,6 +253,7 @@ class RunController:
             log.info("run %s/%s cancelled: resource deleted", meta["namespace"], meta["name"])
         if run is not None:
             self._controls.pop(run.id, None)
+            self._generations.pop(run.id, None)
         self._ids.pop(meta["uid"], None)
 
     # The loop --------------------------------------------------------------------------
@@ -318,7 +325,7 @@ class RunController:
                 spec,
                 latest,
                 live_message=step.decision.message,
-                generation=meta.get("generation"),
+                generation=self._generations.get(run.id, meta.get("generation")),
                 previous_conditions=writer.written.get("conditions") or previous,
                 now=now,
                 include_spec=include_spec,
