@@ -1,0 +1,111 @@
+{{/* Chart name, cut to the 63 characters a label value allows. */}}
+{{- define "maestro.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name of the release's objects. */}}
+{{- define "maestro.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "maestro.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "maestro.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: maestro
+{{- end }}
+
+{{- define "maestro.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "maestro.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "maestro.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "maestro.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "maestro.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* Peering is on with more than one replica: two active operators would both drive runs. */}}
+{{- define "maestro.peering" -}}
+{{- if or .Values.peering.enabled (gt (int .Values.replicas) 1) }}true{{ end }}
+{{- end }}
+
+{{- define "maestro.postgresql.fullname" -}}
+{{- printf "%s-postgresql" (include "maestro.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Secret and key holding the database URL. */}}
+{{- define "maestro.database.secretName" -}}
+{{- if .Values.postgresql.enabled }}
+{{- include "maestro.postgresql.fullname" . }}
+{{- else }}
+{{- required "database.existingSecret: name a Secret holding the database URL (or set postgresql.enabled=true to evaluate)" .Values.database.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "maestro.database.secretKey" -}}
+{{- if .Values.postgresql.enabled }}url{{ else }}{{ .Values.database.secretKey }}{{ end }}
+{{- end }}
+
+{{/*
+The operator's permissions, shared by the ClusterRole (cluster-wide) and the
+per-namespace Roles. Each rule names the call that needs it.
+*/}}
+{{- define "maestro.rbac.namespacedRules" -}}
+# Kopf watches both kinds and patches finalizers and its annotations on runs.
+- apiGroups: [maestro.dev]
+  resources: [workflows, workflowruns]
+  verbs: [get, list, watch, patch, update]
+# Conditions and run progress.
+- apiGroups: [maestro.dev]
+  resources: [workflows/status, workflowruns/status]
+  verbs: [get, patch, update]
+# ttlSecondsAfterFinished.
+- apiGroups: [maestro.dev]
+  resources: [workflowruns]
+  verbs: [delete]
+# One Job per container task attempt; deleted on cancel.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [create, get, list, watch, delete]
+# A failed task's message and log tail.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list]
+- apiGroups: [""]
+  resources: [pods/log]
+  verbs: [get]
+# Header values of HTTP tasks (secretKeyRef).
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
+# Events on each run transition.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create, patch]
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end }}
