@@ -12,6 +12,7 @@ import click
 from maestro import __version__
 from maestro.api.crd import crds, render
 from maestro.api.models import Workflow, WorkflowRun, WorkflowSpec
+from maestro.cli.cluster import COMMANDS
 from maestro.cli.db import db
 from maestro.cli.files import load_file
 from maestro.cli.operator import operator_cmd
@@ -120,6 +121,8 @@ def crds_cmd(directory: Path | None) -> None:
 cli.add_command(run_cmd)
 cli.add_command(db)
 cli.add_command(operator_cmd)
+for command in COMMANDS:
+    cli.add_command(command)
 
 
 def main() -> None:

@@ -132,6 +132,38 @@ class Engine:
             controls=dict(controls or {}),
         )
 
+    async def seed_from(self, run_id: str, source_id: str) -> list[str]:
+        """Copy the succeeded tasks of run ``source_id`` into a new run (``maestro retry``).
+
+        The copies are recorded as Succeeded attempts with the same outputs (reason
+        ``Reused``), so only the tasks that did not succeed run again. Idempotent.
+        Returns the reused task names.
+        """
+        run = await self.store.get_run(run_id)
+        spec, _ = self.spec_of(run)
+        names = {t.name for t in spec.all_tasks()}
+        reused = []
+        for name, att in (await self.store.latest_attempts(source_id)).items():
+            if name not in names or att.phase is not TaskPhase.SUCCEEDED:
+                continue
+            await self.store.create_attempt(run_id, name, 1)
+            await self.store.transition_attempt(
+                run_id, name, 1, TaskPhase.RUNNING, expected=TaskPhase.PENDING, reason="Reused"
+            )
+            await self.store.transition_attempt(
+                run_id,
+                name,
+                1,
+                TaskPhase.SUCCEEDED,
+                expected=TaskPhase.RUNNING,
+                reason="Reused",
+                message=f"reused from run {source_id}",
+                outputs=dict(att.outputs or {}),
+                job_name=att.job_name,
+            )
+            reused.append(name)
+        return reused
+
     def spec_of(self, run: RunRecord) -> tuple[WorkflowSpec, Plan]:
         """The run's snapshotted spec and its plan (cached: a snapshot never changes)."""
         cached = self._plans.get(run.id)

@@ -26,6 +26,10 @@ class NotFound(LookupError):
     """The object does not exist."""
 
 
+class Conflict(RuntimeError):
+    """The object changed since it was read (optimistic concurrency)."""
+
+
 async def load_config(kubeconfig: str | None = None) -> client.ApiClient:
     """An API client from ``kubeconfig``, $KUBECONFIG, ~/.kube/config, or in-cluster."""
     if (
@@ -137,6 +141,55 @@ class Kube:
                 raise NotFound(f"workflow {namespace}/{name}") from None
             raise
         return obj
+
+    async def create_run(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Create a WorkflowRun; returns it as stored (with its generated name)."""
+        self.writes += 1
+        obj: dict[str, Any] = await self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, RUNS, body
+        )
+        return obj
+
+    async def get_run(self, namespace: str, name: str) -> dict[str, Any]:
+        """A WorkflowRun as a dict."""
+        self.reads += 1
+        try:
+            obj: dict[str, Any] = await self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, RUNS, name
+            )
+        except ApiException as err:
+            if err.status == 404:
+                raise NotFound(f"workflowrun {namespace}/{name}") from None
+            raise
+        return obj
+
+    async def list_runs(self, namespace: str) -> list[dict[str, Any]]:
+        """Every WorkflowRun of a namespace."""
+        self.reads += 1
+        found = await self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, RUNS)
+        items: list[dict[str, Any]] = found.get("items", [])
+        return items
+
+    async def patch_run_spec(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        """Merge-patch a WorkflowRun (include metadata.resourceVersion for compare-and-set)."""
+        self.writes += 1
+        call = cast(Any, self.custom.patch_namespaced_custom_object)
+        try:
+            await call(GROUP, VERSION, namespace, RUNS, name, patch, _content_type=MERGE_PATCH)
+        except ApiException as err:
+            if err.status == 404:
+                raise NotFound(f"workflowrun {namespace}/{name}") from None
+            if err.status == 409:
+                raise Conflict(f"workflowrun {namespace}/{name} changed meanwhile") from None
+            raise
+
+    async def pod_log(self, namespace: str, pod: str) -> str:
+        """A pod's whole log; raises NotFound when the pod or its log is gone."""
+        self.reads += 1
+        try:
+            return str(await self.core.read_namespaced_pod_log(pod, namespace) or "")
+        except ApiException as err:
+            raise NotFound(f"log of pod {namespace}/{pod}: {err.reason}") from None
 
     async def patch_status(
         self, plural: str, namespace: str, name: str, status: dict[str, Any]

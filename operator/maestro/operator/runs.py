@@ -27,10 +27,12 @@ from maestro.engine.engine import Engine, InvalidRun
 from maestro.k8s.client import RUNS, Kube, NotFound
 from maestro.operator.metrics import Metrics
 from maestro.operator.status import not_started_status, run_status
-from maestro.store import EventRecord, RunRecord, StoreError
+from maestro.store import EventRecord, RunNotFound, RunRecord, StoreError
 
 log = logging.getLogger("maestro.operator")
 
+# Annotation of a WorkflowRun made by `maestro retry`: the store id of the run it retries.
+RETRY_OF = "maestro.dev/retry-of"
 # How long to wait before looking again for a Workflow that is missing or invalid.
 WORKFLOW_RETRY_SECONDS = 10.0
 # Even with no event, a run is looked at this often (a missed watch event heals).
@@ -192,6 +194,9 @@ class RunController:
         namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
         existing = await self.engine.store.find_run(namespace, uid)
         if existing is not None:
+            source_id = (meta.get("annotations") or {}).get(RETRY_OF)
+            if source_id and existing.phase is RunPhase.PENDING:
+                await self.engine.seed_from(existing.id, source_id)  # a crash cut it short
             self._ids[uid] = existing.id
             self._controls[existing.id] = dict(existing.controls)
             return existing
@@ -199,6 +204,9 @@ class RunController:
             spec = WorkflowRunSpec.model_validate(body.get("spec") or {})
         except ValidationError as err:
             raise _Pending(RunPhase.FAILED, "InvalidSpec", "; ".join(describe(err))) from None
+        source_id = (meta.get("annotations") or {}).get(RETRY_OF)
+        if source_id:
+            return await self._create_retry(body, spec, source_id)
         wf_name, wf_spec = await self._resolve(namespace, spec)
         problems = [f"spec.workflowSpec: {p}" for p in validate(wf_spec)] if wf_name is None else []
         problems += resolve_params(wf_spec, spec.params)[1]
@@ -218,6 +226,35 @@ class RunController:
         except InvalidRun as err:
             raise _Pending(RunPhase.FAILED, "InvalidSpec", "; ".join(err.problems)) from None
         self._ids[uid] = run.id
+        self._controls[run.id] = dict(run.controls)
+        return run
+
+    async def _create_retry(
+        self, body: Mapping[str, Any], spec: WorkflowRunSpec, source_id: str
+    ) -> RunRecord:
+        """A retry runs the old run's snapshot again, reusing what succeeded."""
+        meta = body["metadata"]
+        try:
+            source = await self.engine.store.get_run(source_id)
+        except RunNotFound:
+            raise _Pending(
+                RunPhase.FAILED,
+                "RetrySourceNotFound",
+                f"metadata.annotations[{RETRY_OF}]: run {source_id} is not in the store",
+            ) from None
+        run = await self.engine.create_run(
+            namespace=meta["namespace"],
+            name=meta["name"],
+            spec=WorkflowSpec.model_validate(source.spec),
+            params={**source.params, **spec.params},
+            workflow_name=source.workflow_name,
+            uid=meta["uid"],
+            generation=int(meta.get("generation") or 1),
+            controls=controls_of_spec(body.get("spec") or {}),
+        )
+        if run.phase is RunPhase.PENDING:
+            await self.engine.seed_from(run.id, source_id)
+        self._ids[meta["uid"]] = run.id
         self._controls[run.id] = dict(run.controls)
         return run
 
