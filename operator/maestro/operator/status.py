@@ -22,6 +22,11 @@ from maestro.store import AttemptRecord, RunRecord
 # Per-task outputs shown in status are cut to this size; the store keeps them whole.
 MAX_OUTPUT_SUMMARY = 1024
 MAX_VALUE_CHARS = 256
+MAX_MESSAGE_CHARS = 512
+# What outputs and messages of all tasks may take together: etcd refuses objects over
+# 1.5 MiB, so with many tasks each one's share shrinks (a 1,000-task run stays < 1 MB).
+TASK_DETAIL_BUDGET = 384 * 1024
+MIN_DETAIL = 96
 
 
 def iso(ts: datetime | None) -> str | None:
@@ -41,18 +46,21 @@ def duration(start: datetime | None, end: datetime | None) -> str | None:
     return (f"{h}h" if h else "") + (f"{m}m" if h or m else "") + f"{s}s"
 
 
-def summarize_outputs(outputs: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Outputs small enough for status: long values cut, the whole bounded in size."""
+def summarize_outputs(
+    outputs: Mapping[str, Any] | None, limit: int = MAX_OUTPUT_SUMMARY
+) -> dict[str, Any] | None:
+    """Outputs small enough for status: long values cut, the whole within ``limit`` bytes."""
     if outputs is None:
         return None
     out: dict[str, Any] = {}
     used = 2
+    value_chars = min(MAX_VALUE_CHARS, limit // 2)
     for key, value in outputs.items():
         text = value if isinstance(value, str) else json.dumps(value)
-        if len(text) > MAX_VALUE_CHARS:
-            value = text[: MAX_VALUE_CHARS - 1] + "…"
+        if len(text) > value_chars:
+            value = text[: value_chars - 1] + "…"
         size = len(key) + len(json.dumps(value)) + 4
-        if used + size > MAX_OUTPUT_SUMMARY:
+        if used + size > limit:
             out["…"] = "more in the store: maestro get"
             break
         out[key] = value
@@ -136,6 +144,9 @@ def run_status(
     first_start: dict[str, datetime | None] = {}
     done = 0
     names = [t.name for t in spec.all_tasks()]
+    share = max(MIN_DETAIL, TASK_DETAIL_BUDGET // max(1, len(names)))
+    output_limit = min(MAX_OUTPUT_SUMMARY, share * 2 // 3)
+    message_limit = min(MAX_MESSAGE_CHARS, share // 3)
     for name in names:
         att = latest.get(name)
         if att is None:
@@ -149,9 +160,9 @@ def run_status(
             "startedAt": iso(att.started_at),
             "finishedAt": iso(att.finished_at),
             "reason": att.reason,
-            "message": (att.message or "")[:512] or None,
+            "message": (att.message or "")[:message_limit] or None,
             "jobName": att.job_name,
-            "outputs": summarize_outputs(att.outputs),
+            "outputs": summarize_outputs(att.outputs, output_limit),
         }
         tasks[name] = {k: v for k, v in entry.items() if v is not None}
     message = run.message if run.phase.finished else (live_message or run.message or "")
