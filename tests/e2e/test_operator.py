@@ -397,3 +397,76 @@ def test_many_concurrent_runs_complete(
     patches = operator.metric("maestro_status_patches_total")
     print(f"\n{runs_count} runs x {width} tasks: {patches / runs_count:.1f} status patches per run")
     assert patches > 0
+
+
+def test_ttl_deletes_finished_run_and_store_keeps_history(
+    control_plane: ControlPlane, namespace: str, operator: OperatorProcess, postgres_url: str
+) -> None:
+    apply(control_plane, namespace, workflow("ttl", [{"name": "a"}]))
+    apply(control_plane, namespace, run("r1", "ttl", ttlSecondsAfterFinished=2))
+    uid = get(control_plane, namespace, "workflowrun", "r1")["metadata"]["uid"]
+    deadline = time.monotonic() + 90
+    while (
+        control_plane.kubectl("get", "-n", namespace, "workflowrun", "r1", check=False).returncode
+        == 0
+    ):
+        assert time.monotonic() < deadline, "the run outlived its TTL"
+        time.sleep(0.5)
+    found, attempts, history = store_history(postgres_url, namespace, uid)
+    assert found.phase.value == "Succeeded"
+    assert [a.task for a in attempts] == ["a"]
+    assert history
+
+
+def test_suspend_and_resume(
+    control_plane: ControlPlane, namespace: str, operator: OperatorProcess
+) -> None:
+    tasks = [slow({"name": "a"}, "2s"), {"name": "b", "dependsOn": ["a"]}]
+    apply(control_plane, namespace, workflow("pausable", tasks), run("r1", "pausable"))
+    wait_phase(control_plane, namespace, "r1", ("Running",))
+    control_plane.kubectl(
+        "patch",
+        "-n",
+        namespace,
+        "workflowrun",
+        "r1",
+        "--type",
+        "merge",
+        "-p",
+        '{"spec":{"suspend":true}}',
+    )
+    suspended = wait_phase(control_plane, namespace, "r1", ("Suspended",))
+    time.sleep(4)  # a finishes meanwhile; b must not start while suspended
+    status = get(control_plane, namespace, "workflowrun", "r1")["status"]
+    assert status["phase"] == "Suspended", suspended["status"]
+    assert status["tasks"]["b"]["phase"] == "Pending"
+    assert "RunSuspended" in {e["reason"] for e in events(control_plane, namespace)}
+    control_plane.kubectl(
+        "patch",
+        "-n",
+        namespace,
+        "workflowrun",
+        "r1",
+        "--type",
+        "merge",
+        "-p",
+        '{"spec":{"suspend":false}}',
+    )
+    assert wait_phase(control_plane, namespace, "r1")["status"]["phase"] == "Succeeded"
+
+
+def test_metrics_and_probes(
+    control_plane: ControlPlane, namespace: str, operator: OperatorProcess
+) -> None:
+    apply(control_plane, namespace, workflow("m", [{"name": "a"}, fails({"name": "b"})]))
+    apply(control_plane, namespace, run("r1", "m"))
+    wait_phase(control_plane, namespace, "r1")
+    assert operator.get("/healthz") == (200, '{"status": "ok"}')
+    assert operator.get("/readyz")[0] == 200
+    text = operator.get("/metrics")[1]
+    assert 'maestro_task_attempts_total{result="Succeeded"} 1.0' in text
+    assert 'maestro_task_attempts_total{result="Failed"} 1.0' in text
+    assert 'maestro_runs{phase="Failed"} 1.0' in text
+    assert operator.metric("maestro_status_patches_total") >= 1
+    assert operator.metric("maestro_reconcile_seconds_count") >= 1
+    assert operator.metric("maestro_api_writes") >= 3  # two Jobs and a status patch at least
