@@ -74,14 +74,18 @@ The operator's permissions, shared by the ClusterRole (cluster-wide) and the
 per-namespace Roles. Each rule names the call that needs it.
 */}}
 {{- define "maestro.rbac.namespacedRules" -}}
-# Kopf watches both kinds and patches finalizers and its annotations on runs.
+# Kopf watches both kinds; on runs it also patches its finalizer and annotations.
+# (Workflows are only read: their conditions go through workflows/status.)
 - apiGroups: [maestro.dev]
-  resources: [workflows, workflowruns]
-  verbs: [get, list, watch, patch, update]
+  resources: [workflows]
+  verbs: [get, list, watch]
+- apiGroups: [maestro.dev]
+  resources: [workflowruns]
+  verbs: [get, list, watch, patch]
 # Conditions and run progress.
 - apiGroups: [maestro.dev]
   resources: [workflows/status, workflowruns/status]
-  verbs: [get, patch, update]
+  verbs: [get, patch]
 # ttlSecondsAfterFinished.
 - apiGroups: [maestro.dev]
   resources: [workflowruns]

@@ -1,0 +1,77 @@
+"""Packaging files that must agree without a cluster: CRD copies, lock, Dockerfile, values."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "maestro"
+TOP_CRDS = sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
+
+
+def test_top_level_crds_exist() -> None:
+    assert TOP_CRDS == ["maestro.dev_workflowruns.yaml", "maestro.dev_workflows.yaml"]
+
+
+@pytest.mark.parametrize("copy_dir", ["charts/maestro/crds", "manifests/base/crds"])
+@pytest.mark.parametrize("name", TOP_CRDS)
+def test_crd_copies_are_identical(copy_dir: str, name: str) -> None:
+    # Helm and kustomize both refuse files outside their root, so these are copies.
+    assert (REPO / copy_dir / name).read_bytes() == (REPO / "crds" / name).read_bytes(), (
+        f"{copy_dir}/{name} differs from crds/{name}: "
+        "cp crds/*.yaml charts/maestro/crds/ && cp crds/*.yaml manifests/base/crds/"
+    )
+
+
+def test_chart_ships_only_known_crds() -> None:
+    # A stale CRD left in the chart would be installed with every release.
+    names = sorted(p.name for p in (CHART / "crds").iterdir())
+    assert names == sorted([*TOP_CRDS, "kopf.dev_peerings.yaml"])
+
+
+def test_kopf_peering_crds_match_kopf() -> None:
+    docs = list(yaml.safe_load_all((CHART / "crds" / "kopf.dev_peerings.yaml").read_text()))
+    found = {(d["metadata"]["name"], d["spec"]["scope"], d["spec"]["names"]["kind"]) for d in docs}
+    assert found == {
+        ("kopfpeerings.kopf.dev", "Namespaced", "KopfPeering"),
+        ("clusterkopfpeerings.kopf.dev", "Cluster", "ClusterKopfPeering"),
+    }
+
+
+def test_lock_pins_every_runtime_dependency() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = {re.split(r"[\[<>=!~ ;]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    lock = (REPO / "requirements.lock").read_text()
+    pinned = {m.group(1).lower() for m in re.finditer(r"^([A-Za-z0-9_.-]+)==", lock, re.M)}
+    assert wanted - pinned == set()
+
+
+def test_lock_has_hashes_for_every_pin() -> None:
+    # The Dockerfile installs with --require-hashes, which fails on any unhashed line.
+    lock = (REPO / "requirements.lock").read_text()
+    entries = re.split(r"\n(?=[A-Za-z0-9_.-]+==)", lock.split("\n\n", 1)[1])
+    unhashed = [e.split()[0] for e in entries if "--hash=sha256:" not in e]
+    assert unhashed == []
+
+
+def test_dockerfile_runs_non_root_maestro_operator() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    final_stage = text.rsplit("\nFROM ", 1)[1]
+    assert re.search(r"^USER 10001:10001$", final_stage, re.M)
+    assert 'ENTRYPOINT ["maestro"]' in final_stage
+    assert 'CMD ["operator"]' in final_stage
+    assert "--require-hashes -r requirements.lock" in text
+
+
+def test_values_file_matches_schema_keys() -> None:
+    # additionalProperties is false at the top: a key in values.yaml the schema does not
+    # declare would make every install fail.
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(values) - set(schema["properties"]) == set()
