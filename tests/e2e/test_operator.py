@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from fixtures.control_plane import ControlPlane
-from fixtures.operator import REPO, OperatorProcess, apply, get, wait_phase
+from fixtures.operator import REPO, OperatorProcess, apply, get, patch_spec, wait_phase
 from fixtures.postgres import PostgresServer
 from maestro.store import Store
 
@@ -141,17 +141,7 @@ def test_examples_run_to_success(
             time.sleep(0.3)
             waiting = get(control_plane, namespace, "workflowrun", "r1")
         assert "waiting for approval of approve-release" in waiting["status"]["message"]
-        control_plane.kubectl(
-            "patch",
-            "-n",
-            namespace,
-            "workflowrun",
-            "r1",
-            "--type",
-            "merge",
-            "-p",
-            '{"spec":{"approvals":["approve-release"]}}',
-        )
+        patch_spec(control_plane, namespace, "r1", {"approvals": ["approve-release"]})
     control_plane.kubectl(
         "wait", "-n", namespace, "--for=condition=Succeeded", "--timeout=120s", "workflowrun/r1"
     )
@@ -424,34 +414,14 @@ def test_suspend_and_resume(
     tasks = [slow({"name": "a"}, "2s"), {"name": "b", "dependsOn": ["a"]}]
     apply(control_plane, namespace, workflow("pausable", tasks), run("r1", "pausable"))
     wait_phase(control_plane, namespace, "r1", ("Running",))
-    control_plane.kubectl(
-        "patch",
-        "-n",
-        namespace,
-        "workflowrun",
-        "r1",
-        "--type",
-        "merge",
-        "-p",
-        '{"spec":{"suspend":true}}',
-    )
+    patch_spec(control_plane, namespace, "r1", {"suspend": True})
     suspended = wait_phase(control_plane, namespace, "r1", ("Suspended",))
     time.sleep(4)  # a finishes meanwhile; b must not start while suspended
     status = get(control_plane, namespace, "workflowrun", "r1")["status"]
     assert status["phase"] == "Suspended", suspended["status"]
     assert status["tasks"]["b"]["phase"] == "Pending"
     assert "RunSuspended" in {e["reason"] for e in events(control_plane, namespace)}
-    control_plane.kubectl(
-        "patch",
-        "-n",
-        namespace,
-        "workflowrun",
-        "r1",
-        "--type",
-        "merge",
-        "-p",
-        '{"spec":{"suspend":false}}',
-    )
+    patch_spec(control_plane, namespace, "r1", {"suspend": False})
     assert wait_phase(control_plane, namespace, "r1")["status"]["phase"] == "Succeeded"
 
 

@@ -102,18 +102,23 @@ class ValueFrom(Model):
     secret_key_ref: SecretKeyRef
 
 
-class EnvVar(Model):
-    """An environment variable of a container task; ``value`` may use templates."""
+class _ValueOrSecret(Model):
+    """A value written inline (templates allowed) or read from a Secret."""
 
-    name: Annotated[str, StringConstraints(pattern=ENV_NAME, min_length=1)]
     value: str | None = None
     value_from: ValueFrom | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> EnvVar:
+    def _one_source(self) -> _ValueOrSecret:
         if (self.value is None) == (self.value_from is None):
             raise ValueError("exactly one of value and valueFrom must be set")
         return self
+
+
+class EnvVar(_ValueOrSecret):
+    """An environment variable of a container task."""
+
+    name: Annotated[str, StringConstraints(pattern=ENV_NAME, min_length=1)]
 
 
 class Resources(Model):
@@ -150,18 +155,10 @@ class ContainerTask(Model):
 HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
 
 
-class HttpHeader(Model):
-    """A request header; the value is inline (templated) or read from a Secret."""
+class HttpHeader(_ValueOrSecret):
+    """A request header."""
 
     name: Annotated[str, StringConstraints(min_length=1, max_length=256)]
-    value: str | None = None
-    value_from: ValueFrom | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> HttpHeader:
-        if (self.value is None) == (self.value_from is None):
-            raise ValueError("exactly one of value and valueFrom must be set")
-        return self
 
 
 class HttpTask(Model):

@@ -251,26 +251,21 @@ class Engine:
 
     async def _record_result(self, run_id: str, task: str, attempt: int, result: Result) -> bool:
         try:
-            return await self.store.transition_attempt(
-                run_id,
-                task,
-                attempt,
-                result.phase,
-                expected=TaskPhase.RUNNING,
-                reason=result.reason,
-                message=result.message,
-                outputs=result.outputs,
-            )
+            return await self._finish(run_id, task, attempt, result)
         except (OutputsTooLarge, InvalidOutputs) as err:
-            return await self.store.transition_attempt(
-                run_id,
-                task,
-                attempt,
-                TaskPhase.FAILED,
-                expected=TaskPhase.RUNNING,
-                reason=Reason.ERROR,
-                message=str(err),
-            )
+            return await self._finish(run_id, task, attempt, Result.failed(str(err)))
+
+    async def _finish(self, run_id: str, task: str, attempt: int, result: Result) -> bool:
+        return await self.store.transition_attempt(
+            run_id,
+            task,
+            attempt,
+            result.phase,
+            expected=TaskPhase.RUNNING,
+            reason=result.reason,
+            message=result.message,
+            outputs=result.outputs,
+        )
 
     def _inputs(self, run: RunRecord, task: Task, latest: Mapping[str, AttemptRecord]) -> Any:
         """Outputs of the tasks ``task`` depends on or reads, as its inputs."""

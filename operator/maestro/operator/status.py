@@ -99,32 +99,17 @@ def conditions(
 ) -> list[dict[str, Any]]:
     """The four kstatus conditions for a run in ``phase``."""
     prev = {str(c.get("type")): c for c in previous}
-    finished = phase.finished
     ok = phase is RunPhase.SUCCEEDED
-    failed = finished and not ok
+    failed = phase.finished and not ok
+    states = {
+        "Ready": "True" if ok else "False",
+        "Succeeded": "True" if ok else "False" if failed else "Unknown",
+        "Reconciling": "False" if phase.finished else "True",
+        "Stalled": "True" if failed else "False",
+    }
     return [
-        _condition("Ready", "True" if ok else "False", reason, message, generation, prev, now),
-        _condition(
-            "Succeeded",
-            "True" if ok else "False" if failed else "Unknown",
-            reason,
-            message,
-            generation,
-            prev,
-            now,
-        ),
-        _condition(
-            "Reconciling",
-            "False" if finished else "True",
-            reason,
-            message,
-            generation,
-            prev,
-            now,
-        ),
-        _condition(
-            "Stalled", "True" if failed else "False", reason, message, generation, prev, now
-        ),
+        _condition(kind, state, reason, message, generation, prev, now)
+        for kind, state in states.items()
     ]
 
 
