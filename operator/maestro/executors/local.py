@@ -54,8 +54,9 @@ class LocalExecutor:
         return self.root / ctx.run.id / f"{ctx.task.name}.{ctx.attempt}"
 
     def handle(self, ctx: AttemptContext) -> str | None:
-        """The attempt directory (shown to users as where the log is)."""
-        return str(self.directory(ctx))
+        """None: the attempt directory is derived from run, task and attempt, and its path
+        does not fit the store's ``job_name`` (a Kubernetes name, at most 63 characters)."""
+        return None
 
     async def start(self, ctx: AttemptContext) -> None:
         """Spawn the wrapper in its own session, so Ctrl-C reaches the engine only."""
