@@ -25,6 +25,7 @@ from maestro.store.errors import (
     InvalidOutputs,
     OutputsTooLarge,
     RunNotFound,
+    StoreError,
 )
 from maestro.store.migrate import ensure_schema
 from maestro.store.models import AttemptRow, EventRow, RunRow
@@ -85,6 +86,48 @@ def _add_event(
             at=at,
         )
     )
+
+
+async def _compare_and_set(
+    session: AsyncSession,
+    model: type[RunRow] | type[AttemptRow],
+    key: tuple[Any, ...],
+    sources: Collection[_Phase],
+    new: _Phase,
+    values: dict[str, Any],
+    now: datetime,
+    *,
+    missing: StoreError,
+) -> _Phase | None:
+    """Move one row's phase from any of ``sources`` to ``new``; the phase it left, or None.
+
+    The row is locked first (PostgreSQL: FOR NO KEY UPDATE, so inserts of events and
+    attempts that reference it are not blocked), and the UPDATE repeats the phase
+    condition, so a concurrent writer that got there first makes this one a no-op.
+    """
+    found = (
+        await session.execute(
+            select(model.phase, model.started_at).where(*key).with_for_update(key_share=True)
+        )
+    ).one_or_none()
+    if found is None:
+        raise missing
+    current = type(new)(found.phase)
+    if current not in sources:
+        return None
+    changes = {**values, "phase": new.value}
+    if new.value == "Running" and found.started_at is None:
+        changes["started_at"] = now
+    if new.finished:
+        changes["finished_at"] = now
+    moved = await session.scalar(
+        update(model)
+        .where(*key, model.phase == current.value)
+        .values(**changes)
+        .returning(model.phase)
+        .execution_options(synchronize_session=False)
+    )
+    return current if moved is not None else None
 
 
 class Store:
@@ -264,36 +307,17 @@ class Store:
             return False
         now = _now()
         async with self._transaction() as session:
-            found = (
-                await session.execute(
-                    select(RunRow.phase, RunRow.started_at)
-                    .where(RunRow.id == run_id)
-                    .with_for_update(key_share=True)
-                )
-            ).one_or_none()
-            if found is None:
-                raise RunNotFound(f"run {run_id} not found")
-            current, started_at = RunPhase(found.phase), found.started_at
-            if current not in sources:
-                return False
-            values: dict[str, Any] = {
-                "phase": new.value,
-                "message": message,
-                "reason": reason,
-                "updated_at": now,
-            }
-            if new is RunPhase.RUNNING and started_at is None:
-                values["started_at"] = now
-            if new.finished:
-                values["finished_at"] = now
-            moved = await session.scalar(
-                update(RunRow)
-                .where(RunRow.id == run_id, RunRow.phase == current.value)
-                .values(**values)
-                .returning(RunRow.id)
-                .execution_options(synchronize_session=False)
+            current = await _compare_and_set(
+                session,
+                RunRow,
+                (RunRow.id == run_id,),
+                sources,
+                new,
+                {"message": message, "reason": reason, "updated_at": now},
+                now,
+                missing=RunNotFound(f"run {run_id} not found"),
             )
-            if moved is None:
+            if current is None:
                 return False
             _add_event(
                 session,
@@ -441,36 +465,25 @@ class Store:
             return False
         now = _now()
         key = (AttemptRow.run_id == run_id, AttemptRow.task == task, AttemptRow.attempt == attempt)
+        values: dict[str, Any] = {"reason": reason, "message": message}
+        if outputs is not None:
+            values["outputs"] = outputs
+        if job_name is not None:
+            values["job_name"] = job_name
         async with self._transaction() as session:
-            found = (
-                await session.execute(
-                    select(AttemptRow.phase, AttemptRow.started_at).where(*key).with_for_update()
-                )
-            ).one_or_none()
-            if found is None:
-                raise AttemptNotFound(
+            current = await _compare_and_set(
+                session,
+                AttemptRow,
+                key,
+                sources,
+                new,
+                values,
+                now,
+                missing=AttemptNotFound(
                     f"attempt {attempt} of task {task!r} in run {run_id} not found"
-                )
-            current, started_at = TaskPhase(found.phase), found.started_at
-            if current not in sources:
-                return False
-            values: dict[str, Any] = {"phase": new.value, "reason": reason, "message": message}
-            if outputs is not None:
-                values["outputs"] = outputs
-            if job_name is not None:
-                values["job_name"] = job_name
-            if new is TaskPhase.RUNNING and started_at is None:
-                values["started_at"] = now
-            if new.finished:
-                values["finished_at"] = now
-            moved = await session.scalar(
-                update(AttemptRow)
-                .where(*key, AttemptRow.phase == current.value)
-                .values(**values)
-                .returning(AttemptRow.attempt)
-                .execution_options(synchronize_session=False)
+                ),
             )
-            if moved is None:
+            if current is None:
                 return False
             _add_event(
                 session,
