@@ -140,3 +140,28 @@ def postgres() -> Iterator[Postgres]:
             pg.server.stop()
         finally:
             shutil.rmtree(pg.root, ignore_errors=True)
+
+
+# a -> (b, c, d) -> e -> (f, g, h) -> i -> j: fan-out, fan-in, and a chain at the end.
+TEN_TASKS: list[tuple[str, list[str]]] = [
+    ("a", []),
+    ("b", ["a"]),
+    ("c", ["a"]),
+    ("d", ["a"]),
+    ("e", ["b", "c", "d"]),
+    ("f", ["e"]),
+    ("g", ["e"]),
+    ("h", ["e"]),
+    ("i", ["f", "g", "h"]),
+    ("j", ["i"]),
+]
+
+
+def ten_task_spec(pod_annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """The wire-format spec of the 10-task DAG used by the operator and database benches."""
+    container: dict[str, Any] = {"image": "busybox", "command": ["true"]}
+    if pod_annotations:
+        container["podMetadata"] = {"annotations": dict(pod_annotations)}
+    return {
+        "tasks": [{"name": n, "dependsOn": deps, "container": container} for n, deps in TEN_TASKS]
+    }
