@@ -119,10 +119,14 @@ def run(quick: bool = False) -> Outcome:
                 target = "< 0.5 s"
                 met = sorted(totals)[len(totals) // 2] < 0.5
             out.figures.append(
-                Figure("dag", f"{shape} {n // 1000}k: parse+validate+order", "s", totals, target, met)
+                Figure(
+                    "dag", f"{shape} {n // 1000}k: parse+validate+order", "s", totals, target, met
+                )
             )
             out.figures.append(
-                Figure("dag", f"{shape} {n // 1000}k: peak memory per task", "KiB", [peak / n / 1024])
+                Figure(
+                    "dag", f"{shape} {n // 1000}k: peak memory per task", "KiB", [peak / n / 1024]
+                )
             )
             out.details[f"{shape}-{n}"] = {"times": times, "peak_bytes": peak}
             del raw

@@ -49,7 +49,6 @@ use_test_fixtures()
 
 from fixtures.control_plane import ControlPlane, local_control_plane  # noqa: E402
 from fixtures.operator import OperatorProcess  # noqa: E402
-
 from maestro.executors.container import job_name  # noqa: E402
 
 NAMESPACE = "bench-e2e"
@@ -127,7 +126,9 @@ def _ts(value: str) -> float:
 
 
 def _latencies(
-    done: dict[tuple[str, str], float], started: dict[tuple[str, str], float], gap: tuple[float, float]
+    done: dict[tuple[str, str], float],
+    started: dict[tuple[str, str], float],
+    gap: tuple[float, float],
 ) -> tuple[list[float], int]:
     """Dependent-start seconds per edge, and how many edges straddled the outage."""
     out, skipped = [], 0
@@ -160,7 +161,9 @@ def measure(n: int) -> dict[str, Any]:
             op.kill(signal.SIGTERM)
 
 
-def _drive(plane: ControlPlane, pg: Postgres, db: str, op: OperatorProcess, n: int) -> dict[str, Any]:
+def _drive(
+    plane: ControlPlane, pg: Postgres, db: str, op: OperatorProcess, n: int
+) -> dict[str, Any]:
     expected = n * len(TEN_TASKS) * 2
     t_submit = time.time()
     plane.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=_manifests(n))
@@ -183,7 +186,9 @@ def _drive(plane: ControlPlane, pg: Postgres, db: str, op: OperatorProcess, n: i
             recovery["ready_s"] = time.time() - t_restart
             while True:
                 (first,) = pg.admin_query(
-                    db, f"SELECT extract(epoch FROM min(at)) FROM events WHERE at > to_timestamp({t_restart})"
+                    db,
+                    "SELECT extract(epoch FROM min(at)) FROM events "
+                    f"WHERE at > to_timestamp({t_restart})",
                 )[0]
                 if first is not None:
                     recovery["first_transition_s"] = float(first) - t_restart
@@ -199,15 +204,22 @@ def _drive(plane: ControlPlane, pg: Postgres, db: str, op: OperatorProcess, n: i
     # Status is patched at most every --status-interval: wait for the resources too.
     runs: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
-        runs = json.loads(plane.kubectl("get", "-n", NAMESPACE, "workflowruns", "-o", "json").stdout)["items"]
-        if all((r.get("status") or {}).get("phase") in ("Succeeded", "Failed", "Cancelled") for r in runs):
+        runs = json.loads(
+            plane.kubectl("get", "-n", NAMESPACE, "workflowruns", "-o", "json").stdout
+        )["items"]
+        if all(
+            (r.get("status") or {}).get("phase") in ("Succeeded", "Failed", "Cancelled")
+            for r in runs
+        ):
             break
         time.sleep(0.5)
     assert op.proc is not None
     hwm.append(_vm_hwm_kib(op.proc.pid))
     after = _metrics(op)
     jobs = json.loads(
-        plane.kubectl("get", "jobs", "-n", NAMESPACE, "-l", "maestro.dev/run-id", "-o", "json").stdout
+        plane.kubectl(
+            "get", "jobs", "-n", NAMESPACE, "-l", "maestro.dev/run-id", "-o", "json"
+        ).stdout
     )["items"]
     rows = pg.admin_query(
         db,
@@ -230,7 +242,10 @@ def _drive(plane: ControlPlane, pg: Postgres, db: str, op: OperatorProcess, n: i
     unexpected = []
     for job in jobs:
         meta = job["metadata"]
-        key = (meta["labels"].get("maestro.dev/run", ""), meta["labels"].get("maestro.dev/task", ""))
+        key = (
+            meta["labels"].get("maestro.dev/run", ""),
+            meta["labels"].get("maestro.dev/task", ""),
+        )
         if meta["name"] not in expected_names or key in job_created:
             unexpected.append(meta["name"])
         job_created[key] = _ts(meta["creationTimestamp"])
@@ -286,7 +301,8 @@ def run(quick: bool = False, runs: int = 100) -> Outcome:
                writes_per <= 2),
         Figure("operator", "operator peak RSS (VmHWM, max of 2 processes)", "MiB",
                [max(r["vm_hwm_kib"]) / 1024]),
-        Figure("recovery", "SIGKILL -> restarted operator ready", "s", [rec.get("ready_s", float("nan"))]),
+        Figure("recovery", "SIGKILL -> restarted operator ready", "s",
+               [rec.get("ready_s", float("nan"))]),
         Figure("recovery", "restart -> first new transition", "s",
                [rec.get("first_transition_s", float("nan"))]),
         Figure("recovery", "duplicate Jobs", "Jobs", [r["duplicate_jobs"]], "0",
