@@ -51,7 +51,8 @@ def make_spec(shape: str, n: int) -> dict[str, Any]:
     elif shape == "layered":
         rng = random.Random(SEED + n)
         width = max(10, int(n**0.5))
-        tasks, previous, i = [], [], 0
+        tasks, i = [], 0
+        previous: list[str] = []
         while i < n:
             layer = names[i : i + rng.randint(width // 2, width * 3 // 2)]
             for name in layer:
