@@ -201,6 +201,18 @@ class _Walk:
         self.decision.actions.append(Settle(task, attempt, cur is None, phase, reason, msg))
         self.view[task] = TaskState(attempt, phase, reason, msg, finished_at=self.now)
 
+    def settle_next(self, task: str, cur: TaskState, stopping: str) -> None:
+        """Record the next attempt of a failed task as never started: the run is stopping."""
+        why = "the run was cancelled" if stopping == Reason.RUN_CANCELLED else "the run timed out"
+        msg = f"retry not started: {why}"
+        attempt = cur.attempt + 1
+        self.decision.actions.append(
+            Settle(task, attempt, True, TaskPhase.CANCELLED, stopping, msg)
+        )
+        self.view[task] = TaskState(
+            attempt, TaskPhase.CANCELLED, stopping, msg, finished_at=self.now
+        )
+
 
 def _first_failure(w: _Walk, tasks: list[Task]) -> str | None:
     for task in tasks:
@@ -262,6 +274,11 @@ def _walk(
                 w.decision.actions.append(Retry(name, cur.attempt + 1, not_before))
                 cur = TaskState(cur.attempt + 1, TaskPhase.PENDING, not_before=not_before)
                 w.view[name] = cur
+            elif retry_left(task, cur) and stopping is not None:
+                # The retry a cancel or run timeout cut off is recorded, so the run's
+                # outcome can be read from the tasks alone (see _outcome).
+                w.settle_next(name, cur, stopping)
+                continue
             else:
                 failed = failed or name
                 continue
@@ -362,13 +379,18 @@ def _failure_message(view: Mapping[str, TaskState], name: str) -> str:
     return f"task {name!r} failed: {cur.message}" if cur.message else f"task {name!r} failed"
 
 
-def _outcome(
-    spec: WorkflowSpec, view: Mapping[str, TaskState], controls: Controls, timed_out: bool
-) -> tuple[RunPhase, str, str]:
-    """How the main DAG ended: phase, reason and message."""
-    if controls.cancel:
+def _outcome(spec: WorkflowSpec, view: Mapping[str, TaskState]) -> tuple[RunPhase, str, str]:
+    """How the main DAG ended: phase, reason and message (once every main task finished).
+
+    It reads only the main tasks' records, never the clock or the controls: finally
+    tasks are told ``run.outcome`` when they start, and a run timeout or a cancel that
+    comes while they run must not change it. A cancel or run timeout that cut the DAG
+    short left its reason on the tasks it stopped or never started.
+    """
+    latest = [s for t in spec.tasks if (s := view.get(t.name)) is not None]
+    if any(s.reason == Reason.RUN_CANCELLED for s in latest):
         return RunPhase.CANCELLED, Reason.RUN_CANCELLED, "cancelled"
-    if timed_out:
+    if any(s.reason == Reason.RUN_TIMED_OUT for s in latest):
         return (
             RunPhase.FAILED,
             Reason.RUN_TIMED_OUT,
@@ -376,7 +398,7 @@ def _outcome(
         )
     for task in spec.tasks:
         cur = view.get(task.name)
-        if cur is not None and cur.phase is TaskPhase.FAILED and not retry_left(task, cur):
+        if cur is not None and cur.phase is TaskPhase.FAILED:
             return RunPhase.FAILED, Reason.TASK_FAILED, _failure_message(view, task.name)
     return RunPhase.SUCCEEDED, Reason.COMPLETED, "all tasks completed"
 
@@ -409,7 +431,7 @@ def main_outcome(
             return None
         if retry_left(task, cur) and not no_retries:
             return None
-    return _outcome(spec, tasks, controls, timed_out)[0].value
+    return _outcome(spec, tasks)[0].value
 
 
 def decide(state: RunState, now: datetime) -> Decision:
@@ -449,7 +471,7 @@ def decide(state: RunState, now: datetime) -> Decision:
         _live_status(w, stopping)
         return _finish_decision(w)
 
-    outcome, reason, message = _outcome(spec, w.view, state.controls, timed_out)
+    outcome, reason, message = _outcome(spec, w.view)
 
     decision.outcome = outcome.value
     _walk(w, spec.finally_, state.plan.final, stopping=None, fail_fast=False, outcome=outcome.value)
