@@ -7,7 +7,7 @@ permissions the chart must grant can be read from this one file.
 from __future__ import annotations
 
 import base64
-import contextlib
+import logging
 import os
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -16,6 +16,8 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from maestro.api.models import GROUP, VERSION
+
+log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
 RUNS = "workflowruns"
@@ -253,5 +255,9 @@ class Kube:
             last_timestamp=now,
             count=1,
         )
-        with contextlib.suppress(ApiException):  # events are advisory: never fail a run
+        try:
             await self.core.create_namespaced_event(meta["namespace"], body)
+        except ApiException as err:  # events are advisory: never fail a run over one
+            log.warning(
+                "cannot post event %s on %s: %s %s", reason, meta["name"], err.status, err.reason
+            )

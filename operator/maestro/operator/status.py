@@ -183,11 +183,12 @@ def not_started_status(
     """Status of a run the store does not have yet: waiting for, or refused at, the start."""
     conds = conditions(phase, reason, message, generation, previous_conditions, now)
     if not phase.finished:
-        # Waiting on something a person must fix (a missing Workflow): kstatus Stalled,
-        # yet the run may still start, so Succeeded stays Unknown.
+        # Waiting on something a person must fix (a missing Workflow): kstatus reads
+        # Stalled only when Reconciling is not True. The run may still start, so
+        # Succeeded stays Unknown.
         for c in conds:
-            if c["type"] == "Stalled":
-                c["status"] = "True"
+            if c["type"] in ("Stalled", "Reconciling"):
+                c["status"] = "True" if c["type"] == "Stalled" else "False"
     return {
         "phase": phase.value,
         "message": message,

@@ -28,23 +28,27 @@ def workflow_status(body: Mapping[str, Any], now: datetime) -> dict[str, Any]:
         problems = [str(p) for p in validate(spec)]
         task_count = len(spec.all_tasks())
     ok = not problems
-    old = next(
-        (c for c in (body.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"),
-        None,
-    )
-    status = "True" if ok else "False"
-    since = old.get("lastTransitionTime") if old and old.get("status") == status else None
-    return {
-        "conditions": [
+    previous = {c.get("type"): c for c in (body.get("status") or {}).get("conditions") or []}
+    reason = "Valid" if ok else "Invalid"
+    message = "valid" if ok else "; ".join(problems)
+    # Ready for people and Argo CD; Stalled because Flux/kstatus ignore Ready=False.
+    states = {"Ready": "True" if ok else "False", "Stalled": "False" if ok else "True"}
+    conditions = []
+    for kind, state in states.items():
+        old = previous.get(kind)
+        since = old.get("lastTransitionTime") if old and old.get("status") == state else None
+        conditions.append(
             {
-                "type": "Ready",
-                "status": status,
-                "reason": "Valid" if ok else "Invalid",
-                "message": "valid" if ok else "; ".join(problems),
+                "type": kind,
+                "status": state,
+                "reason": reason,
+                "message": message,
                 "lastTransitionTime": since or iso(now),
                 "observedGeneration": generation,
             }
-        ],
+        )
+    return {
+        "conditions": conditions,
         "observedGeneration": generation,
         "taskCount": task_count,
     }
