@@ -440,3 +440,47 @@ def test_metrics_and_probes(
     assert operator.metric("maestro_status_patches_total") >= 1
     assert operator.metric("maestro_reconcile_seconds_count") >= 1
     assert operator.metric("maestro_api_writes") >= 3  # two Jobs and a status patch at least
+
+
+def test_peering_one_active_replica_and_failover(
+    control_plane: ControlPlane, namespace: str, crds: None, postgres_url: str, tmp_path: Path
+) -> None:
+    control_plane.kubectl("apply", "-f", str(REPO / "charts/maestro/crds/kopf.dev_peerings.yaml"))
+    apply(
+        control_plane,
+        namespace,
+        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "maestro"}},
+    )
+    replicas = []
+    for priority in (200, 100):
+        logs = tmp_path / f"p{priority}"
+        logs.mkdir()
+        op = OperatorProcess(
+            control_plane.kubeconfig,
+            postgres_url,
+            namespace,
+            logs,
+            extra=["--peering", "maestro", "--priority", str(priority)],
+        )
+        op.start()
+        replicas.append(op)
+    active, standby = replicas
+    try:
+        apply(
+            control_plane,
+            namespace,
+            workflow("ha", [{"name": "a"}, {"name": "b", "dependsOn": ["a"]}]),
+        )
+        apply(control_plane, namespace, run("r1", "ha"))
+        assert wait_phase(control_plane, namespace, "r1")["status"]["phase"] == "Succeeded"
+        assert active.metric("maestro_reconcile_seconds_count") > 0
+        assert standby.metric("maestro_reconcile_seconds_count") == 0
+        active.kill(signal.SIGTERM)  # a clean exit withdraws it from the peering
+        apply(control_plane, namespace, run("r2", "ha"))
+        status = wait_phase(control_plane, namespace, "r2", timeout=180)["status"]
+        assert status["phase"] == "Succeeded"
+        assert standby.metric("maestro_reconcile_seconds_count") > 0
+        assert len(jobs(control_plane, namespace)) == 4  # two runs, two tasks, each once
+    finally:
+        for op in replicas:
+            op.kill(signal.SIGTERM)
