@@ -184,6 +184,9 @@ class _Walk:
     decision: Decision
     slots_used: int
     wakes: list[datetime] = field(default_factory=list)
+    # Suspend holds new starts only while the run goes on: a cancel or a run timeout
+    # ends a suspended run (finally tasks included) without waiting for a resume.
+    held: bool = False
 
     def context(self, outcome: str | None) -> Context:
         outputs = {
@@ -339,7 +342,7 @@ def _walk(
                 f"not started: reads outputs of skipped task {skipped_reads[0]!r}",
             )
             continue
-        if w.state.controls.suspend:
+        if w.held:
             continue
         if cur is not None and cur.not_before is not None and w.now < cur.not_before:
             w.wakes.append(cur.not_before)
@@ -461,6 +464,7 @@ def decide(state: RunState, now: datetime) -> Decision:
         if timed_out
         else None
     )
+    w.held = state.controls.suspend and stopping is None
     if state.phase is RunPhase.PENDING:
         decision.run.append(RunTransition(RunPhase.RUNNING, Reason.STARTED, "started"))
 
@@ -493,11 +497,11 @@ def _live_status(w: _Walk, stopping: str | None) -> None:
     """Suspend/resume transitions and a one-line message while the run goes on."""
     state, decision = w.state, w.decision
     current = decision.run[-1].phase if decision.run else state.phase
-    if state.controls.suspend and stopping is None and current is RunPhase.RUNNING:
+    if w.held and current is RunPhase.RUNNING:
         decision.run.append(
             RunTransition(RunPhase.SUSPENDED, Reason.SUSPENDED, "suspended: no new task starts")
         )
-    elif not state.controls.suspend and current is RunPhase.SUSPENDED:
+    elif not w.held and current is RunPhase.SUSPENDED:
         decision.run.append(RunTransition(RunPhase.RUNNING, Reason.STARTED, "resumed"))
     by_name = {t.name: t for t in state.spec.all_tasks()}
     waiting = sorted(
@@ -511,7 +515,7 @@ def _live_status(w: _Walk, stopping: str | None) -> None:
         parts.append("cancelling")
     elif stopping == Reason.RUN_TIMED_OUT:
         parts.append("timed out, stopping")
-    elif state.controls.suspend:
+    elif w.held:
         parts.append("suspended")
     if waiting:
         parts.append("waiting for approval of " + ", ".join(waiting))

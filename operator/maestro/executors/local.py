@@ -39,6 +39,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class LocalExecutor:
     """Runs ``command`` + ``args`` of container tasks with ``/bin/sh`` on this machine."""
 
@@ -176,8 +186,10 @@ class LocalExecutor:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
+        # The whole group, not just the wrapper: the wrapper dies on TERM at once, while
+        # the command it started may ignore TERM and would then outlive the stop.
         for _ in range(int(_GRACE_SECONDS / _POLL_SECONDS)):
-            if not _alive(pid):
+            if not _group_alive(pid):
                 return
             await asyncio.sleep(_POLL_SECONDS)
         with contextlib.suppress(ProcessLookupError):
