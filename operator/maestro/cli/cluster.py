@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -14,9 +15,11 @@ from rich.live import Live
 from rich.table import Table
 
 from maestro.api.models import API_VERSION
+from maestro.cli.run import default_database_url
 from maestro.executors.container import LABEL_RUN, LABEL_TASK
 from maestro.k8s.client import Conflict, Kube, NotFound, load_config
 from maestro.operator.runs import RETRY_OF
+from maestro.store import Store, StoreError
 
 T = TypeVar("T")
 _FINISHED = ("Succeeded", "Failed", "Cancelled")
@@ -190,12 +193,48 @@ async def _patch_spec(
     raise click.ClickException(f"run {run!r} keeps changing; try again")
 
 
+def _local_store_call(database_url: str | None, work: Callable[[Store], Awaitable[T]]) -> T:
+    async def main() -> T:
+        store = await Store.open(database_url or default_database_url())
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(main())
+    except StoreError as err:
+        raise click.ClickException(str(err)) from None
+
+
+_local = click.option(
+    "--local", is_flag=True, help="RUN is a local run's id (maestro run --local), not a resource."
+)
+_database = click.option(
+    "--database-url", envvar="MAESTRO_DATABASE_URL", help="With --local: the store URL."
+)
+
+
 @click.command("approve")
 @click.argument("run")
 @click.argument("task")
+@_local
+@_database
 @_common
-def approve_cmd(run: str, task: str, namespace: str, kubeconfig: str | None) -> None:
-    """Open approval gate TASK of RUN (adds it to spec.approvals)."""
+def approve_cmd(
+    run: str,
+    task: str,
+    local: bool,
+    database_url: str | None,
+    namespace: str,
+    kubeconfig: str | None,
+) -> None:
+    """Open approval gate TASK of RUN (adds it to spec.approvals, or to a local run's store)."""
+    if local:
+        actor = os.environ.get("USER", "cli")
+        _local_store_call(database_url, lambda s: s.approve(run, task, actor=actor))
+        click.echo(f"approved {task} in {run}")
+        return
 
     def add(spec: dict[str, Any]) -> dict[str, Any]:
         return {"approvals": sorted({*(spec.get("approvals") or []), task})}
@@ -206,10 +245,17 @@ def approve_cmd(run: str, task: str, namespace: str, kubeconfig: str | None) -> 
 
 @click.command("cancel")
 @click.argument("run")
+@_local
+@_database
 @_common
-def cancel_cmd(run: str, namespace: str, kubeconfig: str | None) -> None:
+def cancel_cmd(
+    run: str, local: bool, database_url: str | None, namespace: str, kubeconfig: str | None
+) -> None:
     """Cancel RUN: running tasks are stopped, finally tasks run, the run ends Cancelled."""
-    _call(kubeconfig, lambda k: _patch_spec(k, namespace, run, lambda _: {"cancel": True}))
+    if local:
+        _local_store_call(database_url, lambda s: s.update_controls(run, cancel=True))
+    else:
+        _call(kubeconfig, lambda k: _patch_spec(k, namespace, run, lambda _: {"cancel": True}))
     click.echo(f"cancelling {run}")
 
 

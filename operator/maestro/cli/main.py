@@ -15,6 +15,7 @@ from maestro.api.models import Workflow, WorkflowRun, WorkflowSpec
 from maestro.cli.cluster import COMMANDS
 from maestro.cli.db import db
 from maestro.cli.files import load_file
+from maestro.cli.history import history_cmd
 from maestro.cli.operator import operator_cmd
 from maestro.cli.run import run_cmd
 from maestro.dag import render as graph_render
@@ -121,6 +122,7 @@ def crds_cmd(directory: Path | None) -> None:
 cli.add_command(run_cmd)
 cli.add_command(db)
 cli.add_command(operator_cmd)
+cli.add_command(history_cmd)
 for command in COMMANDS:
     cli.add_command(command)
 

@@ -1,0 +1,91 @@
+"""A local run approved from another terminal, and its history read back from the store."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_approve_local_run_from_another_process_then_history(tmp_path: Path) -> None:
+    env = {**os.environ, "MAESTRO_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        running = subprocess.Popen(
+            [sys.executable, "-m", "maestro", "run", "--local", "examples/approval-gate.yaml"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "approve-release #1 Running" not in log.read_text():
+            assert running.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        run_id = re.search(r"id ([0-9a-f-]{36})", log.read_text())
+        assert run_id is not None
+        approve = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "maestro",
+                "approve",
+                "--local",
+                run_id.group(1),
+                "approve-release",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        assert approve.returncode == 0, approve.stderr
+        assert running.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if running.poll() is None:
+            running.kill()
+    text = log.read_text()
+    assert "release #1 Succeeded" in text
+    assert "report #1 Succeeded" in text
+    history = subprocess.run(
+        [sys.executable, "-m", "maestro", "history", run_id.group(1)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**env, "COLUMNS": "250"},
+        timeout=60,
+        check=False,
+    )
+    assert history.returncode == 0, history.stderr
+    assert "Approved" in history.stdout
+    assert "Succeeded" in history.stdout
+    listing = subprocess.run(
+        [sys.executable, "-m", "maestro", "history", "-n", "local"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**env, "COLUMNS": "250"},
+        timeout=60,
+        check=False,
+    )
+    assert run_id.group(1) in listing.stdout
+    missing = subprocess.run(
+        [sys.executable, "-m", "maestro", "history", "no-such-run"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert missing.returncode == 1
+    assert "no-such-run" in missing.stderr
