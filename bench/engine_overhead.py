@@ -74,7 +74,11 @@ def dag(n: int, shape: str) -> WorkflowSpec:
             base = (i // width - 1) * width
             deps = sorted({f"t{base + i % width}", f"t{base + (i * 7 + 3) % width}"})
         tasks.append(
-            {"name": f"t{i}", "dependsOn": deps, "container": {"image": "none", "command": ["true"]}}
+            {
+                "name": f"t{i}",
+                "dependsOn": deps,
+                "container": {"image": "none", "command": ["true"]},
+            }
         )
     return WorkflowSpec.model_validate({"tasks": tasks})
 
