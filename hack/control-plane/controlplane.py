@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import hashlib
@@ -50,6 +51,7 @@ SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_IP = "10.96.0.1"
 POD_CIDR = "10.244.0.0/16"
 # Components in start order; stopped in reverse.
+_PR_SET_PDEATHSIG = 1
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 
 
@@ -390,7 +392,6 @@ def _command_lines(d: Path, bins: Path, ports: dict[str, int], server: str) -> d
             # validation rejects; nothing in-cluster needs to reach the API via the VIP.
             "--endpoint-reconciler-type=none",
             "--profiling=false",
-            f"--cert-dir={pki}",
         ],
         "kube-controller-manager": [
             str(bins / "kube-controller-manager"),
@@ -413,8 +414,6 @@ def _command_lines(d: Path, bins: Path, ports: dict[str, int], server: str) -> d
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,"
             "-node-route-controller,-persistentvolume-attach-detach-controller",
-            # Finished Jobs' pods are kept (the Job controller, not the GC, owns them).
-            "--terminated-pod-gc-threshold=12500",
         ],
         "kube-scheduler": [
             str(bins / "kube-scheduler"),
@@ -441,7 +440,16 @@ def _spawn(
     name: str, argv: list[str], logs: Path, *, die_with_parent: bool
 ) -> subprocess.Popen[bytes]:
     with (logs / f"{name}.log").open("ab") as log:
-        preexec = _pdeathsig if die_with_parent else None
+        preexec = None
+        if die_with_parent:
+            # Resolved here: the child of a threaded parent must not import or allocate.
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+            def preexec() -> None:
+                # If pytest is SIGKILLed its finalizers never run; the kernel then sends
+                # SIGTERM to the plane so nothing is left behind.
+                prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
         return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -452,15 +460,6 @@ def _spawn(
             start_new_session=True,
             preexec_fn=preexec,
         )
-
-
-def _pdeathsig() -> None:
-    # If the owning pytest process is SIGKILLed its finalizers never run; the kernel then
-    # sends SIGTERM to the plane so nothing is left behind.
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 class Client:
@@ -559,6 +558,20 @@ def start(
     Returns the plane description and the ``Popen`` objects (so an in-process caller can
     reap its children after :func:`stop`). On failure everything started is stopped.
     """
+    for attempt in range(3):
+        try:
+            return _start(directory, die_with_parent=die_with_parent, timeout=timeout, log=log)
+        except ControlPlaneError as err:
+            # free_port() cannot reserve a port; another process may take it first.
+            if "address already in use" not in str(err) or attempt == 2:
+                raise
+            print(f"control-plane: port collision, retrying: {err}", file=log, flush=True)
+    raise AssertionError("unreachable")
+
+
+def _start(
+    directory: Path, *, die_with_parent: bool, timeout: float, log: Any
+) -> tuple[PlaneInfo, dict[str, subprocess.Popen[bytes]]]:
     t0 = time.monotonic()
     bins = build(log=log)
     d = directory.resolve()

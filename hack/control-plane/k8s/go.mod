@@ -1,5 +1,5 @@
 // Wrapper module: builds Kubernetes control-plane binaries from the Go module proxy.
-// Generated replace list: hack/control-plane/gen-k8s-gomod.sh (derived from upstream go.mod).
+// Regenerate with ./bump.sh <version>: the replace list comes from upstream's go.mod.
 module maestro.dev/hack/control-plane/k8s
 
 go 1.25.0
