@@ -94,10 +94,10 @@ per-namespace Roles. Each rule names the call that needs it.
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [create, get, list, watch, delete]
-# A failed task's message and log tail.
+# Termination messages (outputs and failure messages) of Jobs' pods, watched and cached.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list]
+  verbs: [get, list, watch]
 - apiGroups: [""]
   resources: [pods/log]
   verbs: [get]

@@ -58,6 +58,7 @@ class Pass:
     run: RunRecord
     decision: Decision
     progressed: bool
+    latest: Mapping[str, AttemptRecord]  # each task's latest attempt after the pass
 
 
 def controls_of(run: RunRecord) -> Controls:
@@ -209,7 +210,7 @@ class Engine:
         run = await self.store.get_run(run_id)
         if run.phase.finished:
             self.forget(run_id)
-            return Pass(run, Decision(), False)
+            return Pass(run, Decision(), False, await self.store.latest_attempts(run_id))
         spec, the_plan = self.spec_of(run)
         tasks = {t.name: t for t in spec.all_tasks()}
         latest = await self.store.latest_attempts(run_id)
@@ -247,7 +248,8 @@ class Engine:
                 progressed = True
         if progressed:
             run = await self.store.get_run(run_id)
-        return Pass(run, decision, progressed)
+            latest = await self.store.latest_attempts(run_id)
+        return Pass(run, decision, progressed, latest)
 
     async def _record_result(self, run_id: str, task: str, attempt: int, result: Result) -> bool:
         try:

@@ -57,6 +57,9 @@ class ContainerExecutor:
         self._jobs: dict[tuple[str, str], dict[str, Any]] = {}
         # Jobs the watch saw deleted: never re-created, that would run the attempt twice.
         self._deleted: set[tuple[str, str]] = set()
+        # (namespace, job name) -> the "main" container's terminated state, from a pod watch,
+        # so reading outputs of a finished Job usually needs no API request.
+        self._terminated: dict[tuple[str, str], dict[str, Any]] = {}
 
     def observe(self, job: dict[str, Any], deleted: bool = False) -> None:
         """Feed a Job from the operator's watch, so polls need no API request."""
@@ -64,12 +67,26 @@ class ContainerExecutor:
         key = (meta["namespace"], meta["name"])
         if deleted:
             self._jobs.pop(key, None)
+            self._terminated.pop(key, None)
             self._deleted.add(key)
         else:
             self._jobs[key] = job
         run_id = (meta.get("labels") or {}).get(LABEL_RUN_ID)
         if run_id:
             self.wake(run_id)
+
+    def observe_pod(self, pod: dict[str, Any], deleted: bool = False) -> None:
+        """Feed a pod of one of our Jobs from the operator's watch."""
+        meta = pod["metadata"]
+        job = (meta.get("labels") or {}).get("job-name")
+        if not job:
+            return
+        key = (meta["namespace"], job)
+        state = _terminated(pod)
+        if deleted:
+            self._terminated.pop(key, None)
+        elif state is not None:
+            self._terminated[key] = state
 
     def handle(self, ctx: AttemptContext) -> str | None:
         """The Job's name."""
@@ -183,9 +200,19 @@ class ContainerExecutor:
             return await self._failed(ctx, name, failed)
         return None
 
+    async def _final_state(self, namespace: str, name: str) -> tuple[dict[str, Any] | None, str]:
+        """The container's terminated state and its pod's name ('' when from the cache)."""
+        cached = self._terminated.get((namespace, name))
+        if cached is not None:
+            return cached, ""
+        for pod in await self.kube.job_pods(namespace, name):
+            state = _terminated(pod)
+            if state is not None:
+                return state, str(pod["metadata"]["name"])
+        return None, ""
+
     async def _succeeded(self, ctx: AttemptContext, name: str) -> Result:
-        pods = await self.kube.job_pods(ctx.run.namespace, name)
-        state = next((s for p in pods if (s := _terminated(p))), None)
+        state, _ = await self._final_state(ctx.run.namespace, name)
         text = (state or {}).get("message") or ""
         outputs, problem = parse_outputs(text, source="the termination message")
         if problem is not None:
@@ -198,16 +225,11 @@ class ContainerExecutor:
                 f"job {name} exceeded activeDeadlineSeconds={ctx.task.timeout_seconds}",
                 "TimedOut",
             )
-        pods = await self.kube.job_pods(ctx.run.namespace, name)
-        for pod in pods:
-            state = _terminated(pod)
-            if state is None:
-                continue
+        state, pod_name = await self._final_state(ctx.run.namespace, name)
+        if state is not None:
             detail = (state.get("message") or "").strip()
-            if not detail:
-                detail = (
-                    await self.kube.pod_log_tail(ctx.run.namespace, pod["metadata"]["name"])
-                ).strip()
+            if not detail and pod_name:
+                detail = (await self.kube.pod_log_tail(ctx.run.namespace, pod_name)).strip()
             detail = " | ".join(detail.splitlines()[-5:])
             why = state.get("reason") or "Error"
             msg = f"exit code {state.get('exitCode')} ({why})"

@@ -95,6 +95,10 @@ def build_registry(
     async def job_event(**kw: Any) -> None:
         container.observe(kw["event"]["object"], deleted=kw["type"] == "DELETED")
 
+    @kopf.on.event("", "v1", "pods", labels={LABEL_RUN_ID: kopf.PRESENT}, registry=registry)
+    async def pod_event(**kw: Any) -> None:
+        container.observe_pod(kw["event"]["object"], deleted=kw["type"] == "DELETED")
+
     return registry
 
 

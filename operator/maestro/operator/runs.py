@@ -336,6 +336,7 @@ class RunController:
         store = self.engine.store
         spec, _ = self.engine.spec_of(run)
         include_spec = len(str(run.spec)) <= MAX_SPEC_IN_STATUS
+        # Events before this daemon started were posted by an earlier operator process.
         seen_events = max((e.id for e in await store.events(run.id)), default=0)
         await self.sync_controls(body)
         while not stopped:
@@ -343,9 +344,8 @@ class RunController:
                 started = time.perf_counter()
                 step = await self.engine.reconcile(run.id)
                 self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
-                run = step.run
-                latest = await store.latest_attempts(run.id)
-                events = [e for e in await store.events(run.id) if e.id > seen_events]
+                run, latest = step.run, step.latest
+                events = await store.events(run.id, after=seen_events)
             except StoreError as err:
                 log.warning(
                     "run %s/%s: store unavailable, retrying: %s", run.namespace, run.name, err

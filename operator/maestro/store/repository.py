@@ -514,9 +514,13 @@ class Store:
         # attempts() is ordered by attempt number, so the last one per task wins.
         return {record.task: record for record in await self.attempts(run_id)}
 
-    async def events(self, run_id: str) -> list[EventRecord]:
-        """The run's event log, in the order it was written."""
-        query = select(EventRow).where(EventRow.run_id == run_id).order_by(EventRow.id)
+    async def events(self, run_id: str, *, after: int = 0) -> list[EventRecord]:
+        """The run's event log in the order it was written; only ids above ``after``."""
+        query = (
+            select(EventRow)
+            .where(EventRow.run_id == run_id, EventRow.id > after)
+            .order_by(EventRow.id)
+        )
         async with self._transaction() as session:
             return [EventRecord.of(row) for row in await session.scalars(query)]
 
