@@ -43,6 +43,12 @@ def _make_sqlite_transactions_immediate(engine: AsyncEngine) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA foreign_keys = ON")
+        # WAL with synchronous=NORMAL: a commit no longer fsyncs (the WAL is synced at
+        # checkpoints), which makes local runs several times faster; a crash of the
+        # process still loses nothing committed, only a power cut may lose the last few.
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA busy_timeout = 5000")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
