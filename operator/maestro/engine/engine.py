@@ -207,13 +207,12 @@ class Engine:
 
     async def reconcile(self, run_id: str) -> Pass:
         """One level-triggered pass over a run."""
-        run = await self.store.get_run(run_id)
+        run, latest = await self.store.snapshot(run_id)
         if run.phase.finished:
             self.forget(run_id)
-            return Pass(run, Decision(), False, await self.store.latest_attempts(run_id))
+            return Pass(run, Decision(), False, latest)
         spec, the_plan = self.spec_of(run)
         tasks = {t.name: t for t in spec.all_tasks()}
-        latest = await self.store.latest_attempts(run_id)
         progressed = False
 
         for name, att in list(latest.items()):
@@ -247,8 +246,7 @@ class Engine:
                 phase = move.phase
                 progressed = True
         if progressed:
-            run = await self.store.get_run(run_id)
-            latest = await self.store.latest_attempts(run_id)
+            run, latest = await self.store.snapshot(run_id)
         return Pass(run, decision, progressed, latest)
 
     async def _record_result(self, run_id: str, task: str, attempt: int, result: Result) -> bool:

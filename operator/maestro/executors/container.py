@@ -10,6 +10,7 @@ termination message.
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 from maestro.engine.executor import AttemptContext, Result, Wake
@@ -17,6 +18,8 @@ from maestro.executors.environment import OUTPUTS_IN_POD, parse_outputs, task_en
 from maestro.k8s.client import Kube, NotFound
 
 MAX_NAME = 63
+# How long a running Job's state from the watch is trusted before a poll asks the API.
+CACHE_TRUST_SECONDS = 30.0
 LABEL_RUN = "maestro.dev/run"
 LABEL_RUN_ID = "maestro.dev/run-id"
 LABEL_TASK = "maestro.dev/task"
@@ -39,6 +42,10 @@ def _condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return None
 
 
+def _ended(job: dict[str, Any]) -> bool:
+    return _condition(job, "Complete") is not None or _condition(job, "Failed") is not None
+
+
 def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         if status.get("name") == "main":
@@ -54,7 +61,8 @@ class ContainerExecutor:
         """``wake`` is told about a run when one of its Jobs changes (see :meth:`observe`)."""
         self.kube = kube
         self.wake = wake
-        self._jobs: dict[tuple[str, str], dict[str, Any]] = {}
+        # (namespace, name) -> (Job, monotonic time seen) from the operator's Job watch.
+        self._jobs: dict[tuple[str, str], tuple[dict[str, Any], float]] = {}
         # Jobs the watch saw deleted: never re-created, that would run the attempt twice.
         self._deleted: set[tuple[str, str]] = set()
         # (namespace, job name) -> the "main" container's terminated state, from a pod watch,
@@ -62,7 +70,11 @@ class ContainerExecutor:
         self._terminated: dict[tuple[str, str], dict[str, Any]] = {}
 
     def observe(self, job: dict[str, Any], deleted: bool = False) -> None:
-        """Feed a Job from the operator's watch, so polls need no API request."""
+        """Feed a Job from the operator's watch, so polls need no API request.
+
+        Only an ending (or a deletion) wakes the run: the other updates of a Job
+        (created, pod active, ready) change nothing the engine decides on.
+        """
         meta = job["metadata"]
         key = (meta["namespace"], meta["name"])
         if deleted:
@@ -70,9 +82,9 @@ class ContainerExecutor:
             self._terminated.pop(key, None)
             self._deleted.add(key)
         else:
-            self._jobs[key] = job
+            self._jobs[key] = (job, time.monotonic())
         run_id = (meta.get("labels") or {}).get(LABEL_RUN_ID)
-        if run_id:
+        if run_id and (deleted or _ended(job)):
             self.wake(run_id)
 
     def observe_pod(self, pod: dict[str, Any], deleted: bool = False) -> None:
@@ -181,8 +193,12 @@ class ContainerExecutor:
         """Read the Job (from the watch cache when possible) and, once it ended, its pod."""
         name = ctx.handle or job_name(ctx.run.name, ctx.task.name, ctx.attempt)
         key = (ctx.run.namespace, name)
-        job = self._jobs.get(key)
-        if job is None or not (_condition(job, "Complete") or _condition(job, "Failed")):
+        cached = self._jobs.get(key)
+        job = cached[0] if cached else None
+        fresh = cached is not None and time.monotonic() - cached[1] < CACHE_TRUST_SECONDS
+        if job is None or not (_ended(job) or fresh):
+            # Unknown to the watch (just created, or the operator restarted), or not heard
+            # of for a while: ask the API server, in case a watch event was missed.
             try:
                 job = await self.kube.get_job(ctx.run.namespace, name)
             except NotFound:
@@ -192,7 +208,7 @@ class ContainerExecutor:
                 # the name is deterministic, so creating it now still runs it once.
                 await self.start(ctx)
                 return None
-            self._jobs[key] = job
+            self._jobs[key] = (job, time.monotonic())
         if _condition(job, "Complete"):
             return await self._succeeded(ctx, name)
         failed = _condition(job, "Failed")

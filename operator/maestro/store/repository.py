@@ -10,13 +10,14 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Insert, delete, select, text, update
+from sqlalchemy import Insert, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import aliased
 
 from maestro.api.phases import RUN_TRANSITIONS, TASK_TRANSITIONS, RunPhase, TaskPhase
 from maestro.store.database import connect, make_engine, unavailable
@@ -128,6 +129,19 @@ async def _compare_and_set(
         .execution_options(synchronize_session=False)
     )
     return current if moved is not None else None
+
+
+async def _latest(session: AsyncSession, run_id: str) -> dict[str, AttemptRecord]:
+    # Only the newest attempt of each task: older ones (retried) are history, and
+    # decoding their outputs on every engine pass would be wasted work.
+    older = aliased(AttemptRow)
+    newest = (
+        select(func.max(older.attempt))
+        .where(older.run_id == AttemptRow.run_id, older.task == AttemptRow.task)
+        .scalar_subquery()
+    )
+    query = select(AttemptRow).where(AttemptRow.run_id == run_id, AttemptRow.attempt == newest)
+    return {row.task: AttemptRecord.of(row) for row in await session.scalars(query)}
 
 
 class Store:
@@ -511,8 +525,19 @@ class Store:
 
     async def latest_attempts(self, run_id: str) -> dict[str, AttemptRecord]:
         """The newest attempt of each task in the run, by task name."""
-        # attempts() is ordered by attempt number, so the last one per task wins.
-        return {record.task: record for record in await self.attempts(run_id)}
+        async with self._transaction() as session:
+            return await _latest(session, run_id)
+
+    async def snapshot(self, run_id: str) -> tuple[RunRecord, dict[str, AttemptRecord]]:
+        """The run and the newest attempt of each task, read in one transaction.
+
+        What an engine pass reads first; raises :class:`RunNotFound`.
+        """
+        async with self._transaction() as session:
+            row = await session.get(RunRow, run_id)
+            if row is None:
+                raise RunNotFound(f"run {run_id} not found")
+            return RunRecord.of(row), await _latest(session, run_id)
 
     async def events(self, run_id: str, *, after: int = 0) -> list[EventRecord]:
         """The run's event log in the order it was written; only ids above ``after``."""
