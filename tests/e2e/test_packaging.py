@@ -9,10 +9,8 @@ from __future__ import annotations
 import base64
 import http.server
 import json
-import os
 import re
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -545,36 +543,6 @@ def rbac_workflow(echo: str) -> list[dict[str, Any]]:
     ]
 
 
-def start_clusterwide(op: OperatorProcess) -> None:
-    """OperatorProcess.start always passes --namespace; the chart's default mode has none."""
-    op.starts += 1
-    log = (op.log_dir / f"operator-{op.starts}.log").open("wb")
-    op.proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "maestro",
-            "operator",
-            "--database-url",
-            op.database_url,
-            "--kubeconfig",
-            str(op.kubeconfig),
-            "--migrate",
-            "--health-port",
-            str(op.port),
-            "--metrics-port",
-            str(op.port),
-            "--status-interval",
-            "0.5",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    op.wait_ready()
-
-
 def denials(log: str) -> list[str]:
     # A namespace other tests left Terminating refuses new objects with a 403 that is no
     # RBAC denial; the cluster-wide operator may touch such leftovers.
@@ -614,11 +582,9 @@ def test_chart_rbac_is_sufficient(
         assert who.stdout == f"system:serviceaccount:{namespace}:{sa}"
         logs = tmp_path / "logs"
         logs.mkdir()
-        op = OperatorProcess(kubeconfig, postgres_url, namespace, logs)
-        if mode == "namespaced":
-            op.start()
-        else:
-            start_clusterwide(op)
+        watched = namespace if mode == "namespaced" else None
+        op = OperatorProcess(kubeconfig, postgres_url, watched, logs)
+        op.start()
         try:
             apply(control_plane, namespace, *rbac_workflow(echo_url))
             done = wait_phase(control_plane, namespace, "rbac-1")
