@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from bench.common import Figure, Outcome, Postgres, postgres, ten_task_spec, use_test_fixtures
-from bench.engine_latency import NoopExecutor
+from maestro.executors.noop import NoopExecutor
 
 use_test_fixtures()
 
@@ -47,12 +47,13 @@ def _snapshot(pg: Postgres, db: str) -> dict[str, Any]:
 async def _drive_runs(url: str, count: int) -> int:
     store = await Store.open(url)
     try:
-        engine = Engine(store, {"container": NoopExecutor()})
+        waker = driver.Waker()
+        engine = Engine(store, {"container": NoopExecutor(waker)})
         spec = WorkflowSpec.model_validate(ten_task_spec())
         transitions = 0
         for i in range(count):
             run = await engine.create_run(namespace="bench", name=f"cost-{i}", spec=spec, params={})
-            await driver.drive(engine, run.id, driver.Waker(), poll_seconds=0.05)
+            await driver.drive(engine, run.id, waker, poll_seconds=0.05)
             transitions += sum(
                 1
                 for e in await store.events(run.id)

@@ -26,29 +26,11 @@ use_test_fixtures()
 from maestro.api.models import WorkflowSpec  # noqa: E402
 from maestro.engine import driver  # noqa: E402
 from maestro.engine.engine import Engine  # noqa: E402
-from maestro.engine.executor import AttemptContext, Result  # noqa: E402
+from maestro.executors.noop import NoopExecutor  # noqa: E402
 from maestro.store import EventRecord, Store  # noqa: E402
 
 CHAIN = 200
 LAYERS, WIDTH = 20, 10
-
-
-class NoopExecutor:
-    """An Executor whose attempts succeed as soon as they are polled, with no outputs."""
-
-    def handle(self, ctx: AttemptContext) -> str | None:
-        """No external object, so no name."""
-        return None
-
-    async def start(self, ctx: AttemptContext) -> None:
-        """Nothing to start."""
-
-    async def poll(self, ctx: AttemptContext) -> Result | None:
-        """Already done."""
-        return Result.succeeded({})
-
-    async def stop(self, ctx: AttemptContext) -> None:
-        """Nothing to stop."""
 
 
 def chain_spec(n: int) -> WorkflowSpec:
@@ -98,10 +80,11 @@ async def drive_once(url: str, spec: WorkflowSpec, name: str) -> dict[str, Any]:
     """Create and drive one run to its end; latencies, transitions and wall time."""
     store = await Store.open(url, migrate=True)
     try:
-        engine = Engine(store, {"container": NoopExecutor()})
+        waker = driver.Waker()
+        engine = Engine(store, {"container": NoopExecutor(waker)})
         run = await engine.create_run(namespace="bench", name=name, spec=spec, params={})
         t0 = time.perf_counter()
-        final = await driver.drive(engine, run.id, driver.Waker(), poll_seconds=0.05)
+        final = await driver.drive(engine, run.id, waker, poll_seconds=0.05)
         wall = time.perf_counter() - t0
         if final.phase.value != "Succeeded":
             raise RuntimeError(f"benchmark run ended {final.phase}: {final.message}")

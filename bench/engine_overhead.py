@@ -29,37 +29,9 @@ from maestro.api.models import WorkflowSpec
 from maestro.api.phases import RunPhase
 from maestro.engine.driver import Waker, drive
 from maestro.engine.engine import Engine, Pass
-from maestro.engine.executor import AttemptContext, Executor, Result
+from maestro.engine.executor import Executor
+from maestro.executors.noop import NoopExecutor
 from maestro.store import Store
-
-
-class NoopExecutor:
-    """Succeeds every attempt when first polled; counts the time spent in it."""
-
-    def __init__(self, wake: Waker) -> None:
-        """``wake`` is told when an attempt starts, so the driver polls it at once."""
-        self.wake = wake
-        self.seconds = 0.0
-
-    def handle(self, ctx: AttemptContext) -> str | None:
-        """No external object."""
-        return None
-
-    async def start(self, ctx: AttemptContext) -> None:
-        """Nothing to start."""
-        t = time.perf_counter()
-        self.wake(ctx.run.id)
-        self.seconds += time.perf_counter() - t
-
-    async def poll(self, ctx: AttemptContext) -> Result | None:
-        """Done at once."""
-        t = time.perf_counter()
-        result = Result.succeeded({})
-        self.seconds += time.perf_counter() - t
-        return result
-
-    async def stop(self, ctx: AttemptContext) -> None:
-        """Nothing to stop."""
 
 
 def dag(n: int, shape: str) -> WorkflowSpec:

@@ -23,7 +23,7 @@ import httpx
 from maestro.api.models import WorkflowSpec
 from maestro.engine.driver import Waker, drive
 from maestro.engine.engine import Engine
-from maestro.engine.executor import AttemptContext, Executor, Result
+from maestro.engine.executor import Executor
 from maestro.executors.approval import ApprovalExecutor
 from maestro.executors.http import HttpExecutor
 from maestro.executors.local import LocalExecutor
@@ -68,31 +68,6 @@ def pid_alive(pid: int) -> bool:
         return False
     state = stat.rsplit(")", 1)[1].split()[0]
     return state not in ("Z", "X")
-
-
-class NoopExecutor:
-    """Succeeds every attempt at once, in-process: measures the engine, not subprocesses."""
-
-    def __init__(self, wake: Waker) -> None:
-        """``wake`` is told when an attempt is started (it is already done)."""
-        self.wake = wake
-        self.started: list[tuple[str, int]] = []
-
-    def handle(self, ctx: AttemptContext) -> str | None:
-        """No external object."""
-        return None
-
-    async def start(self, ctx: AttemptContext) -> None:
-        """Record the start; the attempt is finished as soon as it is polled."""
-        self.started.append((ctx.task.name, ctx.attempt))
-        self.wake(ctx.run.id)
-
-    async def poll(self, ctx: AttemptContext) -> Result | None:
-        """Always done."""
-        return Result.succeeded({})
-
-    async def stop(self, ctx: AttemptContext) -> None:
-        """Nothing to stop."""
 
 
 @dataclass

@@ -7,13 +7,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from kit import NoopExecutor
 
 from maestro.api.models import WorkflowSpec
 from maestro.api.phases import RunPhase, TaskPhase
 from maestro.engine.driver import Waker, drive
 from maestro.engine.engine import Engine
 from maestro.engine.executor import Executor
+from maestro.executors.noop import NoopExecutor
 from maestro.store import Store
 
 N = 1000
