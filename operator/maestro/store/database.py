@@ -31,10 +31,11 @@ def make_engine(url: URL, *, connect_timeout: float) -> AsyncEngine:
         url,
         connect_args={"connect_timeout": max(2, math.ceil(connect_timeout))},
         pool_pre_ping=True,
-        # The operator drives every run concurrently: more connections than the default
-        # 5 (+10) keep passes from queueing for one.
-        pool_size=10,
-        max_overflow=30,
+        # The operator drives every run concurrently. Connections beyond pool_size are
+        # closed when returned and reopened on the next burst (a TCP handshake, auth and an
+        # address lookup in a thread each time), so keep the working set in the pool.
+        pool_size=30,
+        max_overflow=10,
     )
 
 
