@@ -9,6 +9,7 @@ idempotent for the crash between the CAS and the start.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -236,8 +237,16 @@ class Engine:
             run_info={"id": run.id, "name": run.name, "namespace": run.namespace},
         )
         decision = decide(state, self.clock())
+        starts = [a for a in decision.actions if isinstance(a, Start)]
         for action in decision.actions:
-            progressed |= await self._apply(run, tasks, latest, action, decision)
+            if not isinstance(action, Start):
+                progressed |= await self._apply(run, tasks, latest, action, decision)
+        # Ready tasks are independent of each other: start them together, so the last of
+        # a wide fan-out does not wait for every Job before it to be created.
+        started = await asyncio.gather(
+            *(self._apply(run, tasks, latest, a, decision) for a in starts)
+        )
+        progressed |= any(started)
         phase = run.phase
         for move in decision.run:
             if await self.store.set_run_phase(
@@ -328,8 +337,6 @@ class Engine:
         decision: Decision,
     ) -> bool:
         store = self.store
-        if action.create:
-            await store.create_attempt(run.id, task.name, action.attempt)
         outputs = self._inputs(run, task, latest)
         run_info = {"id": run.id, "name": run.name, "namespace": run.namespace}
         if decision.outcome is not None:
@@ -338,6 +345,8 @@ class Engine:
         try:
             rendered = _render_task(task, ctx_values)
         except templates.TemplateError as err:
+            if action.create:
+                await store.create_attempt(run.id, task.name, action.attempt)
             return await store.transition_attempt(
                 run.id,
                 task.name,
@@ -356,12 +365,11 @@ class Engine:
             controls=controls_of(run),
         )
         handle = executor.handle(ctx)
-        won = await store.transition_attempt(
+        won = await store.start_attempt(
             run.id,
             task.name,
             action.attempt,
-            TaskPhase.RUNNING,
-            expected=TaskPhase.PENDING,
+            create=action.create,
             reason=Reason.STARTED,
             message=_start_message(task),
             job_name=handle,

@@ -404,9 +404,25 @@ class Store:
 
         ``not_before`` is the earliest start (retry backoff). Raises RunNotFound.
         """
+        now = _now()
+        async with self._transaction() as session:
+            if not await self._insert_pending(session, run_id, task, attempt, not_before, now):
+                return None
+            row = await session.get_one(AttemptRow, (run_id, task, attempt))
+            return AttemptRecord.of(row)
+
+    async def _insert_pending(
+        self,
+        session: AsyncSession,
+        run_id: str,
+        task: str,
+        attempt: int,
+        not_before: datetime | None,
+        now: datetime,
+    ) -> bool:
+        """Insert a Pending attempt and its event; False when it already exists."""
         if attempt < 1:
             raise ValueError(f"attempt numbers start at 1, got {attempt}")
-        now = _now()
         stmt = (
             self._insert(AttemptRow)
             .values(
@@ -420,23 +436,86 @@ class Store:
             .on_conflict_do_nothing(index_elements=["run_id", "task", "attempt"])
             .returning(AttemptRow.attempt)
         )
+        if await session.get(RunRow, run_id) is None:
+            raise RunNotFound(f"run {run_id} not found")
+        if (await session.execute(stmt)).scalar_one_or_none() is None:
+            return False
+        _add_event(
+            session,
+            run_id,
+            "TaskPhase",
+            at=now,
+            task=task,
+            attempt=attempt,
+            to_phase=TaskPhase.PENDING,
+            reason="Created",
+        )
+        return True
+
+    async def start_attempt(
+        self,
+        run_id: str,
+        task: str,
+        attempt: int,
+        *,
+        create: bool,
+        reason: str | None = None,
+        message: str | None = None,
+        job_name: str | None = None,
+    ) -> bool:
+        """Create the attempt (when ``create``) and move it Pending -> Running, in one
+        transaction: what starting a task costs. False when another writer started it."""
+        now = _now()
         async with self._transaction() as session:
-            if await session.get(RunRow, run_id) is None:
-                raise RunNotFound(f"run {run_id} not found")
-            if (await session.execute(stmt)).scalar_one_or_none() is None:
-                return None
-            _add_event(
-                session,
-                run_id,
-                "TaskPhase",
-                at=now,
-                task=task,
-                attempt=attempt,
-                to_phase=TaskPhase.PENDING,
-                reason="Created",
+            if create:
+                await self._insert_pending(session, run_id, task, attempt, None, now)
+            values: dict[str, Any] = {"reason": reason, "message": message}
+            if job_name is not None:
+                values["job_name"] = job_name
+            return await self._move_attempt(
+                session, run_id, task, attempt, TaskPhase.RUNNING, {TaskPhase.PENDING}, values, now
             )
-            row = await session.get_one(AttemptRow, (run_id, task, attempt))
-            return AttemptRecord.of(row)
+
+    async def _move_attempt(
+        self,
+        session: AsyncSession,
+        run_id: str,
+        task: str,
+        attempt: int,
+        new: TaskPhase,
+        sources: Collection[TaskPhase],
+        values: dict[str, Any],
+        now: datetime,
+    ) -> bool:
+        """Compare-and-set one attempt's phase and log the event, inside ``session``."""
+        key = (AttemptRow.run_id == run_id, AttemptRow.task == task, AttemptRow.attempt == attempt)
+        current = await _compare_and_set(
+            session,
+            AttemptRow,
+            key,
+            sources,
+            new,
+            values,
+            now,
+            missing=AttemptNotFound(
+                f"attempt {attempt} of task {task!r} in run {run_id} not found"
+            ),
+        )
+        if current is None:
+            return False
+        _add_event(
+            session,
+            run_id,
+            "TaskPhase",
+            at=now,
+            task=task,
+            attempt=attempt,
+            from_phase=current,
+            to_phase=new,
+            reason=values.get("reason"),
+            message=values.get("message"),
+        )
+        return True
 
     def _check_outputs(self, task: str, outputs: dict[str, Any]) -> None:
         if not isinstance(outputs, dict):
@@ -478,40 +557,15 @@ class Store:
         if not sources:
             return False
         now = _now()
-        key = (AttemptRow.run_id == run_id, AttemptRow.task == task, AttemptRow.attempt == attempt)
         values: dict[str, Any] = {"reason": reason, "message": message}
         if outputs is not None:
             values["outputs"] = outputs
         if job_name is not None:
             values["job_name"] = job_name
         async with self._transaction() as session:
-            current = await _compare_and_set(
-                session,
-                AttemptRow,
-                key,
-                sources,
-                new,
-                values,
-                now,
-                missing=AttemptNotFound(
-                    f"attempt {attempt} of task {task!r} in run {run_id} not found"
-                ),
+            return await self._move_attempt(
+                session, run_id, task, attempt, new, sources, values, now
             )
-            if current is None:
-                return False
-            _add_event(
-                session,
-                run_id,
-                "TaskPhase",
-                at=now,
-                task=task,
-                attempt=attempt,
-                from_phase=current,
-                to_phase=new,
-                reason=reason,
-                message=message,
-            )
-            return True
 
     async def attempts(self, run_id: str) -> list[AttemptRecord]:
         """Every attempt of the run, ordered by task then attempt number."""
