@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -186,7 +186,7 @@ class Engine:
         in-memory state (a restart) may need the full task to re-attach or start it."""
         spec, the_plan = self.spec_of(run)
         outputs = self._inputs(run, task, latest)
-        run_info = {"id": run.id, "name": run.name, "namespace": run.namespace}
+        run_info = _run_info(run)
         if task.name in the_plan.final.deps:
             states = {n: _state(a) for n, a in latest.items()}
             outcome = main_outcome(spec, states, controls_of(run), run.started_at, self.clock())
@@ -234,7 +234,7 @@ class Engine:
             controls=controls_of(run),
             tasks={n: _state(a) for n, a in latest.items()},
             params=run.params,
-            run_info={"id": run.id, "name": run.name, "namespace": run.namespace},
+            run_info=_run_info(run),
         )
         decision = decide(state, self.clock())
         starts = [a for a in decision.actions if isinstance(a, Start)]
@@ -301,17 +301,7 @@ class Engine:
             )
             return created is not None
         if isinstance(action, Settle):
-            if action.create:
-                await store.create_attempt(run.id, action.task, action.attempt)
-            return await store.transition_attempt(
-                run.id,
-                action.task,
-                action.attempt,
-                action.phase,
-                expected=TaskPhase.PENDING,
-                reason=action.reason,
-                message=action.message,
-            )
+            return await self._settle(run.id, action)
         task = tasks[action.task]
         executor = self.executors[task.kind]
         if isinstance(action, Stop):
@@ -327,6 +317,20 @@ class Engine:
             )
         return await self._start(run, task, latest, action, executor, decision)
 
+    async def _settle(self, run_id: str, action: Settle) -> bool:
+        """Move a not-started attempt (created first when needed) to its final phase."""
+        if action.create:
+            await self.store.create_attempt(run_id, action.task, action.attempt)
+        return await self.store.transition_attempt(
+            run_id,
+            action.task,
+            action.attempt,
+            action.phase,
+            expected=TaskPhase.PENDING,
+            reason=action.reason,
+            message=action.message,
+        )
+
     async def _start(
         self,
         run: RunRecord,
@@ -338,24 +342,22 @@ class Engine:
     ) -> bool:
         store = self.store
         outputs = self._inputs(run, task, latest)
-        run_info = {"id": run.id, "name": run.name, "namespace": run.namespace}
+        run_info = _run_info(run)
         if decision.outcome is not None:
             run_info["outcome"] = decision.outcome  # only finally tasks start once it is known
         ctx_values = templates.Context(run.params, outputs, run_info)
         try:
             rendered = _render_task(task, ctx_values)
         except templates.TemplateError as err:
-            if action.create:
-                await store.create_attempt(run.id, task.name, action.attempt)
-            return await store.transition_attempt(
-                run.id,
+            failed = Settle(
                 task.name,
                 action.attempt,
+                action.create,
                 TaskPhase.FAILED,
-                expected=TaskPhase.PENDING,
-                reason=Reason.INPUT_ERROR,
-                message=f"cannot start: {err}",
+                Reason.INPUT_ERROR,
+                f"cannot start: {err}",
             )
+            return await self._settle(run.id, failed)
         ctx = AttemptContext(
             run=run,
             task=rendered,
@@ -377,7 +379,7 @@ class Engine:
         if not won:
             return False  # another writer started it (or it moved on): never start twice
         try:
-            await executor.start(AttemptContext(**{**ctx.__dict__, "handle": handle}))
+            await executor.start(replace(ctx, handle=handle))
         except Exception:
             # The attempt stays Running; the next pass's poll sees it never began and
             # starts it again (start is idempotent).
@@ -413,6 +415,11 @@ class Engine:
         )
         self.forget(run_id)
         return await self.store.get_run(run_id)
+
+
+def _run_info(run: RunRecord) -> dict[str, str]:
+    """``run.*`` as templates and expressions read it (``outcome`` is added for finally)."""
+    return {"id": run.id, "name": run.name, "namespace": run.namespace}
 
 
 def _render_task(task: Task, ctx: templates.Context) -> Task:
