@@ -12,6 +12,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+def maestro(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """One CLI call from another terminal, with a wide console so tables do not wrap."""
+    return subprocess.run(
+        [sys.executable, "-m", "maestro", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**env, "COLUMNS": "250"},
+        timeout=60,
+        check=False,
+    )
+
+
 def test_approve_local_run_from_another_process_then_history(tmp_path: Path) -> None:
     env = {**os.environ, "MAESTRO_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "run.log"
@@ -31,23 +44,7 @@ def test_approve_local_run_from_another_process_then_history(tmp_path: Path) -> 
             time.sleep(0.2)
         run_id = re.search(r"id ([0-9a-f-]{36})", log.read_text())
         assert run_id is not None
-        approve = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "maestro",
-                "approve",
-                "--local",
-                run_id.group(1),
-                "approve-release",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            env=env,
-            timeout=60,
-            check=False,
-        )
+        approve = maestro(env, "approve", "--local", run_id.group(1), "approve-release")
         assert approve.returncode == 0, approve.stderr
         assert running.wait(timeout=60) == 0, log.read_text()
     finally:
@@ -56,36 +53,12 @@ def test_approve_local_run_from_another_process_then_history(tmp_path: Path) -> 
     text = log.read_text()
     assert "release #1 Succeeded" in text
     assert "report #1 Succeeded" in text
-    history = subprocess.run(
-        [sys.executable, "-m", "maestro", "history", run_id.group(1)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**env, "COLUMNS": "250"},
-        timeout=60,
-        check=False,
-    )
+    history = maestro(env, "history", run_id.group(1))
     assert history.returncode == 0, history.stderr
     assert "Approved" in history.stdout
     assert "Succeeded" in history.stdout
-    listing = subprocess.run(
-        [sys.executable, "-m", "maestro", "history", "-n", "local"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**env, "COLUMNS": "250"},
-        timeout=60,
-        check=False,
-    )
+    listing = maestro(env, "history", "-n", "local")
     assert run_id.group(1) in listing.stdout
-    missing = subprocess.run(
-        [sys.executable, "-m", "maestro", "history", "no-such-run"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    missing = maestro(env, "history", "no-such-run")
     assert missing.returncode == 1
     assert "no-such-run" in missing.stderr
