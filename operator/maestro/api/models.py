@@ -350,6 +350,9 @@ class WorkflowRunStatus(Model):
     workflow_spec: WorkflowSpec | None = Field(
         None, description="Snapshot taken at start; editing the Workflow never changes a run."
     )
+    trace_id: str | None = Field(
+        None, description="OpenTelemetry trace id of the run, when the operator exports traces."
+    )
 
 
 class WorkflowRun(Model):

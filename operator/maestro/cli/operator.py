@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -12,31 +11,15 @@ import zlib
 import click
 
 from maestro.operator.app import OperatorConfig, run_operator
+from maestro.operator.logs import JsonFormatter, RunContextFilter, TextFormatter
 from maestro.store import Store, StoreError
-
-
-class _JsonFormatter(logging.Formatter):
-    """One JSON object per line, for cluster log collectors."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
 
 
 def setup_logging(fmt: str, verbose: bool) -> None:
     """Plain or JSON logs on stderr."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RunContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -84,6 +67,11 @@ def _default_priority() -> int:
 @click.option(
     "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
 )
+@click.option(
+    "--otlp-endpoint",
+    envvar="OTEL_EXPORTER_OTLP_ENDPOINT",
+    help="Export run traces over OTLP/HTTP to this URL (default: no traces).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def operator_cmd(
     database_url: str,
@@ -99,6 +87,7 @@ def operator_cmd(
     metrics_port: int,
     status_interval: float,
     log_format: str,
+    otlp_endpoint: str | None,
     verbose: bool,
 ) -> None:
     """Run the Maestro operator (Kopf) against the current cluster."""
@@ -118,6 +107,7 @@ def operator_cmd(
         health_port=health_port,
         metrics_port=metrics_port,
         status_interval=status_interval,
+        otlp_endpoint=otlp_endpoint,
     )
     sys.exit(asyncio.run(_main(config)))
 

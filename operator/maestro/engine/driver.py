@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from maestro.engine.engine import Engine, Pass
 from maestro.store import RunRecord
@@ -20,6 +20,10 @@ class Waker:
     def __call__(self, run_id: str) -> None:
         """Wake whoever drives ``run_id``."""
         self._events.setdefault(run_id, asyncio.Event()).set()
+
+    def woken(self, run_ids: Iterable[str]) -> int:
+        """How many of ``run_ids`` were woken and have not waited since (the queue depth)."""
+        return sum(1 for r in run_ids if (e := self._events.get(r)) is not None and e.is_set())
 
     async def wait(self, run_id: str, seconds: float) -> None:
         """Return when woken or after ``seconds``, whichever comes first."""

@@ -22,6 +22,7 @@ from maestro.k8s.client import Kube, load_config
 from maestro.operator.health import Health
 from maestro.operator.metrics import Metrics
 from maestro.operator.runs import RunController, Settings
+from maestro.operator.tracing import RunTracer
 from maestro.operator.workflows import reconcile_workflow
 from maestro.store import Store
 
@@ -44,6 +45,7 @@ class OperatorConfig:
     health_port: int = 8080
     metrics_port: int = 8080
     status_interval: float = 1.0
+    otlp_endpoint: str | None = None
 
 
 class KubeSecrets:
@@ -128,11 +130,13 @@ async def run_operator(
     api = await load_config(config.kubeconfig)
     kube = Kube(api)
     waker = Waker()
-    metrics = Metrics(
-        queue_depth=lambda: float(sum(e.is_set() for e in waker._events.values())),
-        api_writes=lambda: float(kube.writes),
-    )
     watching = asyncio.Event()
+    metrics = Metrics(
+        store,
+        namespaces=config.namespaces,
+        api_writes=lambda: float(kube.writes),
+        watching=watching.is_set,
+    )
     health = Health(store, metrics, watching)
     await health.start(config.listen_address, config.health_port, config.metrics_port)
     async with httpx.AsyncClient() as client:
@@ -143,8 +147,14 @@ async def run_operator(
             "approval": ApprovalExecutor(),
         }
         engine = Engine(store, executors)
+        tracer = RunTracer.configure(config.otlp_endpoint)
         runs = RunController(
-            engine, kube, waker, metrics, Settings(status_interval=config.status_interval)
+            engine,
+            kube,
+            waker,
+            metrics,
+            Settings(status_interval=config.status_interval),
+            tracer,
         )
         registry = build_registry(runs, kube, container)
         settings = kopf.OperatorSettings()
@@ -162,5 +172,6 @@ async def run_operator(
                 stop_flag=stop,
             )
         finally:
+            tracer.shutdown()
             await health.stop()
             await kube.close()

@@ -45,6 +45,7 @@ class Health:
 
     async def metrics_view(self, _: web.Request) -> web.Response:
         """Prometheus text format."""
+        await self.metrics.refresh()
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -25,8 +25,10 @@ from maestro.dag.validate import resolve_params, validate
 from maestro.engine.driver import Waker
 from maestro.engine.engine import Engine, InvalidRun
 from maestro.k8s.client import RUNS, Kube, NotFound
+from maestro.operator.logs import bind_run, event_line
 from maestro.operator.metrics import Metrics
 from maestro.operator.status import not_started_status, run_status
+from maestro.operator.tracing import RunTracer
 from maestro.store import EventRecord, RunNotFound, RunRecord, StoreError
 
 log = logging.getLogger("maestro.operator")
@@ -57,6 +59,12 @@ def controls_of_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         "cancel": bool(spec.get("cancel", False)),
         "approvals": sorted(set(spec.get("approvals") or [])),
     }
+
+
+def _created(meta: Mapping[str, Any]) -> datetime | None:
+    """The resource's creationTimestamp: how long a not-started run has waited."""
+    stamp = meta.get("creationTimestamp")
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else None
 
 
 class _Pending(Exception):
@@ -141,7 +149,13 @@ class RunController:
     """Everything the operator does with WorkflowRuns."""
 
     def __init__(
-        self, engine: Engine, kube: Kube, waker: Waker, metrics: Metrics, settings: Settings
+        self,
+        engine: Engine,
+        kube: Kube,
+        waker: Waker,
+        metrics: Metrics,
+        settings: Settings,
+        tracer: RunTracer,
     ) -> None:
         """Share one engine, API client and waker between all runs."""
         self.engine = engine
@@ -149,9 +163,12 @@ class RunController:
         self.waker = waker
         self.metrics = metrics
         self.settings = settings
+        self.tracer = tracer
         self._ids: dict[str, str] = {}  # WorkflowRun uid -> store run id
         self._controls: dict[str, dict[str, Any]] = {}  # run id -> controls last written
         self._generations: dict[str, int] = {}  # run id -> latest metadata.generation seen
+        self.active: set[str] = set()  # run ids whose loop runs in this process
+        metrics.queue_depth.set_function(lambda: float(waker.woken(self.active)))
 
     # Start ----------------------------------------------------------------------------
 
@@ -292,6 +309,7 @@ class RunController:
             self._controls.pop(run.id, None)
             self._generations.pop(run.id, None)
         self._ids.pop(meta["uid"], None)
+        self.metrics.not_stored(meta["uid"], None)
 
     # The loop --------------------------------------------------------------------------
 
@@ -299,6 +317,7 @@ class RunController:
         """Drive one WorkflowRun until it finishes (and its TTL, if any, expires)."""
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
+        bind_run(namespace, name)  # this daemon's task logs about this run only
         writer = _StatusWriter(
             self.kube, self.metrics, namespace, name, self.settings.status_interval
         )
@@ -313,7 +332,10 @@ class RunController:
                 status = not_started_status(
                     why.phase, why.reason, why.message, meta.get("generation"), previous, now
                 )
+                if why.phase.finished and writer.written.get("phase") != why.phase.value:
+                    self.metrics.rejected()
                 await writer.offer(status, final=True)
+                self.metrics.not_stored(meta["uid"], why.phase, _created(meta))
                 if why.phase.finished:
                     return
                 await stopped.wait(WORKFLOW_RETRY_SECONDS)
@@ -322,7 +344,13 @@ class RunController:
                 await stopped.wait(STORE_RETRY_SECONDS)
         if run is None:
             return
-        await self._drive(run, body, writer, previous, stopped)
+        bind_run(namespace, name, run.id)
+        self.metrics.not_stored(meta["uid"], None)
+        self.active.add(run.id)
+        try:
+            await self._drive(run, body, writer, previous, stopped)
+        finally:
+            self.active.discard(run.id)
 
     async def _drive(
         self,
@@ -338,6 +366,9 @@ class RunController:
         include_spec = len(str(run.spec)) <= MAX_SPEC_IN_STATUS
         # Events before this daemon started were posted by an earlier operator process.
         seen_events = max((e.id for e in await store.events(run.id)), default=0)
+        trace_id = self.tracer.trace_id(run.id)
+        if trace_id is not None and run.trace_id != trace_id:
+            await store.set_trace_id(run.id, trace_id)
         await self.sync_controls(body)
         while not stopped:
             try:
@@ -352,10 +383,13 @@ class RunController:
                 )
                 await stopped.wait(STORE_RETRY_SECONDS)
                 continue
-            self.metrics.run_phase(run.id, run.phase.value)
             for e in events:
                 seen_events = max(seen_events, e.id)
-                await self._record_event(body, e, latest, spec)
+                self.metrics.observe_event(e, run, latest, spec)
+                self.tracer.observe_event(e, run, spec)
+                text, extra = event_line(e)
+                log.info(text, extra=extra)
+                await self._record_event(body, e)
             now = datetime.now(UTC)
             status = run_status(
                 run,
@@ -367,6 +401,8 @@ class RunController:
                 now=now,
                 include_spec=include_spec,
             )
+            if trace_id is not None:
+                status["traceId"] = trace_id
             try:
                 await writer.offer(status, final=run.phase.finished)
             except NotFound:
@@ -398,17 +434,7 @@ class RunController:
             for fut in (woken, stop):
                 fut.cancel()
 
-    async def _record_event(
-        self, body: Mapping[str, Any], e: EventRecord, latest: Mapping[str, Any], spec: WorkflowSpec
-    ) -> None:
-        if e.kind == "TaskPhase" and e.to_phase in ("Succeeded", "Failed", "Cancelled", "Skipped"):
-            self.metrics.attempts.labels(result=e.to_phase).inc()
-            att = latest.get(e.task or "")
-            if att is not None and att.started_at and att.finished_at and att.attempt == e.attempt:
-                kinds = {t.name: t.kind for t in spec.all_tasks()}
-                self.metrics.task_seconds.labels(kind=kinds.get(att.task, "?")).observe(
-                    (att.finished_at - att.started_at).total_seconds()
-                )
+    async def _record_event(self, body: Mapping[str, Any], e: EventRecord) -> None:
         found = _k8s_event(e)
         if found is not None:
             reason, message, warning = found

@@ -63,6 +63,8 @@ class RunRow(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # OpenTelemetry trace id (32 hex digits) when the operator exports traces.
+    trace_id: Mapped[str | None] = mapped_column(String(32))
 
     __table_args__ = (
         # NULL uids (local runs) never collide: NULLs are distinct in a unique constraint.

@@ -30,6 +30,7 @@ class RunRecord:
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    trace_id: str | None = None
 
     @classmethod
     def of(cls, row: RunRow) -> RunRecord:
@@ -51,6 +52,7 @@ class RunRecord:
             started_at=row.started_at,
             finished_at=row.finished_at,
             updated_at=row.updated_at,
+            trace_id=row.trace_id,
         )
 
 

@@ -603,6 +603,34 @@ class Store:
         async with self._transaction() as session:
             return [EventRecord.of(row) for row in await session.scalars(query)]
 
+    async def phase_summary(
+        self, namespaces: Collection[str] = ()
+    ) -> dict[RunPhase, tuple[int, datetime | None]]:
+        """Runs per phase with the oldest one's clock start (creation when Pending, else start).
+
+        For metrics: one grouped query, so gauges are recounted from the store, never kept
+        by hand. ``namespaces`` limits it to those (all when empty).
+        """
+        since = func.min(func.coalesce(RunRow.started_at, RunRow.created_at))
+        query = select(RunRow.phase, func.count(), since).group_by(RunRow.phase)
+        if namespaces:
+            query = query.where(RunRow.namespace.in_(list(namespaces)))
+        async with self._transaction() as session:
+            rows = (await session.execute(query)).all()
+        return {RunPhase(phase): (int(count), oldest) for phase, count, oldest in rows}
+
+    async def set_trace_id(self, run_id: str, trace_id: str) -> None:
+        """Record the run's OpenTelemetry trace id, so history links to the trace."""
+        async with self._transaction() as session:
+            await session.execute(
+                update(RunRow).where(RunRow.id == run_id).values(trace_id=trace_id)
+            )
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The SQLAlchemy engine, for instrumentation (statement timing and errors) only."""
+        return self._engine
+
     # Retention
 
     async def prune(self, *, older_than: timedelta) -> int:
