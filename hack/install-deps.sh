@@ -9,6 +9,8 @@ missing=()
 # The server, not just the client: initdb/pg_ctl live under /usr/lib/postgresql/*/bin.
 compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null || missing+=(postgresql)
 command -v openssl >/dev/null || missing+=(openssl)
+# Prometheus and promtool: the observability tests scrape the operator and test the alert rules.
+command -v promtool >/dev/null || missing+=(prometheus)
 
 if [ "${#missing[@]}" -eq 0 ]; then
   exit 0
