@@ -151,7 +151,8 @@ class RunTracer:
                     "maestro.phase": e.to_phase or "",
                     "maestro.reason": e.reason or "",
                 },
-                start_time=_ns(run.started_at or run.created_at),
+                # From creation: the root covers every attempt, queueing included.
+                start_time=_ns(run.created_at),
             )
         finally:
             self._ids.root.reset(token)
