@@ -388,3 +388,29 @@ def test_traces_of_a_run_with_a_retry_and_a_finally_task(
             await store.close()
 
     assert asyncio.run(stored_trace_id()) == trace_id
+
+
+def test_chart_renders_the_rules_and_the_dashboard(control_plane: ControlPlane) -> None:
+    chart = str(REPO / "charts/maestro")
+    off = control_plane.helm("template", "r", chart).stdout
+    assert "PrometheusRule" not in off
+    assert "grafana_dashboard" not in off
+    rendered = control_plane.helm(
+        "template",
+        "r",
+        chart,
+        "--set",
+        "prometheusRule.enabled=true",
+        "--set",
+        "prometheusRule.labels.release=prom",
+        "--set",
+        "grafanaDashboard.enabled=true",
+    ).stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
+    assert rule["metadata"]["labels"]["release"] == "prom"
+    # The rules reach the cluster unrendered: their own {{ $labels }} templates intact.
+    assert rule["spec"] == yaml.safe_load(RULES.read_text())
+    (dash,) = [d for d in docs if d["kind"] == "ConfigMap" and "dashboard" in d["metadata"]["name"]]
+    assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dash["data"]["maestro-operator.json"]) == json.loads(DASHBOARD.read_text())

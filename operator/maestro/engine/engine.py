@@ -383,7 +383,13 @@ class Engine:
         except Exception:
             # The attempt stays Running; the next pass's poll sees it never began and
             # starts it again (start is idempotent).
-            log.exception("starting %s/%s attempt %d failed", run.name, task.name, action.attempt)
+            log.exception(
+                "starting %s/%s attempt %d failed",
+                run.name,
+                task.name,
+                action.attempt,
+                extra={"task": task.name, "attempt": action.attempt},
+            )
         return True
 
     async def abort(self, run_id: str, message: str) -> RunRecord:
