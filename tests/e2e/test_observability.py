@@ -27,7 +27,7 @@ from fixtures.operator import REPO, OperatorProcess, apply, free_port, wait_phas
 from maestro.api.phases import RunPhase
 from maestro.store import Store
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("crds")]
 
 RULES = REPO / "manifests/monitoring/prometheus-rules.yaml"
 DASHBOARD = REPO / "charts/maestro/files/grafana-dashboard.json"
@@ -204,6 +204,12 @@ def prometheus_and_operator(
     prom = Prometheus(tmp_path, f"127.0.0.1:{op.port}")
     try:
         prom.start()
+        # Prometheus applies its targets a few seconds after it is ready: wait for a first
+        # scrape, so counters are seen at 0 before the runs move them.
+        deadline = time.monotonic() + 60
+        while not prom.query('up{job="maestro"} == 1'):
+            assert time.monotonic() < deadline, "Prometheus never scraped the operator"
+            time.sleep(0.5)
         yield prom, op
     finally:
         prom.stop()
