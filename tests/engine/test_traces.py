@@ -26,8 +26,9 @@ async def test_span_tree_of_a_run_with_a_retry_and_a_finally_task(
     exporter = InMemorySpanExporter()
     tracer = RunTracer(SimpleSpanProcessor(exporter))
     assert tracer.trace_id(run.id) == trace_id_hex(run.id)
+    latest = await h_sqlite.store.latest_attempts(run.id)
     for e in await h_sqlite.store.events(run.id):
-        tracer.observe_event(e, run, spec)
+        tracer.observe_event(e, run, latest, spec)
     spans = exporter.get_finished_spans()
     roots = [s for s in spans if s.parent is None]
     assert [r.name for r in roots] == ["run run"]
@@ -53,14 +54,23 @@ async def test_span_tree_of_a_run_with_a_retry_and_a_finally_task(
     assert first["maestro.executor"] == "container"
     assert (first["maestro.finally"], cleanup["maestro.finally"]) == (False, True)
 
-    # Another process (a restarted operator) puts the same run under the same root span.
+    # A restarted operator sees only the events after it started: the same run still lands
+    # under the same root span, and an attempt it saw start only in the store keeps its start.
     again = InMemorySpanExporter()
     other = RunTracer(SimpleSpanProcessor(again))
-    for e in await h_sqlite.store.events(run.id):
-        other.observe_event(e, run, spec)
-    replayed = {s.name: s.context for s in again.get_finished_spans() if s.parent is None}
-    assert replayed["run run"].span_id == root.context.span_id
-    assert replayed["run run"].trace_id == root.context.trace_id
+    events = await h_sqlite.store.events(run.id)
+    cleanup_started = next(
+        i for i, e in enumerate(events) if e.task == "cleanup" and e.to_phase == "Running"
+    )
+    for e in events[cleanup_started + 1 :]:
+        other.observe_event(e, run, latest, spec)
+    replayed = {s.name: s for s in again.get_finished_spans()}
+    assert replayed["run run"].context.span_id == root.context.span_id
+    assert replayed["run run"].context.trace_id == root.context.trace_id
+    original = next(s for s in children if s.name == "task cleanup")
+    assert replayed["task cleanup"].start_time == original.start_time
+    assert replayed["task cleanup"].parent is not None
+    assert replayed["task cleanup"].parent.span_id == root.context.span_id
 
 
 def test_tracing_is_off_without_an_endpoint(monkeypatch: Any) -> None:

@@ -386,7 +386,7 @@ class RunController:
             for e in events:
                 seen_events = max(seen_events, e.id)
                 self.metrics.observe_event(e, run, latest, spec)
-                self.tracer.observe_event(e, run, spec)
+                self.tracer.observe_event(e, run, latest, spec)
                 text, extra = event_line(e)
                 log.info(text, extra=extra)
                 await self._record_event(body, e)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import datetime
 
@@ -26,7 +27,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 
 from maestro.api.models import WorkflowSpec
 from maestro.api.phases import RunPhase
-from maestro.store import EventRecord, RunRecord
+from maestro.store import AttemptRecord, EventRecord, RunRecord
 
 _ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
@@ -94,7 +95,13 @@ class RunTracer:
         """The run's trace id when traces are exported, for status and the store."""
         return trace_id_hex(run_id) if self.enabled else None
 
-    def observe_event(self, e: EventRecord, run: RunRecord, spec: WorkflowSpec) -> None:
+    def observe_event(
+        self,
+        e: EventRecord,
+        run: RunRecord,
+        latest: Mapping[str, AttemptRecord],
+        spec: WorkflowSpec,
+    ) -> None:
         """Record one new event-log entry: attempt and run ends become spans."""
         if not self.enabled:
             return
@@ -105,7 +112,11 @@ class RunTracer:
             if e.to_phase == "Running":
                 self._starts[key] = e.at
             elif e.to_phase in ("Succeeded", "Failed", "Cancelled", "Skipped"):
-                self._attempt_span(e, run, spec, self._starts.pop(key, e.at))
+                started = self._starts.pop(key, None)
+                att = latest.get(e.task)
+                if started is None and att is not None and att.attempt == e.attempt:
+                    started = att.started_at  # it started before this process did
+                self._attempt_span(e, run, spec, started or e.at)
 
     def _attempt_span(
         self, e: EventRecord, run: RunRecord, spec: WorkflowSpec, started: datetime
