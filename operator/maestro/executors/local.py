@@ -16,7 +16,7 @@ from pathlib import Path
 
 from maestro.engine.executor import AttemptContext, Result, Wake
 from maestro.executors.environment import parse_outputs, task_env
-from maestro.executors.secrets import SecretReader, SecretUnavailable
+from maestro.executors.secrets import SecretReader, SecretUnavailable, run_service_account
 
 # $0 is the attempt directory; the command follows as "$@".
 _WRAPPER = (
@@ -91,7 +91,12 @@ class LocalExecutor:
             elif var.value_from is not None:
                 ref = var.value_from.secret_key_ref
                 try:
-                    env[var.name] = await self.secrets.read(ctx.run.namespace, ref.name, ref.key)
+                    env[var.name] = await self.secrets.read(
+                        ctx.run.namespace,
+                        ref.name,
+                        ref.key,
+                        service_account=run_service_account(ctx.run.spec),
+                    )
                 except SecretUnavailable as err:
                     (d / "error").write_text(f"env {var.name}: {err}")
                     self.wake(ctx.run.id)

@@ -7,7 +7,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import kopf
 
 from maestro.api.models import GROUP, VERSION
@@ -16,8 +15,8 @@ from maestro.engine.engine import Engine
 from maestro.engine.executor import Executor
 from maestro.executors.approval import ApprovalExecutor
 from maestro.executors.container import LABEL_RUN_ID, ContainerExecutor
-from maestro.executors.http import HttpExecutor
-from maestro.executors.secrets import SecretUnavailable
+from maestro.executors.http import EgressPolicy, HttpExecutor, egress_client, own_addresses
+from maestro.executors.secrets import KubeSecrets
 from maestro.k8s.client import Kube, load_config
 from maestro.operator.health import Health
 from maestro.operator.metrics import Metrics
@@ -44,21 +43,12 @@ class OperatorConfig:
     health_port: int = 8080
     metrics_port: int = 8080
     status_interval: float = 1.0
-
-
-class KubeSecrets:
-    """HTTP header values from Secrets in the run's namespace."""
-
-    def __init__(self, kube: Kube) -> None:
-        """Read through the operator's API client."""
-        self.kube = kube
-
-    async def read(self, namespace: str, name: str, key: str) -> str:
-        """The decoded value, or :class:`SecretUnavailable` naming Secret and key."""
-        value = await self.kube.read_secret_key(namespace, name, key)
-        if value is None:
-            raise SecretUnavailable(f"secret {namespace}/{name} has no key {key!r}")
-        return value
+    default_service_account: str = "default"
+    # The operator's namespace (and its database Secret): no runs there unless allowed.
+    own_namespace: str | None = None
+    allow_runs_in_own_namespace: bool = False
+    egress_allow: list[str] = field(default_factory=list)
+    egress_deny: list[str] = field(default_factory=list)
 
 
 def build_registry(
@@ -135,7 +125,13 @@ async def run_operator(
     watching = asyncio.Event()
     health = Health(store, metrics, watching)
     await health.start(config.listen_address, config.health_port, config.metrics_port)
-    async with httpx.AsyncClient() as client:
+    policy = EgressPolicy.of(config.egress_allow, config.egress_deny, own_addresses())
+    protected = (
+        frozenset({config.own_namespace})
+        if config.own_namespace and not config.allow_runs_in_own_namespace
+        else frozenset()
+    )
+    async with egress_client(policy) as client:
         container = ContainerExecutor(kube, waker)
         executors: dict[str, Executor] = {
             "container": container,
@@ -144,7 +140,15 @@ async def run_operator(
         }
         engine = Engine(store, executors)
         runs = RunController(
-            engine, kube, waker, metrics, Settings(status_interval=config.status_interval)
+            engine,
+            kube,
+            waker,
+            metrics,
+            Settings(
+                status_interval=config.status_interval,
+                default_service_account=config.default_service_account,
+                protected_namespaces=protected,
+            ),
         )
         registry = build_registry(runs, kube, container)
         settings = kopf.OperatorSettings()
