@@ -8,10 +8,10 @@ own permissions (docs/security.md).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from maestro.executors.environment import env_var_name
 from maestro.k8s.client import Kube
 
 # What a run acts as when neither it nor its Workflow names a ServiceAccount.
@@ -41,7 +41,7 @@ def run_service_account(spec: Mapping[str, Any]) -> str:
 
 def env_name(name: str, key: str) -> str:
     """``MAESTRO_SECRET_<NAME>_<KEY>``, upper-cased, other characters as ``_``."""
-    return "MAESTRO_SECRET_" + re.sub(r"[^A-Z0-9]", "_", f"{name}_{key}".upper())
+    return env_var_name(f"MAESTRO_SECRET_{name}_{key}")
 
 
 class EnvSecrets:
