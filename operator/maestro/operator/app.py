@@ -101,6 +101,9 @@ def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig) -> N
     )
     # Kopf would post an Event per handler run: we post our own, fewer and clearer.
     settings.posting.enabled = False
+    # Watching named namespaces needs nothing cluster-wide: no CRD or Namespace watch
+    # (the namespaced install grants none). CRDs are then discovered at start only.
+    settings.scanning.disabled = bool(config.namespaces)
     settings.watching.connect_timeout = 60
     settings.watching.server_timeout = 300
     if config.peering:
