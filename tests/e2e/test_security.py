@@ -517,7 +517,7 @@ def test_local_param_injection_is_inert_with_shquote(tmp_path: Path) -> None:
     )
     proc = maestro(tmp_path, "run", "--local", str(quoted), "-p", "msg=hi; id > pwned")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "runs their command on THIS machine" in proc.stdout
+    assert "container tasks run their command on THIS machine" in proc.stdout
     assert not (tmp_path / "pwned").exists()
     assert (tmp_path / "said").read_text() == "hi; id > pwned"
     # The unquoted form is what `maestro validate` warns about.
