@@ -12,6 +12,7 @@ from maestro.api.models import ContainerTask, WorkflowRunSpec
 from maestro.executors.container import ContainerExecutor
 from maestro.executors.environment import OUTPUTS_IN_POD, task_env
 from maestro.executors.secrets import KubeSecrets, SecretForbidden, SecretUnavailable
+from maestro.k8s.client import AccessCheckFailed
 
 
 def pod_of(container: dict[str, Any], service_account: str | None = "robot") -> dict[str, Any]:
@@ -95,6 +96,17 @@ async def test_secret_read_only_after_the_review_allows_it() -> None:
     assert kube.asked == [("team-a", "robot", "get", "secrets", "api")]
     with pytest.raises(SecretUnavailable, match="has no key 'nope'"):
         await secrets.read("team-a", "api", "nope", service_account="robot")
+
+
+async def test_review_that_cannot_be_made_fails_closed() -> None:
+    class _Broken(_FakeKube):
+        async def service_account_can(self, *args: str) -> tuple[bool, str]:
+            raise AccessCheckFailed("cannot review: 403 Forbidden")
+
+    kube = _Broken(allowed=True)
+    with pytest.raises(SecretUnavailable, match="cannot review: 403 Forbidden"):
+        await KubeSecrets(kube).read("team-a", "api", "token", service_account="robot")  # type: ignore[arg-type]
+    assert kube.read is False
 
 
 async def test_denied_review_names_service_account_verb_and_object_and_reads_nothing() -> None:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from maestro.executors.environment import env_var_name
-from maestro.k8s.client import Kube
+from maestro.k8s.client import AccessCheckFailed, Kube
 
 # What a run acts as when neither it nor its Workflow names a ServiceAccount.
 DEFAULT_SERVICE_ACCOUNT = "default"
@@ -67,9 +67,12 @@ class KubeSecrets:
 
     async def read(self, namespace: str, name: str, key: str, *, service_account: str) -> str:
         """The decoded value, or :class:`SecretUnavailable` naming what is wrong."""
-        allowed, why = await self.kube.service_account_can(
-            namespace, service_account, "get", "secrets", name
-        )
+        try:
+            allowed, why = await self.kube.service_account_can(
+                namespace, service_account, "get", "secrets", name
+            )
+        except AccessCheckFailed as err:  # fail closed: no answer is no
+            raise SecretUnavailable(f"secret {namespace}/{name}: {err}") from None
         if not allowed:
             detail = f" ({why})" if why else ""
             raise SecretForbidden(

@@ -28,6 +28,10 @@ class NotFound(LookupError):
     """The object does not exist."""
 
 
+class AccessCheckFailed(RuntimeError):
+    """The API server could not answer an access review (so the answer is "no")."""
+
+
 class Conflict(RuntimeError):
     """The object changed since it was read (optimistic concurrency)."""
 
@@ -153,7 +157,16 @@ class Kube:
                 ),
             ),
         )
-        result = await self.authz.create_namespaced_local_subject_access_review(namespace, review)
+        try:
+            result = await self.authz.create_namespaced_local_subject_access_review(
+                namespace, review
+            )
+        except ApiException as err:
+            raise AccessCheckFailed(
+                f"cannot review what serviceaccount {namespace}/{service_account} may do: "
+                f"{err.status} {err.reason} (the operator needs create on "
+                "localsubjectaccessreviews)"
+            ) from None
         status = result.status
         return bool(status and status.allowed), str((status and status.reason) or "")
 
