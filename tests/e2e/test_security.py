@@ -316,6 +316,26 @@ def test_admission_policy_rejects_a_forbidden_service_account_naming_the_field(
             time.sleep(0.5)
     with pytest.raises(KubectlError, match=r"\(allowed: default, ci\)"):
         apply(control_plane, namespace, forbidden)
+    # Narrowing the list later never blocks updates that keep the ServiceAccount (the
+    # operator's finalizer patches): an existing run can still be changed and end.
+    control_plane.kubectl(
+        "annotate",
+        "--overwrite",
+        "namespace",
+        namespace,
+        "maestro.dev/allowed-service-accounts=default",
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            apply(control_plane, namespace, run("ci-2", "any", serviceAccountName="ci"))
+        except KubectlError:
+            break  # the narrowed list is in force
+        control_plane.kubectl("delete", "-n", namespace, "workflowrun", "ci-2")
+        assert time.monotonic() < deadline, "the narrowed annotation was never honoured"
+        time.sleep(0.5)
+    control_plane.kubectl("annotate", "-n", namespace, "workflowrun", "ci", "touched=yes")
+    control_plane.kubectl("delete", "-n", namespace, "workflowrun", "ci", "--wait=true")
 
 
 # --- Egress: no reading the operator's own endpoints -------------------------------------
