@@ -172,11 +172,24 @@ def egress_client(policy: EgressPolicy) -> httpx.AsyncClient:
     )
 
 
-def _redact(text: str, secrets: Iterable[str]) -> str:
-    for value in secrets:
-        if value:
-            text = text.replace(value, REDACTED)
-    return text
+def _redact(value: Any, secrets: list[str]) -> Any:
+    """``value`` (a string, or JSON-like) with every Secret value replaced by REDACTED.
+
+    Applied to the raw body (before parsing, so snippets are clean) and again to the
+    parsed outputs (where JSON escapes no longer hide a value).
+    """
+    if not secrets:
+        return value
+    if isinstance(value, str):
+        for secret in secrets:
+            if secret:
+                value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {_redact(k, secrets): _redact(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v, secrets) for v in value]
+    return value
 
 
 def _key(ctx: AttemptContext) -> tuple[str, str, int]:
@@ -213,17 +226,17 @@ class HttpExecutor:
             headers, secrets = await self._headers(ctx, spec)
         except SecretUnavailable as err:
             return Result.failed(f"header: {err}", "InputError")
-        result = await self._send(ctx, spec, headers)
-        if not secrets:
-            return result
+        result = await self._send(ctx, spec, headers, secrets)
         # A server may echo what it was sent: no Secret value reaches status or the store.
-        outputs = result.outputs
-        if outputs is not None:
-            outputs = json.loads(_redact(json.dumps(outputs), secrets))
-        return Result(result.phase, _redact(result.message, secrets), result.reason, outputs)
+        return Result(
+            result.phase,
+            _redact(result.message, secrets),
+            result.reason,
+            _redact(result.outputs, secrets),
+        )
 
     async def _send(
-        self, ctx: AttemptContext, spec: HttpTask, headers: Mapping[str, str]
+        self, ctx: AttemptContext, spec: HttpTask, headers: Mapping[str, str], secrets: list[str]
     ) -> Result:
         timeout = float(ctx.task.timeout_seconds or DEFAULT_TIMEOUT_SECONDS)
         try:
@@ -251,7 +264,9 @@ class HttpExecutor:
             )
         except httpx.HTTPError as err:
             return Result.failed(f"{spec.method} {spec.url}: {type(err).__name__}: {err}")
-        return _result(spec, response.status_code, bytes(body))
+        return _result(
+            spec, response.status_code, _redact(bytes(body).decode(errors="replace"), secrets)
+        )
 
     async def _headers(
         self, ctx: AttemptContext, spec: HttpTask
@@ -295,9 +310,8 @@ class HttpExecutor:
             call.cancel()
 
 
-def _result(spec: HttpTask, status: int, body: bytes) -> Result:
+def _result(spec: HttpTask, status: int, text: str) -> Result:
     ok = status in spec.expected_status if spec.expected_status else 200 <= status < 300
-    text = body.decode(errors="replace")
     if not ok:
         expected = ", ".join(map(str, spec.expected_status)) or "2xx"
         snippet = text.strip().replace("\n", " ")[:200]
