@@ -99,6 +99,8 @@ def test_template_default(control_plane: ControlPlane) -> None:
         "Deployment",
         "Service",
         "ServiceAccount",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ]
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "maestro"
@@ -132,15 +134,61 @@ def test_template_watch_namespaces_is_namespaced(control_plane: ControlPlane) ->
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     bindings = [d for d in docs if d["kind"] == "RoleBinding"]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
-    # The only cluster-wide grant left is Kopf's read of CRDs and namespaces.
-    cluster_role = one(docs, "ClusterRole")
-    resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
-    assert resources == {"customresourcedefinitions", "namespaces"}
+    # Nothing cluster-wide is granted in namespaced mode.
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    # The admission policy applies to the watched namespaces only.
+    selector = one(docs, "ValidatingAdmissionPolicyBinding")["spec"]["matchResources"]
+    assert selector["namespaceSelector"]["matchExpressions"][0]["values"] == ["team-a", "team-b"]
     args = operator_container(docs)["args"]
     assert [a for a in args if a.startswith("--namespace")] == [
         "--namespace=team-a",
         "--namespace=team-b",
     ]
+
+
+def test_template_security_values(control_plane: ControlPlane) -> None:
+    values = {
+        "operator.metricsPort": "9090",
+        "egress.allow": "{10.20.0.0/16}",
+        "egress.deny": "{10.96.0.0/12,10.244.0.0/16}",
+        "tenancy.defaultServiceAccount": "runner",
+        "tenancy.allowRunsInOperatorNamespace": "true",
+        "tenancy.admissionPolicy.allowedServiceAccounts": "{runner,ci}",
+    }
+    docs = template(control_plane, values)
+    op = operator_container(docs)
+    args = op["args"]
+    assert "--health-port=8080" in args
+    assert "--metrics-port=9090" in args
+    assert "--default-service-account=runner" in args
+    assert "--allow-runs-in-own-namespace" in args
+    assert [a for a in args if a.startswith("--egress")] == [
+        "--egress-allow=10.20.0.0/16",
+        "--egress-deny=10.96.0.0/12",
+        "--egress-deny=10.244.0.0/16",
+    ]
+    # /readyz and /metrics moved to their own port; liveness stays on the probe port.
+    assert {p["name"]: p["containerPort"] for p in op["ports"]} == {"http": 8080, "metrics": 9090}
+    assert op["readinessProbe"]["httpGet"]["port"] == "metrics"
+    assert op["livenessProbe"]["httpGet"]["port"] == "http"
+    assert one(docs, "Service")["spec"]["ports"][0]["targetPort"] == "metrics"
+    env = {
+        e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in op["env"]
+    }
+    assert env["POD_NAMESPACE"] == "metadata.namespace"
+    assert env["POD_IPS"] == "status.podIPs"
+    policy = one(docs, "ValidatingAdmissionPolicy")["spec"]
+    allowed = next(v for v in policy["variables"] if v["name"] == "allowed")
+    assert allowed["expression"].endswith('["runner","ci"]')
+    # The operator may ask the API server what a run's ServiceAccount may do.
+    rules = one(docs, "ClusterRole")["rules"]
+    assert any("localsubjectaccessreviews" in r["resources"] for r in rules)
+
+
+def test_template_admission_policy_off(control_plane: ControlPlane) -> None:
+    docs = template(control_plane, {"tenancy.admissionPolicy.enabled": "false"})
+    assert "ValidatingAdmissionPolicy" not in kinds(docs)
+    assert "--default-service-account=default" in operator_container(docs)["args"]
 
 
 def test_template_replicas_turn_on_peering_and_pdb(control_plane: ControlPlane) -> None:
@@ -200,6 +248,9 @@ def test_template_digest_pins_image(control_plane: ControlPlane) -> None:
         ({"service.port": "70000"}, "/service/port"),
         ({"replica": "2"}, "additional properties 'replica'"),
         ({"image.digest": "latest"}, "/image/digest"),
+        ({"egress.allow": "{not-a-cidr}"}, "/egress/allow/0"),
+        ({"tenancy.defaultServiceAccount": "Bad_SA"}, "/tenancy/defaultServiceAccount"),
+        ({"operator.metricsPort": "70000"}, "/operator/metricsPort"),
     ],
 )
 def test_schema_rejects_bad_values(
@@ -275,6 +326,8 @@ def test_helm_install_default(control_plane: ControlPlane, namespace: str, relea
         "Deployment",
         "Service",
         "ServiceAccount",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ]
     assert_all_exist(control_plane, docs, namespace)
     for crd in ("workflows.maestro.dev", "workflowruns.maestro.dev", "kopfpeerings.kopf.dev"):
@@ -348,10 +401,17 @@ def retarget(docs: list[dict[str, Any]], namespace: str) -> list[dict[str, Any]]
         if doc["kind"] != "CustomResourceDefinition":
             text = text.replace('"namespace": "maestro"', f'"namespace": "{namespace}"')
         doc = json.loads(text)
-        if doc["kind"] in ("ClusterRole", "ClusterRoleBinding"):
+        if doc["kind"] in (
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
+        ):
             doc["metadata"]["name"] += "-" + suffix
             if doc["kind"] == "ClusterRoleBinding":
                 doc["roleRef"]["name"] += "-" + suffix
+            if doc["kind"] == "ValidatingAdmissionPolicyBinding":
+                doc["spec"]["policyName"] += "-" + suffix
         out.append(doc)
     return out
 
@@ -394,6 +454,10 @@ def comparable(docs: list[dict[str, Any]]) -> dict[str, Any]:
         "init": pod.get("initContainers"),
         "volumes": pod["volumes"],
         "service": one(docs, "Service")["spec"]["ports"],
+        "admission": (
+            one(docs, "ValidatingAdmissionPolicy")["spec"],
+            one(docs, "ValidatingAdmissionPolicyBinding")["spec"],
+        ),
     }
 
 
@@ -500,6 +564,32 @@ def rbac_workflow(echo: str) -> list[dict[str, Any]]:
             "metadata": {"name": "echo-token"},
             "stringData": {"token": "s3cret"},
         },
+        # The run acts as ServiceAccount "default": the operator reads the Secret for it
+        # only because this Role lets "default" get that one Secret.
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "read-echo-token"},
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["secrets"],
+                    "resourceNames": ["echo-token"],
+                    "verbs": ["get"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "read-echo-token"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": "read-echo-token",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": "default"}],
+        },
         {
             "apiVersion": "maestro.dev/v1alpha1",
             "kind": "Workflow",
@@ -583,14 +673,18 @@ def test_chart_rbac_is_sufficient(
         logs = tmp_path / "logs"
         logs.mkdir()
         watched = namespace if mode == "namespaced" else None
-        op = OperatorProcess(kubeconfig, postgres_url, watched, logs)
+        # The echo server is on loopback, which HTTP tasks may not reach by default.
+        op = OperatorProcess(
+            kubeconfig, postgres_url, watched, logs, extra=["--egress-allow", "127.0.0.1/32"]
+        )
         op.start()
         try:
             apply(control_plane, namespace, *rbac_workflow(echo_url))
             done = wait_phase(control_plane, namespace, "rbac-1")
             assert done["status"]["phase"] == "Succeeded", (done["status"], op.log())
             tasks = done["status"]["tasks"]
-            assert tasks["notify"]["outputs"] == {"token": "s3cret"}  # Secret was readable
+            # The Secret was read and sent; its echo is kept out of status.
+            assert tasks["notify"]["outputs"] == {"token": "[redacted]"}
             assert tasks["build"]["jobName"]
             events = json.loads(
                 control_plane.kubectl(

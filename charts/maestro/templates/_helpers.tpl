@@ -101,10 +101,14 @@ per-namespace Roles. Each rule names the call that needs it.
 - apiGroups: [""]
   resources: [pods/log]
   verbs: [get]
-# Header values of HTTP tasks (secretKeyRef).
+# Header values of HTTP tasks (secretKeyRef), read only after a LocalSubjectAccessReview
+# says the run's own ServiceAccount may get that Secret (docs/security.md).
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]
+- apiGroups: [authorization.k8s.io]
+  resources: [localsubjectaccessreviews]
+  verbs: [create]
 # Events on each run transition.
 - apiGroups: [""]
   resources: [events]
@@ -112,4 +116,9 @@ per-namespace Roles. Each rule names the call that needs it.
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
+{{- end }}
+
+{{/* Port of /metrics and /readyz: operator.metricsPort, or the probe port when 0. */}}
+{{- define "maestro.metricsPort" -}}
+{{- if .Values.operator.metricsPort }}{{ .Values.operator.metricsPort }}{{ else }}{{ .Values.operator.port }}{{ end }}
 {{- end }}

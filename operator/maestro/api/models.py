@@ -35,6 +35,12 @@ ParamName = Annotated[str, StringConstraints(pattern=PARAM_NAME, min_length=1, m
 ResourceName = Annotated[str, StringConstraints(min_length=1, max_length=253)]
 # Bounds the CRD's CEL cost estimate; also far beyond what one etcd object can hold.
 MAX_TASKS = 5000
+# A `when` is a one-line condition; the cap also bounds how much work one can describe.
+MAX_WHEN_LENGTH = 1024
+SERVICE_ACCOUNT_DOC = (
+    "ServiceAccount of the run's namespace the run acts as: its pods run as it and the "
+    "operator reads Secrets for it only if it may (SubjectAccessReview)."
+)
 # Kubernetes quantities arrive from YAML as numbers or strings ("500m", 1, "2Gi").
 Quantity = int | str
 
@@ -148,8 +154,18 @@ class ContainerTask(Model):
     env: list[EnvVar] = Field(default_factory=list)
     working_dir: str | None = None
     resources: Resources | None = None
-    service_account_name: ResourceName | None = None
+    # No serviceAccountName here: every pod of a run runs as the run's ServiceAccount
+    # (WorkflowRun/Workflow ``spec.serviceAccountName``), so one admission policy on
+    # runs and workflows decides what a run may act as (docs/security.md).
     pod_metadata: PodMetadata | None = None
+    security_context: dict[str, Any] | None = Field(
+        None,
+        description="Container securityContext, merged over Maestro's restrictive default; "
+        "the namespace's Pod Security admission decides what is allowed.",
+    )
+    automount_service_account_token: bool = Field(
+        False, description="Mount the run's ServiceAccount token (only if the task calls the API)."
+    )
 
 
 HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
@@ -202,7 +218,9 @@ class Task(Model):
     name: TaskName
     depends_on: list[TaskName] = Field(default_factory=list)
     when: str | None = Field(
-        None, description="Expression over params and upstream tasks; false skips the task."
+        None,
+        max_length=MAX_WHEN_LENGTH,
+        description="Expression over params and upstream tasks; false skips the task.",
     )
     retries: RetryPolicy | None = None
     timeout_seconds: int | None = Field(None, ge=1, description="Per attempt.")
@@ -243,6 +261,9 @@ class WorkflowSpec(Model):
         True, description="On a failure stop scheduling new tasks (true) or go on (false)."
     )
     timeout_seconds: int | None = Field(None, ge=1, description="Whole run.")
+    service_account_name: ResourceName | None = Field(
+        None, description=SERVICE_ACCOUNT_DOC + " A run's own setting wins."
+    )
 
     def all_tasks(self) -> list[Task]:
         """Main tasks followed by finally tasks."""
@@ -310,6 +331,11 @@ class WorkflowRunSpec(Model):
     cancel: bool = False
     approvals: list[TaskName] = Field(default_factory=list)
     ttl_seconds_after_finished: int | None = Field(None, ge=0)
+    service_account_name: ResourceName | None = Field(
+        None,
+        description=SERVICE_ACCOUNT_DOC
+        + " Default: the Workflow's, else the operator's --default-service-account.",
+    )
 
     @model_validator(mode="after")
     def _one_workflow(self) -> WorkflowRunSpec:

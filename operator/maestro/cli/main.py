@@ -19,7 +19,7 @@ from maestro.cli.history import history_cmd
 from maestro.cli.operator import operator_cmd
 from maestro.cli.run import run_cmd
 from maestro.dag import render as graph_render
-from maestro.dag.validate import resolve_params, validate
+from maestro.dag.validate import resolve_params, shell_warnings, validate
 
 
 def fail(message: str) -> None:
@@ -44,12 +44,17 @@ def validate_cmd(files: tuple[Path, ...]) -> None:
         for doc in load_file(path):
             checked += 1
             lines = list(doc.problems)
+            risky: list[str] = []
             if isinstance(doc.manifest, Workflow):
                 lines += [str(p) for p in validate(doc.manifest.spec)]
+                risky += [str(p) for p in shell_warnings(doc.manifest.spec)]
             elif isinstance(doc.manifest, WorkflowRun) and doc.manifest.spec.workflow_spec:
                 spec = doc.manifest.spec.workflow_spec
                 lines += [f"spec.workflowSpec: {p}" for p in validate(spec)]
                 lines += resolve_params(spec, doc.manifest.spec.params)[1]
+                risky += [f"spec.workflowSpec: {p}" for p in shell_warnings(spec)]
+            for line in risky:
+                click.echo(f"{doc.where}: warning: {line}", err=True)
             for line in lines:
                 click.echo(f"{doc.where}: {line}", err=True)
             bad += bool(lines)

@@ -10,6 +10,7 @@ import zlib
 
 import click
 
+from maestro.executors.http import EgressPolicy
 from maestro.operator.app import OperatorConfig, run_operator
 from maestro.operator.logs import JsonFormatter, RunContextFilter, TextFormatter
 from maestro.store import Store, StoreError
@@ -56,8 +57,41 @@ def _default_priority() -> int:
     show_default=True,
     help="Address of the probe and metrics server (0.0.0.0 in a pod).",
 )
-@click.option("--health-port", default=8080, show_default=True, help="/healthz and /readyz.")
-@click.option("--metrics-port", default=8080, show_default=True, help="/metrics.")
+@click.option("--health-port", default=8080, show_default=True, help="/healthz.")
+@click.option(
+    "--metrics-port",
+    default=8080,
+    show_default=True,
+    help="/metrics and /readyz (a port of their own keeps them off the probe port).",
+)
+@click.option(
+    "--default-service-account",
+    default="default",
+    show_default=True,
+    help="ServiceAccount a run acts as when neither it nor its Workflow names one.",
+)
+@click.option(
+    "--own-namespace",
+    envvar="POD_NAMESPACE",
+    help="The operator's namespace; runs there are refused (default: $POD_NAMESPACE).",
+)
+@click.option(
+    "--allow-runs-in-own-namespace",
+    is_flag=True,
+    help="Let runs use the operator's own namespace (and so reach its Secrets' neighbours).",
+)
+@click.option(
+    "--egress-allow",
+    multiple=True,
+    metavar="CIDR",
+    help="HTTP tasks may reach this network despite the default denials (repeat).",
+)
+@click.option(
+    "--egress-deny",
+    multiple=True,
+    metavar="CIDR",
+    help="HTTP tasks may never reach this network; wins over --egress-allow (repeat).",
+)
 @click.option(
     "--status-interval",
     default=1.0,
@@ -86,12 +120,21 @@ def operator_cmd(
     health_port: int,
     metrics_port: int,
     status_interval: float,
+    default_service_account: str,
+    own_namespace: str | None,
+    allow_runs_in_own_namespace: bool,
+    egress_allow: tuple[str, ...],
+    egress_deny: tuple[str, ...],
     log_format: str,
     otlp_endpoint: str | None,
     verbose: bool,
 ) -> None:
     """Run the Maestro operator (Kopf) against the current cluster."""
     setup_logging(log_format, verbose)
+    try:
+        EgressPolicy.of(egress_allow, egress_deny)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
     if kubeconfig:
         os.environ["KUBECONFIG"] = kubeconfig  # Kopf's login reads it from there
     config = OperatorConfig(
@@ -108,6 +151,11 @@ def operator_cmd(
         metrics_port=metrics_port,
         status_interval=status_interval,
         otlp_endpoint=otlp_endpoint,
+        default_service_account=default_service_account,
+        own_namespace=own_namespace,
+        allow_runs_in_own_namespace=allow_runs_in_own_namespace,
+        egress_allow=list(egress_allow),
+        egress_deny=list(egress_deny),
     )
     sys.exit(asyncio.run(_main(config)))
 

@@ -171,7 +171,9 @@ async def _run(
         spec, _ = engine.spec_of(run)
         console.print(
             f"run [bold]{run.name}[/] id [bold]{run.id}[/] (store: {store.description})\n"
-            "local mode: container tasks run their command on this machine, without the image.\n"
+            "local mode: container tasks run their command on THIS machine, as you, without "
+            "the image or any sandbox; only run workflows you trust.\n"
+            "tasks see a minimal environment (PATH, HOME, locale) plus MAESTRO_* variables.\n"
             f"resume after an interruption with: maestro run --local --resume {run.id}",
             highlight=False,
         )
@@ -258,7 +260,10 @@ async def _summary(store: Store, run: RunRecord, spec: WorkflowSpec, console: Co
 @click.command("run")
 @click.argument("file", required=False, type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
-    "--local", is_flag=True, help="Run on this machine (required: cluster runs use submit)."
+    "--local",
+    is_flag=True,
+    help="Run on this machine: container tasks run their commands here, as you, "
+    "without the image (required: cluster runs use submit).",
 )
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="A run param.")
 @click.option("--resume", metavar="RUN_ID", help="Continue an interrupted run.")

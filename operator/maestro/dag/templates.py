@@ -2,12 +2,18 @@
 
 Plain substitution, no logic: conditions belong in ``when`` expressions, where they
 are typed. A reference that cannot be resolved is an error, never an empty string.
+
+One filter exists: ``{{ params.msg | shquote }}`` renders the value as a single
+POSIX shell word, for values pasted into ``sh -c`` scripts. Rendering is capped
+(:data:`MAX_RENDERED`): a template cannot grow a task past what etcd or the store
+would hold.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +24,9 @@ _OUTPUT = re.compile(r"^tasks\.([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.outputs\.([-\w.]
 _RUN = re.compile(r"^run\.(id|name|namespace|outcome)$")
 
 RUN_FIELDS = ("id", "name", "namespace", "outcome")
+FILTERS = {"shquote": shlex.quote}
+# Characters one task's templates may expand to, all strings together.
+MAX_RENDERED = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -40,8 +49,19 @@ class TemplateError(ValueError):
     """A template that does not parse or cannot be resolved."""
 
 
+def parse_template(text: str) -> tuple[Ref, tuple[str, ...]]:
+    """The inside of ``{{ ... }}``: the reference and its filters (``| shquote``)."""
+    ref, *filters = (part.strip() for part in text.split("|"))
+    for name in filters:
+        if name not in FILTERS:
+            raise TemplateError(
+                f"unknown filter {name!r} in {{{{ {text} }}}} (known: {', '.join(FILTERS)})"
+            )
+    return parse_ref(ref), tuple(filters)
+
+
 def parse_ref(text: str) -> Ref:
-    """Parse the inside of ``{{ ... }}``."""
+    """Parse a reference (the inside of ``{{ ... }}`` without filters)."""
     if m := _PARAM.match(text):
         return Ref("param", m.group(1))
     if m := _OUTPUT.match(text):
@@ -57,7 +77,15 @@ def parse_ref(text: str) -> Ref:
 def refs_in(text: str) -> Iterator[Ref]:
     """Every reference in one string; raises ``TemplateError`` on the first bad one."""
     for m in _TEMPLATE.finditer(text):
-        yield parse_ref(m.group(1))
+        yield parse_template(m.group(1))[0]
+
+
+def unquoted_in(text: str) -> Iterator[Ref]:
+    """References in ``text`` that are not shell-quoted (no ``| shquote``)."""
+    for m in _TEMPLATE.finditer(text):
+        ref, filters = parse_template(m.group(1))
+        if "shquote" not in filters:
+            yield ref
 
 
 def strings_in(value: Any) -> Iterator[str]:
@@ -105,22 +133,45 @@ class Context:
         return value
 
 
-def render(text: str, ctx: Context) -> str:
+class _Budget:
+    """Characters left to render; a template that would pass it fails, naming the cap."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = self.left = limit
+
+    def spend(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise TemplateError(
+                f"templates expand to over {self.limit} characters; pass large values "
+                "through outputs files or $MAESTRO_INPUTS instead"
+            )
+
+
+def render(text: str, ctx: Context, budget: _Budget | None = None) -> str:
     """Expand every template in ``text``; JSON values that are not strings are dumped."""
+    budget = budget or _Budget(MAX_RENDERED)
+    budget.spend(len(text))
 
     def sub(m: re.Match[str]) -> str:
-        value = ctx.lookup(parse_ref(m.group(1)))
-        return value if isinstance(value, str) else json.dumps(value)
+        ref, filters = parse_template(m.group(1))
+        value = ctx.lookup(ref)
+        text = value if isinstance(value, str) else json.dumps(value)
+        for name in filters:
+            text = FILTERS[name](text)
+        budget.spend(len(text))
+        return text
 
     return _TEMPLATE.sub(sub, text)
 
 
-def render_all(value: Any, ctx: Context) -> Any:
-    """Expand templates in every string of a JSON-like value."""
+def render_all(value: Any, ctx: Context, budget: _Budget | None = None) -> Any:
+    """Expand templates in every string of a JSON-like value (one budget for all)."""
+    budget = budget or _Budget(MAX_RENDERED)
     if isinstance(value, str):
-        return render(value, ctx)
+        return render(value, ctx, budget)
     if isinstance(value, Mapping):
-        return {k: render_all(v, ctx) for k, v in value.items()}
+        return {k: render_all(v, ctx, budget) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [render_all(v, ctx) for v in value]
+        return [render_all(v, ctx, budget) for v in value]
     return value

@@ -118,6 +118,50 @@ def _reference_problems(
     return problems
 
 
+_SHELLS = {"sh", "bash", "dash", "ash", "zsh", "ksh", "busybox"}
+
+
+def _shell_scripts(task: Task) -> list[str]:
+    """The strings a container task hands to ``SHELL -c`` (command and args together)."""
+    spec = task.container
+    if spec is None:
+        return []
+    argv = [*(spec.command or []), *(spec.args or [])]
+    if not argv or argv[0].rsplit("/", 1)[-1] not in _SHELLS or "-c" not in argv:
+        return []
+    return argv[argv.index("-c") + 1 :]
+
+
+def shell_warnings(spec: WorkflowSpec) -> list[Problem]:
+    """Legal but risky: values pasted unquoted into a shell script (shell injection)."""
+    found: list[Problem] = []
+    for task in spec.all_tasks():
+        for script in _shell_scripts(task):
+            try:
+                refs = list(templates.unquoted_in(script))
+            except templates.TemplateError:
+                continue  # validate() reports it
+            for ref in refs:
+                if ref.kind == "run" and ref.name != "outcome":
+                    continue  # ids and names Maestro made: DNS labels, no shell syntax
+                env = (
+                    f"$MAESTRO_PARAM_{ref.name}"
+                    if ref.kind == "param"
+                    else "$MAESTRO_INPUTS"
+                    if ref.kind == "output"
+                    else "$MAESTRO_RUN_OUTCOME"
+                )
+                found.append(
+                    Problem(
+                        task.name,
+                        f"{{{{ {ref} }}}} is pasted unquoted into a shell script: a value "
+                        f"with ; or $( ) runs commands. Use {{{{ {ref} | shquote }}}} or "
+                        f'read "{env}" in the script',
+                    )
+                )
+    return found
+
+
 def validate(spec: WorkflowSpec) -> list[Problem]:
     """Every semantic problem of ``spec``; an empty list means it can run."""
     problems: list[Problem] = []

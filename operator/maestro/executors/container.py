@@ -15,6 +15,7 @@ from typing import Any
 
 from maestro.engine.executor import AttemptContext, Result, Wake
 from maestro.executors.environment import OUTPUTS_IN_POD, parse_outputs, task_env
+from maestro.executors.secrets import run_service_account
 from maestro.k8s.client import Kube, NotFound
 
 MAX_NAME = 63
@@ -24,6 +25,13 @@ LABEL_RUN = "maestro.dev/run"
 LABEL_RUN_ID = "maestro.dev/run-id"
 LABEL_TASK = "maestro.dev/task"
 LABEL_ATTEMPT = "maestro.dev/attempt"
+# Secure by default; a task's own securityContext is merged over it and the namespace's
+# Pod Security admission is what finally decides (docs/security.md).
+CONTAINER_SECURITY: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
 
 
 def job_name(run_name: str, task: str, attempt: int) -> str:
@@ -145,10 +153,16 @@ class ContainerExecutor:
             container["workingDir"] = spec.working_dir
         if spec.resources is not None:
             container["resources"] = spec.resources.model_dump(exclude_defaults=True)
+        container["securityContext"] = {**CONTAINER_SECURITY, **(spec.security_context or {})}
         pod_meta = spec.pod_metadata
-        pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
-        if spec.service_account_name:
-            pod_spec["serviceAccountName"] = spec.service_account_name
+        pod_spec: dict[str, Any] = {
+            "restartPolicy": "Never",
+            "containers": [container],
+            # The run's identity, never one a task picks (docs/security.md).
+            "serviceAccountName": run_service_account(ctx.run.spec),
+            "automountServiceAccountToken": spec.automount_service_account_token,
+            "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        }
         job_spec: dict[str, Any] = {
             "backoffLimit": 0,
             "template": {

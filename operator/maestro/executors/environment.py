@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from maestro.engine.executor import AttemptContext
 
@@ -29,10 +30,21 @@ def task_env(ctx: AttemptContext, outputs_path: str) -> dict[str, str]:
     }
     for name, value in ctx.inputs.get("params", {}).items():
         env[f"MAESTRO_PARAM_{name}"] = str(value)
+    # Upstream outputs too, so a shell script reads "$MAESTRO_OUTPUT_BUILD_IMAGE" instead
+    # of pasting a value into its text.
+    for task, outputs in ctx.inputs.get("tasks", {}).items():
+        for key, value in (outputs or {}).items():
+            var = env_var_name(f"MAESTRO_OUTPUT_{task}_{key}")
+            env[var] = value if isinstance(value, str) else json.dumps(value)
     outcome = ctx.inputs.get("run", {}).get("outcome")
     if outcome is not None:
         env["MAESTRO_RUN_OUTCOME"] = str(outcome)
     return env
+
+
+def env_var_name(text: str) -> str:
+    """Upper case, with every character a shell variable cannot hold as ``_``."""
+    return re.sub(r"[^A-Z0-9_]", "_", text.upper())
 
 
 def parse_outputs(text: str, *, source: str) -> tuple[dict[str, object] | None, str | None]:

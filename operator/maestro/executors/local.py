@@ -16,7 +16,7 @@ from pathlib import Path
 
 from maestro.engine.executor import AttemptContext, Result, Wake
 from maestro.executors.environment import parse_outputs, task_env
-from maestro.executors.secrets import SecretReader, SecretUnavailable
+from maestro.executors.secrets import SecretReader, SecretUnavailable, run_service_account
 
 # $0 is the attempt directory; the command follows as "$@".
 _WRAPPER = (
@@ -25,6 +25,9 @@ _WRAPPER = (
     '"$@"; rc=$?; echo $rc > "$0/rc.tmp" && mv "$0/rc.tmp" "$0/rc"'
 )
 _LOG_TAIL = 5
+# The only variables of the user's environment a local task sees: enough to find
+# programs and write files, not the user's tokens and credentials (docs/security.md).
+PASSED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
 _POLL_SECONDS = 0.2
 _GRACE_SECONDS = 5.0
 
@@ -84,14 +87,20 @@ class LocalExecutor:
             )
             self.wake(ctx.run.id)
             return
-        env = {**os.environ, **task_env(ctx, str(d / "outputs.json"))}
+        env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+        env.update(task_env(ctx, str(d / "outputs.json")))
         for var in spec.env:
             if var.value is not None:
                 env[var.name] = var.value
             elif var.value_from is not None:
                 ref = var.value_from.secret_key_ref
                 try:
-                    env[var.name] = await self.secrets.read(ctx.run.namespace, ref.name, ref.key)
+                    env[var.name] = await self.secrets.read(
+                        ctx.run.namespace,
+                        ref.name,
+                        ref.key,
+                        service_account=run_service_account(ctx.run.spec),
+                    )
                 except SecretUnavailable as err:
                     (d / "error").write_text(f"env {var.name}: {err}")
                     self.wake(ctx.run.id)

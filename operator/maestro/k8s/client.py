@@ -28,6 +28,10 @@ class NotFound(LookupError):
     """The object does not exist."""
 
 
+class AccessCheckFailed(RuntimeError):
+    """The API server could not answer an access review (so the answer is "no")."""
+
+
 class Conflict(RuntimeError):
     """The object changed since it was read (optimistic concurrency)."""
 
@@ -55,6 +59,7 @@ class Kube:
         self.batch = client.BatchV1Api(api)
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.authz = client.AuthorizationV1Api(api)
         self.reads = 0
         self.writes = 0
 
@@ -128,6 +133,42 @@ class Kube:
         if key not in data:
             return None
         return base64.b64decode(data[key]).decode()
+
+    async def service_account_can(
+        self, namespace: str, service_account: str, verb: str, resource: str, name: str
+    ) -> tuple[bool, str]:
+        """Whether a ServiceAccount may ``verb`` one core object: (allowed, reason).
+
+        A LocalSubjectAccessReview (namespaced, so a namespaced install can be granted
+        it) with the user and groups the API server gives that ServiceAccount's token.
+        """
+        self.writes += 1
+        review = client.V1LocalSubjectAccessReview(
+            metadata=client.V1ObjectMeta(namespace=namespace),
+            spec=client.V1SubjectAccessReviewSpec(
+                user=f"system:serviceaccount:{namespace}:{service_account}",
+                groups=[
+                    "system:serviceaccounts",
+                    f"system:serviceaccounts:{namespace}",
+                    "system:authenticated",
+                ],
+                resource_attributes=client.V1ResourceAttributes(
+                    namespace=namespace, verb=verb, resource=resource, name=name
+                ),
+            ),
+        )
+        try:
+            result = await self.authz.create_namespaced_local_subject_access_review(
+                namespace, review
+            )
+        except ApiException as err:
+            raise AccessCheckFailed(
+                f"cannot review what serviceaccount {namespace}/{service_account} may do: "
+                f"{err.status} {err.reason} (the operator needs create on "
+                "localsubjectaccessreviews)"
+            ) from None
+        status = result.status
+        return bool(status and status.allowed), str((status and status.reason) or "")
 
     # Maestro resources ---------------------------------------------------------------
 

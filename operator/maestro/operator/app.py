@@ -7,7 +7,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import kopf
 
 from maestro.api.models import GROUP, VERSION
@@ -16,8 +15,8 @@ from maestro.engine.engine import Engine
 from maestro.engine.executor import Executor
 from maestro.executors.approval import ApprovalExecutor
 from maestro.executors.container import LABEL_RUN_ID, ContainerExecutor
-from maestro.executors.http import HttpExecutor
-from maestro.executors.secrets import SecretUnavailable
+from maestro.executors.http import EgressPolicy, HttpExecutor, egress_client, own_addresses
+from maestro.executors.secrets import KubeSecrets
 from maestro.k8s.client import Kube, load_config
 from maestro.operator.health import Health
 from maestro.operator.metrics import Metrics
@@ -46,21 +45,12 @@ class OperatorConfig:
     metrics_port: int = 8080
     status_interval: float = 1.0
     otlp_endpoint: str | None = None
-
-
-class KubeSecrets:
-    """HTTP header values from Secrets in the run's namespace."""
-
-    def __init__(self, kube: Kube) -> None:
-        """Read through the operator's API client."""
-        self.kube = kube
-
-    async def read(self, namespace: str, name: str, key: str) -> str:
-        """The decoded value, or :class:`SecretUnavailable` naming Secret and key."""
-        value = await self.kube.read_secret_key(namespace, name, key)
-        if value is None:
-            raise SecretUnavailable(f"secret {namespace}/{name} has no key {key!r}")
-        return value
+    default_service_account: str = "default"
+    # The operator's namespace (and its database Secret): no runs there unless allowed.
+    own_namespace: str | None = None
+    allow_runs_in_own_namespace: bool = False
+    egress_allow: list[str] = field(default_factory=list)
+    egress_deny: list[str] = field(default_factory=list)
 
 
 def build_registry(
@@ -113,6 +103,9 @@ def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig) -> N
     )
     # Kopf would post an Event per handler run: we post our own, fewer and clearer.
     settings.posting.enabled = False
+    # Watching named namespaces needs nothing cluster-wide: no CRD or Namespace watch
+    # (the namespaced install grants none). CRDs are then discovered at start only.
+    settings.scanning.disabled = bool(config.namespaces)
     settings.watching.connect_timeout = 60
     settings.watching.server_timeout = 300
     if config.peering:
@@ -139,7 +132,13 @@ async def run_operator(
     )
     health = Health(store, metrics, watching)
     await health.start(config.listen_address, config.health_port, config.metrics_port)
-    async with httpx.AsyncClient() as client:
+    policy = EgressPolicy.of(config.egress_allow, config.egress_deny, own_addresses())
+    protected = (
+        frozenset({config.own_namespace})
+        if config.own_namespace and not config.allow_runs_in_own_namespace
+        else frozenset()
+    )
+    async with egress_client(policy) as client:
         container = ContainerExecutor(kube, waker)
         executors: dict[str, Executor] = {
             "container": container,
@@ -153,7 +152,11 @@ async def run_operator(
             kube,
             waker,
             metrics,
-            Settings(status_interval=config.status_interval),
+            Settings(
+                status_interval=config.status_interval,
+                default_service_account=config.default_service_account,
+                protected_namespaces=protected,
+            ),
             tracer,
         )
         registry = build_registry(runs, kube, container)

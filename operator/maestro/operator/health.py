@@ -2,18 +2,23 @@
 
 Liveness only proves the event loop answers: a database outage must not restart
 the pod. Readiness checks the database (bounded by the store's ping timeout) and
-that Kopf's watches are running.
+that Kopf's watches are running. ``/metrics`` and ``/readyz`` say more about the
+operator than liveness does, so they can live on a port of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from maestro.operator.metrics import Metrics
 from maestro.store import Store, StoreError
+
+log = logging.getLogger("maestro.operator")
 
 
 class Health:
@@ -24,7 +29,7 @@ class Health:
         self.store = store
         self.metrics = metrics
         self.watching = watching
-        self._runner: web.AppRunner | None = None
+        self._runners: list[web.AppRunner] = []
 
     async def healthz(self, _: web.Request) -> web.Response:
         """The loop answers: alive."""
@@ -36,7 +41,10 @@ class Health:
         try:
             await self.store.ping()
         except StoreError as err:
-            problems["database"] = str(err)
+            # The detail names the database host: it goes to the log, not to whoever
+            # can reach the probe port.
+            log.warning("readiness: %s", err)
+            problems["database"] = "unreachable (the operator log says why)"
         if not self.watching.is_set():
             problems["watches"] = "Kopf watches are not running yet"
         if problems:
@@ -50,17 +58,25 @@ class Health:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def start(self, host: str, health_port: int, metrics_port: int) -> None:
-        """Serve probes on ``health_port`` and metrics on ``metrics_port`` (may be equal)."""
-        app = web.Application()
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/metrics", self.metrics_view)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        for port in sorted({health_port, metrics_port}):
-            await web.TCPSite(self._runner, host, port).start()
+        """``/healthz`` on ``health_port``; ``/readyz`` and ``/metrics`` on ``metrics_port``.
+
+        Equal ports serve all three on one listener.
+        """
+        routes: dict[int, list[tuple[str, Any]]] = {health_port: [("/healthz", self.healthz)]}
+        routes.setdefault(metrics_port, []).extend(
+            [("/readyz", self.readyz), ("/metrics", self.metrics_view)]
+        )
+        for port, handlers in sorted(routes.items()):
+            app = web.Application()
+            for path, handler in handlers:
+                app.router.add_get(path, handler)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, host, port).start()
+            self._runners.append(runner)
 
     async def stop(self) -> None:
         """Stop serving."""
-        if self._runner is not None:
-            await self._runner.cleanup()
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()

@@ -50,6 +50,10 @@ class Settings:
     """Operator tunables."""
 
     status_interval: float = 1.0
+    # What a run acts as when neither it nor its Workflow names a ServiceAccount.
+    default_service_account: str = "default"
+    # Namespaces runs may not use (the operator's own, with its database Secret).
+    protected_namespaces: frozenset[str] = frozenset()
 
 
 def controls_of_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -217,6 +221,13 @@ class RunController:
             self._ids[uid] = existing.id
             self._controls[existing.id] = dict(existing.controls)
             return existing
+        if namespace in self.settings.protected_namespaces:
+            raise _Pending(
+                RunPhase.FAILED,
+                "NamespaceForbidden",
+                f"metadata.namespace: {namespace!r} is the operator's own namespace, where runs "
+                "are not allowed (the operator's flag --allow-runs-in-own-namespace lifts it)",
+            )
         try:
             spec = WorkflowRunSpec.model_validate(body.get("spec") or {})
         except ValidationError as err:
@@ -225,6 +236,7 @@ class RunController:
         if source_id:
             return await self._create_retry(body, spec, source_id)
         wf_name, wf_spec = await self._resolve(namespace, spec)
+        wf_spec = self._with_service_account(wf_spec, spec)
         problems = [f"spec.workflowSpec: {p}" for p in validate(wf_spec)] if wf_name is None else []
         problems += resolve_params(wf_spec, spec.params)[1]
         if problems:
@@ -262,7 +274,7 @@ class RunController:
         run = await self.engine.create_run(
             namespace=meta["namespace"],
             name=meta["name"],
-            spec=WorkflowSpec.model_validate(source.spec),
+            spec=self._with_service_account(WorkflowSpec.model_validate(source.spec), spec),
             params={**source.params, **spec.params},
             workflow_name=source.workflow_name,
             uid=meta["uid"],
@@ -274,6 +286,19 @@ class RunController:
         self._ids[meta["uid"]] = run.id
         self._controls[run.id] = dict(run.controls)
         return run
+
+    def _with_service_account(self, wf_spec: WorkflowSpec, spec: WorkflowRunSpec) -> WorkflowSpec:
+        """The snapshot names the run's ServiceAccount: the run's, the Workflow's or the default.
+
+        Resolved once, at creation: executors read it from the snapshot, so editing the
+        Workflow later never changes what a started run acts as.
+        """
+        account = (
+            spec.service_account_name
+            or wf_spec.service_account_name
+            or self.settings.default_service_account
+        )
+        return wf_spec.model_copy(update={"service_account_name": account})
 
     # Spec changes ----------------------------------------------------------------------
 
