@@ -11,6 +11,11 @@ compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null || missing+=(postgresql
 command -v openssl >/dev/null || missing+=(openssl)
 # Prometheus and promtool: the observability tests scrape the operator and test the alert rules.
 command -v promtool >/dev/null || missing+=(prometheus)
+# The operator image's build and run without a Docker daemon (hack/image.sh): buildah and
+# podman on runc (crun fails on hybrid cgroups), mmdebstrap for the stand-in Python base.
+for tool in buildah podman runc mmdebstrap; do
+  PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null || missing+=("$tool")
+done
 
 if [ "${#missing[@]}" -eq 0 ]; then
   exit 0

@@ -75,3 +75,19 @@ def test_values_file_matches_schema_keys() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert set(values) - set(schema["properties"]) == set()
+
+
+def test_chart_default_image_tag_is_the_package_version() -> None:
+    # An install with default values must pull the image of the code it was released with.
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert chart["appVersion"] == version
+    assert values["image"]["tag"] in ("", version)
+    assert values["image"]["repository"] == "ghcr.io/maestro-dev/maestro"
+    # An empty tag means appVersion only through this default in the template.
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    assert "(default .Chart.AppVersion .Values.image.tag)" in helpers
+    package = (REPO / "operator" / "maestro" / "__init__.py").read_text()
+    assert f'__version__ = "{version}"' in package
+    assert f"ARG VERSION={version}\n" in (REPO / "Dockerfile").read_text()
