@@ -9,6 +9,8 @@ missing=()
 # The server, not just the client: initdb/pg_ctl live under /usr/lib/postgresql/*/bin.
 compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null || missing+=(postgresql)
 command -v openssl >/dev/null || missing+=(openssl)
+# Headless browser for the web UI tests (tests/e2e/test_server_ui.py; Playwright drives it).
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 
 if [ "${#missing[@]}" -eq 0 ]; then
   exit 0
