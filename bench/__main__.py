@@ -1,6 +1,6 @@
 """``python -m bench all`` (or ``python -m bench NAME ...``): run, print one table, write JSON.
 
-Names: ``dag``, ``engine``, ``overhead``, ``db``, ``operator`` (the operator pass also
+Names: ``dag``, ``engine``, ``overhead``, ``db``, ``operator``, ``server`` (the operator pass also
 gives the recovery figures). ``--quick`` shrinks every benchmark for a smoke run.
 The JSON lands in ``bench/results/<UTC date and time>.json`` (git-ignored).
 """
@@ -22,12 +22,13 @@ from typing import Any
 
 from bench.common import REPO, Figure, Outcome, fmt
 
-NAMES = ("dag", "engine", "overhead", "db", "operator")
+NAMES = ("dag", "engine", "overhead", "db", "operator", "server")
 MODULES = {
     "dag": "bench.dag_scale",
     "engine": "bench.engine_latency",
     "db": "bench.db_cost",
     "operator": "bench.operator_e2e",
+    "server": "bench.server_list",
 }
 
 

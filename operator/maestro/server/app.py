@@ -174,6 +174,20 @@ def _spec_of(run: RunRecord) -> WorkflowSpec | None:
         return None  # a run recorded before its spec could be read: no graph
 
 
+async def _caller(
+    request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
+) -> Caller:
+    """The authenticated caller of a request (the Authorizer lives on the app's state)."""
+    auth: Authorizer = request.app.state.auth
+    try:
+        return await auth.authenticate(request.headers.get("authorization"))
+    except ApiException as err:
+        raise ApiError(503, f"cannot review the token: {err.status} {err.reason}") from None
+
+
+CallerDep = Annotated[Caller, Depends(_caller)]
+
+
 def create_app(
     store: Store,
     kube: Kube,
@@ -184,6 +198,9 @@ def create_app(
 ) -> FastAPI:
     """The application; ``store`` and ``kube`` are owned (and closed) by the caller."""
     app = FastAPI(
+        # No Swagger/ReDoc pages: they load scripts from a CDN; /openapi.json is the contract.
+        docs_url=None,
+        redoc_url=None,
         title="Maestro",
         version=__version__,
         description="Start workflow runs, read run history (also of deleted runs), follow "
@@ -191,6 +208,7 @@ def create_app(
         "token's owner may do to WorkflowRuns with kubectl.",
     )
     auth = Authorizer(kube, allow_anonymous=allow_anonymous, cache_seconds=auth_cache_seconds)
+    app.state.auth = auth
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError) -> JSONResponse:
@@ -209,17 +227,6 @@ def create_app(
     @app.exception_handler(StoreError)
     async def _store_down(_: Request, err: StoreError) -> JSONResponse:
         return JSONResponse({"error": {"message": str(err)}}, status_code=503)
-
-    async def caller_of(
-        request: Request,
-        _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
-    ) -> Caller:
-        try:
-            return await auth.authenticate(request.headers.get("authorization"))
-        except ApiException as err:
-            raise ApiError(503, f"cannot review the token: {err.status} {err.reason}") from None
-
-    CallerDep = Annotated[Caller, Depends(caller_of)]
 
     async def run_of(run_id: str) -> RunRecord:
         try:
