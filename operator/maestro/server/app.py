@@ -220,7 +220,14 @@ def create_app(
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
         return JSONResponse(
-            {"error": {"field": field, "message": first["msg"]}, "detail": err.errors()},
+            {
+                "error": {"field": field, "message": first["msg"]},
+                # Without the offending input: it may be bytes, and echoing it is useless.
+                "detail": [
+                    {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+                    for e in err.errors()
+                ],
+            },
             status_code=422,
         )
 

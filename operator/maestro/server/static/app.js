@@ -100,7 +100,7 @@ async function showRuns(params) {
   const table = el("table", {},
     el("thead", {}, el("tr", {}, ...["Name", "Namespace", "Workflow", "Phase", "Created", "Finished", "Message"].map((h) => el("th", {}, h)))),
     body);
-  const more = el("button", { type: "button", id: "more" }, "Load more");
+  const more = el("button", { type: "button", id: "more", hidden: "" }, "Load more");
   const error = el("p", { class: "error" });
   main.replaceChildren(filters, error, table, more);
 
