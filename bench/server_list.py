@@ -28,6 +28,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from bench.common import Figure, Outcome, percentile, postgres, use_test_fixtures
 
 use_test_fixtures()
@@ -46,6 +48,26 @@ CHROMIUM = "/usr/bin/chromium"
 READER_RULES = [
     {"apiGroups": ["maestro.dev"], "resources": ["workflowruns"], "verbs": ["get", "list"]}
 ]
+
+
+def reader_rbac() -> list[dict[str, Any]]:
+    """A ClusterRole to get and list WorkflowRuns everywhere, bound to bench-server:reader."""
+    rbac = "rbac.authorization.k8s.io"
+    return [
+        {
+            "apiVersion": f"{rbac}/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": "bench-reader"},
+            "rules": READER_RULES,
+        },
+        {
+            "apiVersion": f"{rbac}/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "bench-reader"},
+            "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": "bench-reader"},
+            "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": "bench-server"}],
+        },
+    ]
 
 
 def big_spec() -> dict[str, Any]:
@@ -119,6 +141,19 @@ async def seed(url: str, runs: int) -> str:
         await store.close()
 
 
+def detail_times(server: ServerProcess, token: str, run_id: str, repeats: int) -> list[float]:
+    """Seconds for GET /api/runs/{id} of the 1,000-task run (what the page waits for)."""
+    times = []
+    for _ in range(repeats):
+        req = urllib.request.Request(f"{server.base}/api/runs/{run_id}")
+        req.add_header("Authorization", f"Bearer {token}")
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=30) as rsp:
+            assert len(json.loads(rsp.read())["tasks"]) == LAYERS * WIDTH
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def list_all(server: ServerProcess, token: str) -> tuple[list[float], int]:
     """Walk the whole history; (seconds per page request, runs seen)."""
     times: list[float] = []
@@ -138,8 +173,11 @@ def list_all(server: ServerProcess, token: str) -> tuple[list[float], int]:
             return times, seen
 
 
-def render_times(server: ServerProcess, token: str, run_id: str, repeats: int) -> list[float]:
-    """Seconds from navigation to the drawn 1,000-task DAG, in a fresh page each time."""
+def render_times(
+    server: ServerProcess, token: str, run_id: str, repeats: int
+) -> list[tuple[float, float]]:
+    """(page clock, wall clock) seconds from navigation to the drawn 1,000-task DAG, in a
+    fresh page each time."""
     from playwright.sync_api import sync_playwright
 
     found = []
@@ -152,7 +190,10 @@ def render_times(server: ServerProcess, token: str, run_id: str, repeats: int) -
                 t0 = time.perf_counter()
                 page.goto(f"{server.base}/ui/#/runs/{run_id}")
                 page.wait_for_selector(f'body[data-rendered="{run_id}"]', timeout=60_000)
-                found.append(time.perf_counter() - t0)
+                wall = time.perf_counter() - t0
+                # The page's own clock (navigation start to drawn DAG); wall time as well
+                # includes Playwright's round trips.
+                found.append((page.evaluate("window.maestroRenderedMs") / 1000, wall))
                 assert page.locator("#dag g.node").count() == LAYERS * WIDTH
                 page.close()
         finally:
@@ -170,21 +211,7 @@ def run(quick: bool = False) -> Outcome:
         # A reader of every namespace: history listing needs `list workflowruns` everywhere.
         cp.kubectl("create", "namespace", "bench-server")
         token = service_account_token(cp, "bench-server", "reader", None)
-        cp.kubectl(
-            "create",
-            "clusterrole",
-            "bench-reader",
-            "--verb=get,list",
-            "--resource=workflowruns.maestro.dev",
-        )
-        cp.kubectl(
-            "create",
-            "clusterrolebinding",
-            "bench-reader",
-            "--clusterrole=bench-reader",
-            "--serviceaccount=bench-server:reader",
-        )
-        cp.kubectl("apply", "-f", str(Path(__file__).resolve().parents[1] / "crds"))
+        cp.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(reader_rbac()))
         with tempfile.TemporaryDirectory() as tmp:
             server = ServerProcess(cp.kubeconfig, url, Path(tmp) / "server.log")
             server.start()
@@ -194,6 +221,7 @@ def run(quick: bool = False) -> Outcome:
                     times, seen = list_all(server, token)
                     assert seen == runs + 1, seen
                     pages += times
+                details = detail_times(server, token, big_id, 3 if quick else 10)
                 renders = render_times(server, token, big_id, 2 if quick else 5)
             finally:
                 server.stop()
@@ -210,15 +238,23 @@ def run(quick: bool = False) -> Outcome:
         )
     )
     out.figures.append(Figure("server", "list: page p50", "ms", [percentile(pages, 50) * 1000]))
+    page_clock = [r[0] for r in renders]
     out.figures.append(
         Figure(
             "server",
-            "1,000-task run page render",
+            "1,000-task run page: navigation to drawn DAG",
             "s",
-            renders,
+            page_clock,
             "< 2 s",
-            max(renders) < 2,
+            max(page_clock) < 2,
+            note="the page's performance.now() when drawn",
         )
+    )
+    out.figures.append(
+        Figure("server", "1,000-task run page, wall clock", "s", [r[1] for r in renders])
+    )
+    out.figures.append(
+        Figure("server", "GET /api/runs/{id}, 1,000 tasks", "ms", [t * 1000 for t in details])
     )
     out.details = {"pages": len(pages), "runs": runs, "render_s": renders}
     return out

@@ -419,3 +419,44 @@ def test_schemathesis_finds_no_server_error(
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:] + server.log()[-3000:]
+
+
+def test_server_component_matches_the_chart(control_plane: ControlPlane) -> None:
+    """manifests/components/server is the chart's server.enabled=true output, Helm labels
+    aside; and the chart renders no server at all by default."""
+    import yaml
+
+    from fixtures.operator import REPO
+
+    chart = REPO / "charts" / "maestro"
+    default = control_plane.helm("template", "maestro", str(chart), "-n", "maestro").stdout
+    assert "maestro-server" not in default
+    rendered = control_plane.helm(
+        "template",
+        "maestro",
+        str(chart),
+        "-n",
+        "maestro",
+        "--set",
+        "server.enabled=true",
+        "--show-only",
+        "templates/server.yaml",
+    ).stdout
+
+    def clean(text: str) -> list[Any]:
+        docs = [d for d in yaml.safe_load_all(text) if d]
+        for d in docs:
+            for labels in (
+                d["metadata"].get("labels", {}),
+                d.get("spec", {}).get("template", {}).get("metadata", {}).get("labels", {}),
+            ):
+                labels.pop("helm.sh/chart", None)
+                labels.pop("app.kubernetes.io/managed-by", None)
+        return sorted(docs, key=lambda d: (d["kind"], d["metadata"]["name"]))
+
+    component = (REPO / "manifests" / "components" / "server" / "server.yaml").read_text()
+    assert clean(component) == clean(rendered)
+    kinds = control_plane.kubectl(
+        "kustomize", str(REPO / "manifests" / "overlays" / "with-server")
+    ).stdout
+    assert "name: maestro-server" in kinds

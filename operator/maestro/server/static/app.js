@@ -210,6 +210,8 @@ async function showRun(id) {
     g.classList.add("selected");
     showTask(run, byName.get(g.dataset.task), panel, status);
   });
+  // Milliseconds from navigation to a drawn run page (read by bench/server_list.py).
+  window.maestroRenderedMs = performance.now();
   document.body.dataset.rendered = run.id;
 
   async function act(path, body) {
