@@ -137,7 +137,7 @@ def test_execute_approve_and_follow_a_run(
     assert {t["phase"] for t in final["tasks"]} == {"Succeeded"}
 
     task = server.call("GET", f"/api/runs/{run_id}/tasks/gate", token=user_token)[1]
-    assert task["gate"] == "Ship {{ params.who }}?"
+    assert task["gate"] == "Ship me?", "the message is rendered with the run's params"
     assert [a["phase"] for a in task["attempts"]] == ["Succeeded"]
 
     # The event stream replays the history, then ends because the run has finished.

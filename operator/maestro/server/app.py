@@ -13,7 +13,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,9 +28,10 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import BaseModel, Field, ValidationError
 
 from maestro import __version__
-from maestro.api.models import WorkflowSpec
+from maestro.api.models import Task, WorkflowSpec
 from maestro.api.parse import describe
-from maestro.api.phases import RunPhase
+from maestro.api.phases import RunPhase, TaskPhase
+from maestro.dag.templates import Context, render
 from maestro.dag.validate import resolve_params, validate
 from maestro.executors.container import LABEL_ATTEMPT, LABEL_RUN_ID, LABEL_TASK
 from maestro.k8s.client import (
@@ -186,6 +187,18 @@ async def _caller(
 
 
 CallerDep = Annotated[Caller, Depends(_caller)]
+
+
+def _gate(task: Task, run: RunRecord, latest: Mapping[str, AttemptRecord]) -> str | None:
+    """An approval gate's message, with params and upstream outputs filled in (as written
+    when a reference cannot be resolved yet)."""
+    if task.approval is None or task.approval.message is None:
+        return None
+    outputs = {n: a.outputs or {} for n, a in latest.items() if a.phase is TaskPhase.SUCCEEDED}
+    try:
+        return render(task.approval.message, Context(run.params, outputs, {}))
+    except ValueError:  # TemplateError, or a reference that does not parse
+        return task.approval.message
 
 
 def create_app(
@@ -416,7 +429,7 @@ def create_app(
                     "name": task.name,
                     "kind": task.kind,
                     "dependsOn": task.depends_on,
-                    "gate": task.approval.message if task.approval else None,
+                    "gate": _gate(task, run, latest),
                     "phase": a.phase.value if a else None,
                     "attempts": a.attempt if a else 0,
                     "message": a.message if a else None,
@@ -447,7 +460,7 @@ def create_app(
         return {
             "name": task,
             "kind": t.kind,
-            "gate": t.approval.message if t.approval else None,
+            "gate": _gate(t, run, await store.latest_attempts(run.id)) if t.approval else None,
             "attempts": found,
         }
 
