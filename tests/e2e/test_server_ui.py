@@ -126,6 +126,8 @@ def test_ui_runs_a_workflow_approves_its_gate_and_shows_deleted_history(
     expect(page.locator("#run-phase")).to_have_text("Succeeded", timeout=60_000)
     node(page, "deploy").click()
     expect(page.locator("#attempts")).to_contain_text("Succeeded")
+    page.get_by_role("button", name="Logs").click()
+    expect(page.locator("#logs")).to_contain_text("==> deploy attempt 1")
     page.screenshot(path=str(SHOTS / "run-succeeded.png"), full_page=True)
 
     # Delete the resource: the store keeps the history, and the UI says it is history only.

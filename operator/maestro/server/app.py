@@ -335,7 +335,9 @@ def create_app(
         try:
             workflow = await kube.get_workflow(namespace, name)
         except NotFound:
-            raise ApiError(404, f"workflow {namespace}/{name} not found", "name") from None
+            raise ApiError(
+                404, f"workflow {name!r} not found in namespace {namespace!r}", "name"
+            ) from None
         try:
             spec = WorkflowSpec.model_validate(workflow.get("spec") or {})
         except ValidationError as err:
