@@ -460,3 +460,41 @@ def test_server_component_matches_the_chart(control_plane: ControlPlane) -> None
         "kustomize", str(REPO / "manifests" / "overlays" / "with-server")
     ).stdout
     assert "name: maestro-server" in kinds
+
+
+def test_anonymous_only_with_the_flag_and_still_subject_to_rbac(
+    control_plane: ControlPlane,
+    namespace: str,
+    operator: Any,
+    postgres_url: str,
+    tmp_path: Any,
+    user_token: str,
+) -> None:
+    """--allow-anonymous turns a missing token into system:anonymous, not into access."""
+    anon = ServerProcess(
+        control_plane.kubeconfig, postgres_url, tmp_path / "anon.log", ["--allow-anonymous"]
+    )
+    anon.start()
+    try:
+        status, body = anon.call("GET", f"/api/runs?namespace={namespace}")
+        assert status == 403, body
+        assert "system:anonymous may not list workflowruns" in body["error"]["message"]
+        # A bad token is still refused, not downgraded to anonymous.
+        assert anon.call("GET", f"/api/runs?namespace={namespace}", token="bad")[0] == 401
+        assert anon.call("GET", f"/api/runs?namespace={namespace}", token=user_token)[0] == 200
+        # Granting the anonymous user the verb (as RBAC would) is what opens it.
+        control_plane.kubectl(
+            "create",
+            "rolebinding",
+            "anon-list",
+            "-n",
+            namespace,
+            "--role=runner",
+            "--user=system:anonymous",
+        )
+        deadline = time.monotonic() + 30
+        while anon.call("GET", f"/api/runs?namespace={namespace}")[0] != 200:
+            assert time.monotonic() < deadline, "the anonymous RoleBinding never took effect"
+            time.sleep(1)
+    finally:
+        anon.stop()
