@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -385,7 +386,11 @@ def test_probes_and_openapi(server: ServerProcess) -> None:
 
 
 def test_schemathesis_finds_no_server_error(
-    control_plane: ControlPlane, namespace: str, server: ServerProcess, user_token: str
+    control_plane: ControlPlane,
+    namespace: str,
+    server: ServerProcess,
+    user_token: str,
+    tmp_path: Path,
 ) -> None:
     apply(control_plane, namespace, GATED)
     started = server.call(
@@ -417,6 +422,7 @@ def test_schemathesis_finds_no_server_error(
         text=True,
         timeout=900,
         check=False,
+        cwd=tmp_path,  # schemathesis keeps a cache in its working directory
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:] + server.log()[-3000:]
 
