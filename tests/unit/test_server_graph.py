@@ -56,6 +56,7 @@ def test_both_request_shapes() -> None:
         ({"a": None}, "params.a"),
         ({"a": [1]}, "params.a"),
         ({"params": {}, "name": "UPPER"}, "name"),
+        ({"params": {}, "name": "trailing-newline\n"}, "name"),
         ({"params": {}, "labels": {"k": "has space"}}, "labels.k"),
         ({"params": {}, "labels": {"-bad": "v"}}, "labels.-bad"),
     ],

@@ -88,11 +88,11 @@ class ApproveRequest(BaseModel):
 
 def _label_problem(key: str, value: str) -> str | None:
     prefix, _, name = key.rpartition("/")
-    if prefix and (len(prefix) > 253 or not re.match(DNS_SUBDOMAIN, prefix)):
+    if prefix and (len(prefix) > 253 or not re.fullmatch(DNS_SUBDOMAIN, prefix)):
         return "label key prefix must be a DNS subdomain"
-    if not _LABEL_NAME.match(name):
+    if not _LABEL_NAME.fullmatch(name):
         return "label name must be 1-63 alphanumerics, '-', '_' or '.', alphanumeric at the ends"
-    if not _LABEL_VALUE.match(value):
+    if not _LABEL_VALUE.fullmatch(value):
         return "label value must be at most 63 alphanumerics, '-', '_' or '.'"
     return None
 
@@ -112,7 +112,7 @@ def _execute_request(body: Any) -> tuple[dict[str, str], str | None, dict[str, s
     params = {
         k: v if isinstance(v, str) else json.dumps(v) for k, v in req.params.items()
     }  # numbers and booleans as their JSON text: params are strings
-    if req.name is not None and (len(req.name) > 253 or not re.match(DNS_SUBDOMAIN, req.name)):
+    if req.name is not None and (len(req.name) > 253 or not re.fullmatch(DNS_SUBDOMAIN, req.name)):
         raise ApiError(422, "must be a DNS subdomain (lower case, digits, '-', '.')", "name")
     for key, value in req.labels.items():
         problem = _label_problem(key, value)
@@ -131,7 +131,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         when = datetime.fromisoformat(at)
     except (ValueError, UnicodeError, binascii.Error):
         raise ApiError(400, "not a cursor this server returned", "cursor") from None
-    if when.tzinfo is None or not re.match(RUN_ID, run_id):
+    if when.tzinfo is None or not re.fullmatch(RUN_ID, run_id):
         raise ApiError(400, "not a cursor this server returned", "cursor")
     return when, run_id
 
