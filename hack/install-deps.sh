@@ -16,6 +16,8 @@ command -v promtool >/dev/null || missing+=(prometheus)
 for tool in buildah podman runc mmdebstrap; do
   PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null || missing+=("$tool")
 done
+# Headless browser for the web UI tests (tests/e2e/test_server_ui.py; Playwright drives it).
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 
 if [ "${#missing[@]}" -eq 0 ]; then
   exit 0

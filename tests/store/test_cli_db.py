@@ -25,14 +25,14 @@ def test_upgrade_then_current(database_url: str) -> None:
     runner = CliRunner()
     before = runner.invoke(db, ["current", "--database-url", database_url])
     assert before.exit_code == 0, before.output
-    assert before.stdout == "none (this Maestro needs 0002_obs_trace_id)\n"
+    assert before.stdout == "none (this Maestro needs 0003_server_run_listing)\n"
 
     upgraded = runner.invoke(db, ["upgrade"], env={"MAESTRO_DATABASE_URL": database_url})
     assert upgraded.exit_code == 0, upgraded.output
-    assert upgraded.stdout == "database schema is at 0002_obs_trace_id (head)\n"
+    assert upgraded.stdout == "database schema is at 0003_server_run_listing (head)\n"
 
     after = runner.invoke(db, ["current", "--database-url", database_url])
-    assert after.stdout == "0002_obs_trace_id (head)\n"
+    assert after.stdout == "0003_server_run_listing (head)\n"
 
 
 async def test_prune_deletes_old_finished_runs(database_url: str) -> None:

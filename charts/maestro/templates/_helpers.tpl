@@ -122,3 +122,18 @@ per-namespace Roles. Each rule names the call that needs it.
 {{- define "maestro.metricsPort" -}}
 {{- if .Values.operator.metricsPort }}{{ .Values.operator.metricsPort }}{{ else }}{{ .Values.operator.port }}{{ end }}
 {{- end }}
+
+{{/* The server's labels: the operator's, with component "server" (disjoint selectors). */}}
+{{- define "maestro.server.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "maestro.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: server
+{{- end }}
+
+{{- define "maestro.server.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "maestro.server.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: maestro
+{{- end }}

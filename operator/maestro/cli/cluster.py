@@ -14,11 +14,16 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from maestro.api.models import API_VERSION
 from maestro.cli.run import default_database_url
 from maestro.executors.container import LABEL_RUN, LABEL_TASK
-from maestro.k8s.client import Conflict, Kube, NotFound, load_config
-from maestro.operator.runs import RETRY_OF
+from maestro.k8s.client import (
+    Conflict,
+    Kube,
+    NotFound,
+    load_config,
+    retry_manifest,
+    run_manifest,
+)
 from maestro.store import Store, StoreError
 
 T = TypeVar("T")
@@ -89,13 +94,7 @@ def submit_cmd(
         if not sep:
             raise click.BadParameter(f"{item!r}: expected key=value", param_hint="-p")
         values[key] = value
-    meta: dict[str, Any] = {"name": name} if name else {"generateName": f"{workflow}-"}
-    body = {
-        "apiVersion": API_VERSION,
-        "kind": "WorkflowRun",
-        "metadata": meta,
-        "spec": {"workflowRef": {"name": workflow}, "params": values},
-    }
+    body = run_manifest(workflow, values, name=name)
     created = _call(kubeconfig, lambda k: k.create_run(namespace, body))
     click.echo(created["metadata"]["name"])
 
@@ -178,19 +177,10 @@ def logs_cmd(run: str, task: str | None, namespace: str, kubeconfig: str | None)
 async def _patch_spec(
     kube: Kube, namespace: str, run: str, change: Callable[[dict[str, Any]], dict[str, Any]]
 ) -> None:
-    """Read-modify-write with the resourceVersion, so concurrent edits are not lost."""
-    for _ in range(5):
-        obj = await kube.get_run(namespace, run)
-        patch = {
-            "metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
-            "spec": change(obj.get("spec") or {}),
-        }
-        try:
-            await kube.patch_run_spec(namespace, run, patch)
-            return
-        except Conflict:
-            continue  # someone else wrote first: read again
-    raise click.ClickException(f"run {run!r} keeps changing; try again")
+    try:
+        await kube.change_run_spec(namespace, run, change)
+    except Conflict as err:
+        raise click.ClickException(str(err)) from None
 
 
 def _local_store_call(database_url: str | None, work: Callable[[Store], Awaitable[T]]) -> T:
@@ -270,14 +260,7 @@ def retry_cmd(run: str, namespace: str, kubeconfig: str | None) -> None:
         run_id = (old.get("status") or {}).get("runId")
         if not run_id:
             raise click.ClickException(f"run {run!r} has not started, there is nothing to retry")
-        spec = {k: v for k, v in (old.get("spec") or {}).items() if k not in ("cancel", "suspend")}
-        body = {
-            "apiVersion": API_VERSION,
-            "kind": "WorkflowRun",
-            "metadata": {"generateName": f"{run}-retry-", "annotations": {RETRY_OF: run_id}},
-            "spec": spec,
-        }
-        created = await kube.create_run(namespace, body)
+        created = await kube.create_run(namespace, retry_manifest(old, run_id))
         return str(created["metadata"]["name"])
 
     click.echo(_call(kubeconfig, retry))

@@ -9,19 +9,25 @@ from __future__ import annotations
 import base64
 import logging
 import os
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from maestro.api.models import GROUP, VERSION
+from maestro.api.models import API_VERSION, GROUP, VERSION
 
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
 RUNS = "workflowruns"
 WORKFLOWS = "workflows"
+# Annotation of a WorkflowRun made by a retry: the store id of the run it retries.
+RETRY_OF = "maestro.dev/retry-of"
+# How often a read-modify-write of a run's spec is tried before giving up.
+SPEC_CHANGE_ATTEMPTS = 5
 
 
 class NotFound(LookupError):
@@ -48,6 +54,53 @@ async def load_config(kubeconfig: str | None = None) -> client.ApiClient:
     cfg = client.Configuration()
     await config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
     return client.ApiClient(configuration=cfg)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a bearer token belongs to, as the API server's TokenReview says."""
+
+    username: str
+    uid: str
+    groups: tuple[str, ...]
+    # Pairs rather than a dict, so a Caller is hashable (a cache key).
+    extra: tuple[tuple[str, tuple[str, ...]], ...]
+
+
+def run_manifest(
+    workflow: str,
+    params: Mapping[str, str],
+    *,
+    name: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    annotations: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """A WorkflowRun of ``workflow`` (named ``name``, else ``WORKFLOW-`` plus a suffix)."""
+    meta: dict[str, Any] = {"name": name} if name else {"generateName": f"{workflow}-"}
+    if labels:
+        meta["labels"] = dict(labels)
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "WorkflowRun",
+        "metadata": meta,
+        "spec": {"workflowRef": {"name": workflow}, "params": dict(params)},
+    }
+
+
+def retry_manifest(old: Mapping[str, Any], run_id: str) -> dict[str, Any]:
+    """A new WorkflowRun retrying ``old`` (store id ``run_id``): same spec, not cancelled."""
+    spec = {k: v for k, v in (old.get("spec") or {}).items() if k not in ("cancel", "suspend")}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "WorkflowRun",
+        "metadata": {
+            "generateName": f"{old['metadata']['name']}-retry-",
+            "annotations": {RETRY_OF: run_id},
+        },
+        "spec": spec,
+    }
 
 
 class Kube:
@@ -225,6 +278,105 @@ class Kube:
             if err.status == 409:
                 raise Conflict(f"workflowrun {namespace}/{name} changed meanwhile") from None
             raise
+
+    async def change_run_spec(
+        self,
+        namespace: str,
+        name: str,
+        change: Callable[[dict[str, Any]], dict[str, Any]],
+    ) -> None:
+        """Merge ``change(spec)`` into a run's spec; read-modify-write with the
+        resourceVersion, so concurrent edits are not lost. Raises :class:`Conflict` when
+        the run keeps changing, :class:`NotFound` when it is gone."""
+        for _ in range(SPEC_CHANGE_ATTEMPTS):
+            obj = await self.get_run(namespace, name)
+            patch = {
+                "metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
+                "spec": change(obj.get("spec") or {}),
+            }
+            try:
+                await self.patch_run_spec(namespace, name, patch)
+                return
+            except Conflict:
+                continue  # someone else wrote first: read again
+        raise Conflict(f"workflowrun {namespace}/{name} keeps changing; try again")
+
+    async def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        """Pods matching a label selector, oldest first."""
+        self.reads += 1
+        pods = await self.core.list_namespaced_pod(namespace, label_selector=selector)
+        items: list[dict[str, Any]] = [self.api.sanitize_for_serialization(p) for p in pods.items]
+        items.sort(key=lambda p: p["metadata"].get("creationTimestamp", ""))
+        return items
+
+    async def follow_pod_log(self, namespace: str, pod: str) -> AsyncIterator[bytes]:
+        """A running pod's log as it is written, until the container ends."""
+        self.reads += 1
+        try:
+            # Without preloading, the call returns the aiohttp response to stream from.
+            rsp: Any = await self.core.read_namespaced_pod_log(
+                pod, namespace, follow=True, _preload_content=False
+            )
+        except ApiException as err:
+            raise NotFound(f"log of pod {namespace}/{pod}: {err.reason}") from None
+        try:
+            async for chunk in rsp.content.iter_any():
+                yield chunk
+        finally:
+            rsp.release()
+
+    async def review_token(self, token: str) -> Caller | None:
+        """The caller a bearer token authenticates, or None when the API server says no."""
+        self.writes += 1
+        review = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token))
+        result = await client.AuthenticationV1Api(self.api).create_token_review(review)
+        status = result.status
+        if status is None or not status.authenticated or status.user is None:
+            return None
+        user = status.user
+        return Caller(
+            username=user.username or "",
+            uid=user.uid or "",
+            groups=tuple(user.groups or ()),
+            extra=tuple(sorted((k, tuple(v)) for k, v in (user.extra or {}).items())),
+        )
+
+    async def may(
+        self,
+        caller: Caller,
+        verb: str,
+        resource: str,
+        namespace: str,
+        *,
+        group: str = GROUP,
+        subresource: str | None = None,
+    ) -> bool:
+        """Whether the API server's authorizer lets ``caller`` do ``verb`` on ``resource``
+        in ``namespace`` ("" for every namespace): a SubjectAccessReview."""
+        self.writes += 1
+        review = client.V1SubjectAccessReview(
+            spec=client.V1SubjectAccessReviewSpec(
+                user=caller.username,
+                uid=caller.uid or None,
+                groups=list(caller.groups),
+                extra={k: list(v) for k, v in caller.extra} or None,
+                resource_attributes=client.V1ResourceAttributes(
+                    group=group,
+                    resource=resource,
+                    subresource=subresource,
+                    verb=verb,
+                    namespace=namespace or None,
+                ),
+            )
+        )
+        result = await client.AuthorizationV1Api(self.api).create_subject_access_review(review)
+        return bool(result.status and result.status.allowed)
+
+    async def version(self) -> str:
+        """The API server's version (a cheap call: proves it answers)."""
+        self.reads += 1
+        info = await client.VersionApi(self.api).get_code()
+        return str(info.git_version)
 
     async def pod_log(self, namespace: str, pod: str) -> str:
         """A pod's whole log; raises NotFound when the pod or its log is gone."""

@@ -24,7 +24,7 @@ from maestro.api.phases import RunPhase
 from maestro.dag.validate import resolve_params, validate
 from maestro.engine.driver import Waker
 from maestro.engine.engine import Engine, InvalidRun
-from maestro.k8s.client import RUNS, Kube, NotFound
+from maestro.k8s.client import RETRY_OF, RUNS, Kube, NotFound
 from maestro.operator.logs import bind_run, event_line
 from maestro.operator.metrics import Metrics
 from maestro.operator.status import not_started_status, run_status
@@ -33,8 +33,6 @@ from maestro.store import EventRecord, RunNotFound, RunRecord, StoreError
 
 log = logging.getLogger("maestro.operator")
 
-# Annotation of a WorkflowRun made by `maestro retry`: the store id of the run it retries.
-RETRY_OF = "maestro.dev/retry-of"
 # How long to wait before looking again for a Workflow that is missing or invalid.
 WORKFLOW_RETRY_SECONDS = 10.0
 # Even with no event, a run is looked at this often (a missed watch event heals).

@@ -77,6 +77,9 @@ class RunRow(Base):
             sqlite_where="finished_at IS NULL",
         ),
         Index("ix_runs_finished_at", "finished_at"),
+        # History pages newest first (keyset pagination over created_at, id).
+        Index("ix_runs_created_at_id", "created_at", "id"),
+        Index("ix_runs_namespace_created_at_id", "namespace", "created_at", "id"),
     )
 
 

@@ -6,7 +6,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Collection, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -214,6 +214,10 @@ class Store:
                 yield session
         except (OSError, OperationalError, InterfaceError, PoolTimeout) as exc:
             raise unavailable(exc, self._url, self._connect_timeout) from None
+
+    def reading(self) -> AbstractAsyncContextManager[AsyncSession]:
+        """A transaction for read-only queries kept outside this class (store.queries)."""
+        return self._transaction()
 
     def _insert(self, model: type[RunRow] | type[AttemptRow]) -> Any:
         # ON CONFLICT DO NOTHING is spelled the same on both, but lives in each dialect.

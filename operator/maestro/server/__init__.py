@@ -1,0 +1,1 @@
+"""``maestro server``: the HTTP API (run history, live events, actions) and the web UI."""
