@@ -40,6 +40,8 @@ class OperatorConfig:
     max_output_bytes: int = 64 * 1024
     peering: str | None = None
     priority: int = 0
+    # Kopf's default (60 s) is how long a SIGKILLed active replica blocks its standby.
+    peering_lifetime: int = 6
     listen_address: str = "127.0.0.1"
     health_port: int = 8080
     metrics_port: int = 8080
@@ -116,6 +118,8 @@ def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig) -> N
     if config.peering:
         settings.peering.name = config.peering
         settings.peering.priority = config.priority
+        settings.peering.lifetime = config.peering_lifetime
+        settings.peering.stealth = True  # a keep-alive every second is not news
         settings.peering.standalone = False
     else:
         settings.peering.standalone = True
