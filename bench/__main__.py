@@ -1,7 +1,8 @@
 """``python -m bench all`` (or ``python -m bench NAME ...``): run, print one table, write JSON.
 
 Names: ``dag``, ``engine``, ``overhead``, ``db``, ``operator`` (the operator pass also
-gives the recovery figures). ``--quick`` shrinks every benchmark for a smoke run.
+gives the recovery figures), ``failover`` (peering failover after a SIGKILL).
+``--quick`` shrinks every benchmark for a smoke run.
 The JSON lands in ``bench/results/<UTC date and time>.json`` (git-ignored).
 """
 
@@ -22,12 +23,13 @@ from typing import Any
 
 from bench.common import REPO, Figure, Outcome, fmt
 
-NAMES = ("dag", "engine", "overhead", "db", "operator")
+NAMES = ("dag", "engine", "overhead", "db", "operator", "failover")
 MODULES = {
     "dag": "bench.dag_scale",
     "engine": "bench.engine_latency",
     "db": "bench.db_cost",
     "operator": "bench.operator_e2e",
+    "failover": "bench.failover",
 }
 
 
