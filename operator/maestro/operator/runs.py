@@ -31,7 +31,6 @@ from maestro.k8s.client import (
     NamespaceTerminating,
     NotFound,
     PermanentAPIError,
-    TransientAPIError,
 )
 from maestro.operator.metrics import Metrics
 from maestro.operator.status import not_started_status, run_status
@@ -314,7 +313,10 @@ class RunController:
         meta = body["metadata"]
         run = await self.engine.store.find_run(meta["namespace"], meta["uid"])
         if run is not None and not run.phase.finished:
-            gone = await self.kube.namespace_terminating(meta["namespace"])
+            try:
+                gone = await self.kube.namespace_terminating(meta["namespace"])
+            except APIError:
+                gone = False  # the API is down: the cancel itself matters more than its wording
             why = _namespace_gone(meta["namespace"]) if gone else "the WorkflowRun was deleted"
             await self.engine.abort(run.id, why)
             log.info("run %s/%s cancelled: resource deleted", meta["namespace"], meta["name"])
@@ -390,12 +392,13 @@ class RunController:
         """
         failures = 0
         synced = False
+        include_spec = len(str(run.spec)) <= MAX_SPEC_IN_STATUS
         while not stopped:
             try:
                 if not synced:
                     await self.sync_controls(body)
                     synced = True
-                timeout = await self._pass(run.id, body, writer, previous, stopped)
+                timeout = await self._pass(run.id, body, writer, previous, stopped, include_spec)
                 failures = 0
             except StoreError as err:
                 log.warning(
@@ -404,7 +407,7 @@ class RunController:
                 await stopped.wait(STORE_RETRY_SECONDS)
                 continue
             except NamespaceTerminating:
-                await self._namespace_deleted(run)
+                await self._namespace_deleted(run, stopped)
                 continue  # the next pass writes the Cancelled status (or finds it gone)
             except Exception as err:  # never let Kopf wait a minute
                 failures += 1
@@ -419,11 +422,14 @@ class RunController:
                 with contextlib.suppress(NotFound):
                     await writer.flush()
 
-    async def _namespace_deleted(self, run: RunRecord) -> None:
+    async def _namespace_deleted(self, run: RunRecord, stopped: Any) -> None:
+        """Record the run Cancelled; on trouble wait a little (the next pass tries again)."""
         try:
             await self.engine.abort(run.id, _namespace_gone(run.namespace))
-        except StoreError as err:
-            log.warning("run %s/%s: cannot record the cancel yet: %s", run.namespace, run.name, err)
+        except Exception as err:  # the loop must go on: the next pass raises it again
+            self._log_trouble(run.namespace, run.name, err)
+            await stopped.wait(RETRY_MAX_SECONDS)
+            return
         log.info("run %s/%s cancelled: its namespace is being deleted", run.namespace, run.name)
 
     async def _pass(
@@ -433,6 +439,7 @@ class RunController:
         writer: _StatusWriter,
         previous: list[Any],
         stopped: Any,
+        include_spec: bool,
     ) -> float | None:
         """One reconcile, its Events and status; how long to wait, None when done."""
         meta = body["metadata"]
@@ -452,7 +459,7 @@ class RunController:
             generation=self._generations.get(run.id, meta.get("generation")),
             previous_conditions=writer.written.get("conditions") or previous,
             now=now,
-            include_spec=len(str(run.spec)) <= MAX_SPEC_IN_STATUS,
+            include_spec=include_spec,
         )
         try:
             await writer.offer(status, final=run.phase.finished)
@@ -484,14 +491,18 @@ class RunController:
         An event is marked posted only after its Event exists; the Event's name is
         derived from the store event, so a crash between the two posts nothing twice.
         """
-        for e in await self.engine.store.unposted_events(run.id):
-            try:
-                await self._record_event(run, body, e, latest, spec)
-            except TransientAPIError:
-                raise  # kept in the outbox: the pass is retried shortly
-            except PermanentAPIError as err:  # refused for good (RBAC, a deleted namespace)
-                log.warning("run %s/%s: event not posted: %s", run.namespace, run.name, err)
-            await self.engine.store.mark_posted([e.id])
+        done: list[int] = []
+        try:
+            for e in await self.engine.store.unposted_events(run.id):
+                try:
+                    await self._record_event(run, body, e, latest, spec)
+                except PermanentAPIError as err:  # refused for good (RBAC, a deleted namespace)
+                    log.warning("run %s/%s: event not posted: %s", run.namespace, run.name, err)
+                done.append(e.id)
+        finally:
+            # Also when a post failed for now: what was posted leaves the outbox, the rest
+            # stays for the pass that is retried shortly.
+            await self.engine.store.mark_posted(done)
 
     async def _wait(self, run_id: str, seconds: float, stopped: Any) -> None:
         """Until woken, ``seconds`` pass, or Kopf asks the daemon to stop."""
