@@ -7,12 +7,16 @@ executor: a fake API for one layer, the engine and the store under it are real.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import pytest
 from kit import Harness, sh, spec_of
 
 from maestro.api.phases import RunPhase, TaskPhase
 from maestro.engine.executor import AttemptContext, Result, StartRejected
+from maestro.k8s.client import TransientAPIError
+from maestro.operator.metrics import Metrics
+from maestro.operator.runs import RunController, Settings
 from maestro.store import Store
 
 
@@ -138,3 +142,41 @@ async def test_the_event_outbox_hands_out_each_event_until_marked(h: Harness) ->
     assert [e.id for e in await store.unposted_events(run.id)] == [e.id for e in pending[2:]]
     await store.mark_posted([e.id for e in pending])
     assert await store.unposted_events(run.id) == []
+
+
+class FakeEventsApi:
+    """Stands in for ``Kube.emit_event``: Events by name; ``down`` posts fail as transient."""
+
+    def __init__(self) -> None:
+        self.posted: dict[str, str] = {}
+        self.calls = 0
+        self.fail_after: int | None = None
+
+    async def emit_event(
+        self, involved: dict[str, Any], *, reason: str, message: str, warning: bool, name: str
+    ) -> None:
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise TransientAPIError("event", "connection refused")
+        self.posted.setdefault(name, reason)  # a second create of a name is a 409: no-op
+
+
+async def test_events_are_posted_once_even_when_a_post_fails_midway(h: Harness) -> None:
+    policy = {"limit": 2, "backoffSeconds": 0}
+    run = await h.run(spec_of([sh("a", "exit 1", retries=policy)]))
+    api = FakeEventsApi()
+    metrics = Metrics(queue_depth=lambda: 0.0, api_writes=lambda: 0.0)
+    controller = RunController(h.engine, cast(Any, api), h.waker, metrics, Settings())
+    body = {"metadata": {"name": "run", "namespace": "test", "uid": "u"}}
+    spec = h.engine.spec_of(run)[0]
+    latest = await h.latest(run.id)
+    api.fail_after = 2  # the API goes away after two Events
+    with pytest.raises(TransientAPIError):
+        await controller._post_events(run, body, latest, spec)
+    api.fail_after = None
+    await controller._post_events(run, body, latest, spec)
+    await controller._post_events(run, body, latest, spec)  # nothing left: posts nothing
+    reasons = sorted(api.posted.values())
+    assert reasons == ["RunFailed", "RunStarted", "TaskFailed", "TaskFailed", "TaskFailed"]
+    assert api.calls == 6  # 5 Events + the one refused once; none posted before was re-sent
+    assert await h.store.unposted_events(run.id) == []
