@@ -1,8 +1,9 @@
 """``python -m bench all`` (or ``python -m bench NAME ...``): run, print one table, write JSON.
 
 Names: ``dag``, ``engine``, ``overhead``, ``db``, ``operator`` (the operator pass also
-gives the recovery figures), ``image`` (the operator image's size and build time),
-``server`` (history pages and the run page of the web UI).
+gives the recovery figures), ``failover`` (peering failover after a SIGKILL), ``image``
+(the operator image's size and build time), ``server`` (history pages and the run page
+of the web UI).
 ``--quick`` shrinks every benchmark for a smoke run.
 The JSON lands in ``bench/results/<UTC date and time>.json`` (git-ignored).
 """
@@ -24,7 +25,7 @@ from typing import Any
 
 from bench.common import REPO, Figure, Outcome, fmt
 
-NAMES = ("dag", "engine", "overhead", "db", "operator", "image", "server")
+NAMES = ("dag", "engine", "overhead", "db", "operator", "failover", "image", "server")
 MODULES = {
     "dag": "bench.dag_scale",
     "engine": "bench.engine_latency",
@@ -32,6 +33,7 @@ MODULES = {
     "operator": "bench.operator_e2e",
     "image": "bench.image",
     "server": "bench.server_list",
+    "failover": "bench.failover",
 }
 
 

@@ -30,6 +30,7 @@ _KEPT = (
     "maxLength",
     "minItems",
     "maxItems",
+    "maxProperties",
     "x-kubernetes-validations",
 )
 

@@ -134,10 +134,33 @@ class Resources(Model):
     limits: dict[str, Quantity] = Field(default_factory=dict)
 
 
+# Pod labels the operator or the Job controller sets (see maestro.dag.validate, which
+# checks the same at `maestro validate` and when a run starts).
+_RESERVED_LABELS_RULE = (
+    "!has(self.labels) || self.labels.all(k, !(k == 'job-name' || k == 'controller-uid'"
+    " || k == 'app.kubernetes.io/managed-by' || k.startsWith('maestro.dev/')"
+    " || k.startsWith('batch.kubernetes.io/') || k.startsWith('controller.kubernetes.io/')))"
+)
+MAX_POD_LABELS = 64
+
+
 class PodMetadata(Model):
     """Labels and annotations added to the pods a container task creates."""
 
-    labels: dict[str, str] = Field(default_factory=dict)
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": _RESERVED_LABELS_RULE,
+                    "message": "labels: job-name, controller-uid, app.kubernetes.io/managed-by "
+                    "and the maestro.dev/, batch.kubernetes.io/ and controller.kubernetes.io/ "
+                    "prefixes are reserved",
+                }
+            ]
+        }
+    )
+
+    labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_POD_LABELS)
     annotations: dict[str, str] = Field(default_factory=dict)
 
 

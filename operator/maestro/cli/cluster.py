@@ -15,7 +15,7 @@ from rich.live import Live
 from rich.table import Table
 
 from maestro.cli.run import default_database_url
-from maestro.executors.container import LABEL_RUN, LABEL_TASK
+from maestro.executors.container import LABEL_RUN, LABEL_TASK, run_label
 from maestro.k8s.client import (
     Conflict,
     Kube,
@@ -154,7 +154,7 @@ def logs_cmd(run: str, task: str | None, namespace: str, kubeconfig: str | None)
     """Print the container logs of a run's tasks (every attempt, oldest first)."""
 
     async def read(kube: Kube) -> None:
-        selector = f"{LABEL_RUN}={run}" + (f",{LABEL_TASK}={task}" if task else "")
+        selector = f"{LABEL_RUN}={run_label(run)}" + (f",{LABEL_TASK}={task}" if task else "")
         pods = await kube.core.list_namespaced_pod(namespace, label_selector=selector)
         if not pods.items:
             raise click.ClickException(

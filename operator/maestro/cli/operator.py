@@ -52,6 +52,14 @@ def _default_priority() -> int:
 @click.option("--peering", help="Kopf peering name for HA (several replicas, one active).")
 @click.option("--priority", type=int, default=None, help="Peering priority (default: per pod).")
 @click.option(
+    "--peering-lifetime",
+    type=click.IntRange(min=2),
+    default=6,
+    show_default=True,
+    help="Seconds a replica's peering record stays valid: a killed active replica is "
+    "replaced after about this long (it is refreshed every second or so meanwhile).",
+)
+@click.option(
     "--listen-address",
     default="127.0.0.1",
     show_default=True,
@@ -116,6 +124,7 @@ def operator_cmd(
     max_output_bytes: int,
     peering: str | None,
     priority: int | None,
+    peering_lifetime: int,
     listen_address: str,
     health_port: int,
     metrics_port: int,
@@ -146,6 +155,7 @@ def operator_cmd(
         max_output_bytes=max_output_bytes,
         peering=peering,
         priority=priority if priority is not None else _default_priority(),
+        peering_lifetime=peering_lifetime,
         listen_address=listen_address,
         health_port=health_port,
         metrics_port=metrics_port,

@@ -6,9 +6,11 @@ expressions and the templates), which no CRD schema can express.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from maestro.api.models import Task, WorkflowSpec
 from maestro.dag import expressions, templates
@@ -162,6 +164,90 @@ def shell_warnings(spec: WorkflowSpec) -> list[Problem]:
     return found
 
 
+# Pod labels the operator or the Job controller sets: an author's value would break the
+# Job's selector (a 422 at create) or mislead Maestro about which run a pod belongs to.
+RESERVED_LABEL_PREFIXES = ("maestro.dev/", "batch.kubernetes.io/", "controller.kubernetes.io/")
+RESERVED_LABELS = frozenset({"job-name", "controller-uid", "app.kubernetes.io/managed-by"})
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Visible ASCII, space and tab: what every HTTP client sends as a header value.
+_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
+
+
+def _label_key_problem(key: str) -> str | None:
+    if key in RESERVED_LABELS or key.startswith(RESERVED_LABEL_PREFIXES):
+        return "is reserved for Maestro and the Job controller"
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return "has a prefix that is not a DNS subdomain"
+    if not name or len(name) > 63 or not _LABEL_NAME.match(name):
+        return "is not a valid label name (63 alphanumerics, '-', '_', '.' inside)"
+    return None
+
+
+def field_problems(task: Task, *, rendered: bool) -> list[str]:
+    """Executor fields Kubernetes or HTTP would refuse, each as ``field: problem``.
+
+    With ``rendered`` False (static validation) strings holding templates are skipped:
+    only their rendered value can be checked, which the engine does before a start.
+    """
+
+    def known(value: str) -> bool:
+        return rendered or "{{" not in value
+
+    problems: list[str] = []
+    if task.container is not None:
+        c = task.container
+        if known(c.image) and (not c.image.strip() or c.image != c.image.strip()):
+            problems.append(
+                "container.image: is empty"
+                if not c.image.strip()
+                else f"container.image: {c.image!r} has leading or trailing whitespace"
+            )
+        meta = c.pod_metadata
+        for key, value in (meta.labels if meta else {}).items():
+            why = _label_key_problem(key)
+            if why is not None:
+                problems.append(f"container.podMetadata.labels[{key!r}]: {why}")
+            elif known(value) and (len(value) > 63 or not _LABEL_NAME.match(value)):
+                problems.append(
+                    f"container.podMetadata.labels[{key!r}]: value {value!r} is not a valid "
+                    "label value (at most 63 alphanumerics, '-', '_', '.' inside)"
+                )
+    if task.http is not None:
+        h = task.http
+        if known(h.url):
+            problems += _url_problems(h.url)
+        for header in h.headers:
+            if not _HEADER_NAME.match(header.name):
+                problems.append(f"http.headers[{header.name!r}]: not a valid header name")
+            text = header.value
+            if text is not None and known(text) and not _HEADER_VALUE.match(text):
+                problems.append(
+                    f"http.headers[{header.name!r}]: value has characters other than "
+                    "printable ASCII (non-ASCII or a line break)"
+                )
+    return problems
+
+
+def _url_problems(url: str) -> list[str]:
+    if not url.strip():
+        return ["http.url: is empty"]
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is what rejects "http://host:x"
+    except ValueError as err:
+        return [f"http.url: {url!r} is not a valid URL: {err}"]
+    if parts.scheme not in ("http", "https"):
+        return [f"http.url: {url!r} must start with http:// or https://"]
+    if not parts.hostname:
+        return [f"http.url: {url!r} has no host"]
+    if any(ch.isspace() or ord(ch) < 32 for ch in url):
+        return [f"http.url: {url!r} contains whitespace or control characters"]
+    return []
+
+
 def validate(spec: WorkflowSpec) -> list[Problem]:
     """Every semantic problem of ``spec``; an empty list means it can run."""
     problems: list[Problem] = []
@@ -186,6 +272,8 @@ def validate(spec: WorkflowSpec) -> list[Problem]:
         problems += _reference_problems(task, params, main, main_names, is_final=False)
     for task in spec.finally_:
         problems += _reference_problems(task, params, final, main_names, is_final=True)
+    for task in spec.all_tasks():
+        problems += [Problem(task.name, p) for p in field_problems(task, rendered=False)]
     return problems
 
 

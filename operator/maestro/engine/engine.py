@@ -16,7 +16,10 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 from maestro.api.models import Task, WorkflowSpec
+from maestro.api.parse import describe
 from maestro.api.phases import RunPhase, TaskPhase
 from maestro.dag import templates
 from maestro.dag.scheduler import (
@@ -32,8 +35,8 @@ from maestro.dag.scheduler import (
     decide,
     main_outcome,
 )
-from maestro.dag.validate import Plan, plan, resolve_params, validate
-from maestro.engine.executor import AttemptContext, Executor, Result
+from maestro.dag.validate import Plan, field_problems, plan, resolve_params, validate
+from maestro.engine.executor import AttemptContext, Executor, Result, StartRejected
 from maestro.store import AttemptRecord, InvalidOutputs, OutputsTooLarge, RunRecord, Store
 
 log = logging.getLogger(__name__)
@@ -220,7 +223,14 @@ class Engine:
             if att.phase is not TaskPhase.RUNNING:
                 continue
             ctx = self._running_context(run, tasks[name], att, latest)
-            result = await self.executors[tasks[name].kind].poll(ctx)
+            executor = self.executors[tasks[name].kind]
+            if att.job_name is not None and att.launched_at is None:
+                # Recorded Running, but its Job was never created (the process stopped in
+                # between, or the API refused): create it now, once. Errors other than a
+                # rejection leave this pass; the caller retries it.
+                progressed |= await self._launch(run_id, executor, ctx)
+                continue
+            result = await executor.poll(ctx)
             if result is not None:
                 progressed |= await self._record_result(run_id, name, att.attempt, result)
         if progressed:
@@ -355,7 +365,7 @@ class Engine:
                 action.create,
                 TaskPhase.FAILED,
                 Reason.INPUT_ERROR,
-                f"cannot start: {err}",
+                f"task {task.name!r} cannot start: {err}",
             )
             return await self._settle(run.id, failed)
         ctx = AttemptContext(
@@ -379,18 +389,30 @@ class Engine:
         if not won:
             return False  # another writer started it (or it moved on): never start twice
         try:
-            await executor.start(replace(ctx, handle=handle))
-        except Exception:
-            # The attempt stays Running; the next pass's poll sees it never began and
-            # starts it again (start is idempotent).
-            log.exception(
-                "starting %s/%s attempt %d failed",
-                run.name,
-                task.name,
-                action.attempt,
+            await self._launch(run.id, executor, replace(ctx, handle=handle))
+        except Exception as err:  # any trouble: retried
+            # The attempt stays Running and unlaunched; the next pass creates it again
+            # (start is idempotent) and its caller backs off while the trouble lasts.
+            log.warning(
+                "starting %s/%s attempt %d failed, retried: %s",
+                run.name, task.name, action.attempt, err,
                 extra={"task": task.name, "attempt": action.attempt},
-            )
+            )  # fmt: skip
         return True
+
+    async def _launch(self, run_id: str, executor: Executor, ctx: AttemptContext) -> bool:
+        """Start an attempt's executor and record that its object exists.
+
+        True when the attempt was failed instead (the start was refused for good).
+        """
+        try:
+            await executor.start(ctx)
+        except StartRejected as err:
+            result = Result.failed(err.message, err.reason)
+            return await self._finish(run_id, ctx.task.name, ctx.attempt, result)
+        if ctx.handle is not None:
+            await self.store.mark_launched(run_id, ctx.task.name, ctx.attempt)
+        return False
 
     async def abort(self, run_id: str, message: str) -> RunRecord:
         """Stop every running attempt and cancel the run now, without finally tasks.
@@ -429,10 +451,19 @@ def _run_info(run: RunRecord) -> dict[str, str]:
 
 
 def _render_task(task: Task, ctx: templates.Context) -> Task:
+    """The task with its templates expanded; ``TemplateError`` names each bad field."""
     executor = getattr(task, task.kind)
     raw = executor.model_dump(by_alias=True, exclude_none=True)
     rendered = templates.render_all(raw, ctx)
-    return task.model_copy(update={task.kind: type(executor).model_validate(rendered)})
+    try:
+        result = task.model_copy(update={task.kind: type(executor).model_validate(rendered)})
+    except ValidationError as err:
+        lines = [f"{task.kind}.{line}" for line in describe(err)]
+        raise templates.TemplateError("after templating, " + "; ".join(lines)) from None
+    problems = field_problems(result, rendered=True)
+    if problems:
+        raise templates.TemplateError("after templating, " + "; ".join(problems))
+    return result
 
 
 def _start_message(task: Task) -> str:

@@ -33,6 +33,19 @@ class AttemptContext:
     started_at: datetime | None = None
 
 
+class StartRejected(Exception):
+    """``start`` can never succeed for this attempt (the API refused it for good).
+
+    ``message`` names what was refused and why, in the API's own words; ``reason`` is
+    recorded with the failed attempt (``InputError`` is not retried: same input, same
+    refusal).
+    """
+
+    def __init__(self, message: str, reason: str = "Rejected") -> None:
+        super().__init__(message)
+        self.message, self.reason = message, reason
+
+
 @dataclass(frozen=True)
 class Result:
     """How an attempt ended."""
@@ -58,8 +71,11 @@ class Executor(Protocol):
 
     ``start`` and ``stop`` must be idempotent: after a crash the engine may call
     them again for the same attempt, and the attempt must still run at most once.
-    ``start`` raises only for infrastructure trouble (retried on the next pass);
-    whatever goes wrong with the task itself is reported by ``poll``.
+    ``start`` raises :class:`StartRejected` when the attempt can never start, anything
+    else only for infrastructure trouble (retried on the next pass); whatever goes
+    wrong with the task itself once started is reported by ``poll``. An executor with
+    a handle (a Job) is started again until its start succeeded once, never after:
+    its object missing later means it vanished.
     """
 
     def handle(self, ctx: AttemptContext) -> str | None:

@@ -1,8 +1,11 @@
 """Container tasks on a cluster: one Kubernetes Job per attempt.
 
 Jobs are named deterministically from run, task and attempt (hashed when too
-long), so a start repeated after a crash finds the Job already there
-(AlreadyExists is success) and an attempt never runs twice. ``backoffLimit: 0``:
+long or not a DNS-1123 label), so a start repeated after a crash finds the Job
+already there (AlreadyExists is success when the Job's labels say it is this
+attempt's) and an attempt never runs twice. The engine records when the Job was
+created: a Job missing after that vanished (a failed attempt, reason ``Deleted``)
+and is never created again under its name. ``backoffLimit: 0``:
 the engine owns retries. Outputs are the JSON object the container writes to its
 termination message.
 """
@@ -10,13 +13,14 @@ termination message.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from typing import Any
 
-from maestro.engine.executor import AttemptContext, Result, Wake
+from maestro.engine.executor import AttemptContext, Result, StartRejected, Wake
 from maestro.executors.environment import OUTPUTS_IN_POD, parse_outputs, task_env
 from maestro.executors.secrets import run_service_account
-from maestro.k8s.client import Kube, NotFound
+from maestro.k8s.client import Kube, NamespaceTerminating, NotFound, PermanentAPIError
 
 MAX_NAME = 63
 # How long a running Job's state from the watch is trusted before a poll asks the API.
@@ -34,13 +38,40 @@ CONTAINER_SECURITY: dict[str, Any] = {
 }
 
 
+DIGEST = 10
+_NOT_IN_LABEL = re.compile(r"[^a-z0-9-]")
+
+
+def _hashed(full: str, keep: str) -> str:
+    """A readable prefix of ``full`` and a hash of all of it, at most MAX_NAME long.
+
+    The prefix is cut before the hash and never ends in a character (``-``, ``.``) that
+    may not precede the separator: the result is always a valid name or label value.
+    """
+    digest = hashlib.sha256(full.encode()).hexdigest()[:DIGEST]
+    prefix = re.sub(keep, "-", full[: MAX_NAME - DIGEST - 1]).rstrip("-._")
+    return f"{prefix}-{digest}" if prefix else digest
+
+
 def job_name(run_name: str, task: str, attempt: int) -> str:
-    """``<run>-<task>-<attempt>``; past 63 characters a prefix plus a stable hash."""
+    """``<run>-<task>-<attempt>``; a prefix plus a stable hash when that is no DNS-1123 label.
+
+    Run names may be 253 characters and hold dots; a Job name must be a label (it is
+    also the pods' ``job-name`` label value and their hostname prefix). Distinct inputs
+    give distinct names: a readable name is the input itself, a hashed one ends in a
+    hash of the whole input.
+    """
     full = f"{run_name}-{task}-{attempt}"
-    if len(full) <= MAX_NAME:
+    if len(full) <= MAX_NAME and not _NOT_IN_LABEL.search(full):
         return full
-    digest = hashlib.sha256(full.encode()).hexdigest()[:10]
-    return f"{full[: MAX_NAME - 11].rstrip('-')}-{digest}"
+    return _hashed(full, r"[^a-z0-9-]")
+
+
+def run_label(run_name: str) -> str:
+    """The ``maestro.dev/run`` label value of a run: its name, hashed past 63 characters."""
+    if len(run_name) <= MAX_NAME:
+        return run_name  # an object name is a valid label value up to this length
+    return _hashed(run_name, r"[^a-z0-9.-]")
 
 
 def _condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -71,8 +102,6 @@ class ContainerExecutor:
         self.wake = wake
         # (namespace, name) -> (Job, monotonic time seen) from the operator's Job watch.
         self._jobs: dict[tuple[str, str], tuple[dict[str, Any], float]] = {}
-        # Jobs the watch saw deleted: never re-created, that would run the attempt twice.
-        self._deleted: set[tuple[str, str]] = set()
         # (namespace, job name) -> the "main" container's terminated state, from a pod watch,
         # so reading outputs of a finished Job usually needs no API request.
         self._terminated: dict[tuple[str, str], dict[str, Any]] = {}
@@ -88,7 +117,6 @@ class ContainerExecutor:
         if deleted:
             self._jobs.pop(key, None)
             self._terminated.pop(key, None)
-            self._deleted.add(key)
         else:
             self._jobs[key] = (job, time.monotonic())
         run_id = (meta.get("labels") or {}).get(LABEL_RUN_ID)
@@ -119,7 +147,7 @@ class ContainerExecutor:
         name = job_name(ctx.run.name, ctx.task.name, ctx.attempt)
         labels = {
             "app.kubernetes.io/managed-by": "maestro",
-            LABEL_RUN: ctx.run.name[:63],
+            LABEL_RUN: run_label(ctx.run.name),
             LABEL_RUN_ID: ctx.run.id,
             LABEL_TASK: ctx.task.name,
             LABEL_ATTEMPT: str(ctx.attempt),
@@ -200,8 +228,31 @@ class ContainerExecutor:
         }
 
     async def start(self, ctx: AttemptContext) -> None:
-        """Create the Job; one that already exists is this attempt's (idempotent)."""
-        await self.kube.create_job(ctx.run.namespace, self.manifest(ctx))
+        """Create the Job; one that already exists is this attempt's (idempotent).
+
+        The API refusing it for good (422 Invalid, 403 Forbidden) is
+        :class:`StartRejected` with the API's own message; a Job of that name that
+        belongs to something else is refused too, never adopted.
+        """
+        manifest = self.manifest(ctx)
+        name = manifest["metadata"]["name"]
+        try:
+            if await self.kube.create_job(ctx.run.namespace, manifest):
+                return
+            existing = await self.kube.get_job(ctx.run.namespace, name)
+        except NamespaceTerminating:
+            raise
+        except PermanentAPIError as err:
+            reason = "InputError" if err.status in (400, 422) else "Rejected"
+            raise StartRejected(f"cannot create job {name}: {err.message}", reason) from None
+        labels = (existing.get("metadata") or {}).get("labels") or {}
+        ours = manifest["metadata"]["labels"]
+        if any(labels.get(k) != ours[k] for k in (LABEL_RUN_ID, LABEL_TASK, LABEL_ATTEMPT)):
+            raise StartRejected(
+                f"cannot create job {name}: a Job of that name exists and belongs to "
+                f"run {labels.get(LABEL_RUN_ID)!r}, task {labels.get(LABEL_TASK)!r}",
+                "NameTaken",
+            )
 
     async def poll(self, ctx: AttemptContext) -> Result | None:
         """Read the Job (from the watch cache when possible) and, once it ended, its pod."""
@@ -216,17 +267,28 @@ class ContainerExecutor:
             try:
                 job = await self.kube.get_job(ctx.run.namespace, name)
             except NotFound:
-                if key in self._deleted:
-                    return Result.failed(f"job {name} was deleted before it finished", "Deleted")
-                # Recorded Running but not created yet (the operator stopped in between):
-                # the name is deterministic, so creating it now still runs it once.
-                await self.start(ctx)
-                return None
+                # The engine polls only attempts whose Job was created: it vanished.
+                if await self.kube.namespace_terminating(ctx.run.namespace):
+                    raise NamespaceTerminating(
+                        f"job {ctx.run.namespace}/{name}",
+                        f"namespace {ctx.run.namespace} is being deleted",
+                    ) from None
+                return Result.failed(
+                    f"job {name} was deleted before it finished; it is not created again "
+                    "under its name (a retry, if any, is a new attempt)",
+                    "Deleted",
+                )
             self._jobs[key] = (job, time.monotonic())
         if _condition(job, "Complete"):
             return await self._succeeded(ctx, name)
         failed = _condition(job, "Failed")
         if failed:
+            if await self.kube.namespace_terminating(ctx.run.namespace):
+                # Its pods were removed with the namespace: no failure of the task's own.
+                raise NamespaceTerminating(
+                    f"job {ctx.run.namespace}/{name}",
+                    f"namespace {ctx.run.namespace} is being deleted",
+                )
             return await self._failed(ctx, name, failed)
         return None
 

@@ -264,6 +264,11 @@ class HttpExecutor:
             )
         except httpx.HTTPError as err:
             return Result.failed(f"{spec.method} {spec.url}: {type(err).__name__}: {err}")
+        except (httpx.InvalidURL, UnicodeError, ValueError) as err:
+            # What the engine's checks of the rendered task let through, httpx may refuse.
+            return Result.failed(
+                f"{spec.method} {spec.url}: the request cannot be sent: {err}", "InputError"
+            )
         return _result(
             spec, response.status_code, _redact(bytes(body).decode(errors="replace"), secrets)
         )
@@ -301,6 +306,11 @@ class HttpExecutor:
         if not call.done():
             return None
         del self._calls[_key(ctx)]
+        if call.cancelled():
+            return Result.failed("the HTTP call was cancelled", "Interrupted")
+        err = call.exception()
+        if err is not None:  # a bug, not the task's fault: still, the attempt ends
+            return Result.failed(f"{spec_line(ctx)}: {type(err).__name__}: {err}")
         return call.result()
 
     async def stop(self, ctx: AttemptContext) -> None:
@@ -308,6 +318,12 @@ class HttpExecutor:
         call = self._calls.pop(_key(ctx), None)
         if call is not None:
             call.cancel()
+
+
+def spec_line(ctx: AttemptContext) -> str:
+    """``METHOD url`` of an attempt, as messages start."""
+    spec = ctx.task.http
+    return f"{spec.method} {spec.url}" if spec is not None else ctx.task.name
 
 
 def _result(spec: HttpTask, status: int, text: str) -> Result:

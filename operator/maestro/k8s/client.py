@@ -6,14 +6,18 @@ permissions the chart must grant can be read from this one file.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import json
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import aiohttp
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -30,7 +34,30 @@ RETRY_OF = "maestro.dev/retry-of"
 SPEC_CHANGE_ATTEMPTS = 5
 
 
-class NotFound(LookupError):
+class APIError(Exception):
+    """A request the API server refused or never answered, translated once, here.
+
+    ``status`` is the HTTP status (None when no answer came), ``reason`` the API's
+    machine-readable reason (``Invalid``, ``Forbidden``, ...) and ``message`` its own
+    human-readable text, which is what a failed task shows.
+    """
+
+    def __init__(
+        self, what: str, message: str, *, status: int | None = None, reason: str = ""
+    ) -> None:
+        super().__init__(f"{what}: {message}")
+        self.what, self.message, self.status, self.reason = what, message, status, reason
+
+
+class TransientAPIError(APIError):
+    """Worth trying again soon: 5xx, 429, a timeout or no connection at all."""
+
+
+class PermanentAPIError(APIError):
+    """Trying again changes nothing (422 Invalid, 403 Forbidden, ...): fail what asked."""
+
+
+class NotFound(PermanentAPIError, LookupError):
     """The object does not exist."""
 
 
@@ -38,8 +65,56 @@ class AccessCheckFailed(RuntimeError):
     """The API server could not answer an access review (so the answer is "no")."""
 
 
-class Conflict(RuntimeError):
-    """The object changed since it was read (optimistic concurrency)."""
+class Conflict(PermanentAPIError, RuntimeError):
+    """The object changed since it was read, or already exists (409)."""
+
+
+class NamespaceTerminating(PermanentAPIError):
+    """The namespace is being deleted: nothing new may be created in it."""
+
+
+def _status_body(err: ApiException) -> dict[str, Any]:
+    try:
+        body = json.loads(err.body or "")
+    except (TypeError, ValueError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def translate(err: BaseException, what: str) -> APIError | None:
+    """The typed error for a failed request about ``what``; None when not an API error.
+
+    Like Kopf's ``check_response``: the API's Status body gives the message and causes.
+    """
+    if isinstance(err, ApiException):
+        status = int(err.status or 0)
+        body = _status_body(err)
+        message = str(body.get("message") or err.reason or f"HTTP {status}")
+        reason = str(body.get("reason") or err.reason or "")
+        causes = (body.get("details") or {}).get("causes") or []
+        if any(c.get("reason") == "NamespaceTerminating" for c in causes if isinstance(c, dict)):
+            return NamespaceTerminating(what, message, status=status, reason="NamespaceTerminating")
+        if status == 404:
+            return NotFound(what, message, status=status, reason=reason)
+        if status == 409:
+            return Conflict(what, message, status=status, reason=reason)
+        if status == 429 or status >= 500 or status == 0:
+            return TransientAPIError(what, message, status=status, reason=reason)
+        return PermanentAPIError(what, message, status=status, reason=reason)
+    if isinstance(err, aiohttp.ClientError | asyncio.TimeoutError | ConnectionError):
+        return TransientAPIError(what, f"{type(err).__name__}: {err}".rstrip(": "))
+    return None
+
+
+@contextlib.contextmanager
+def api_errors(what: str) -> Iterator[None]:
+    """Raise the typed :class:`APIError` for any failed request in the block."""
+    try:
+        yield
+    except (TimeoutError, ApiException, aiohttp.ClientError, ConnectionError) as err:
+        typed = translate(err, what)
+        assert typed is not None
+        raise typed from err
 
 
 async def load_config(kubeconfig: str | None = None) -> client.ApiClient:
@@ -104,7 +179,7 @@ def retry_manifest(old: Mapping[str, Any], run_id: str) -> dict[str, Any]:
 
 
 class Kube:
-    """The API calls Maestro makes; 404 becomes :class:`NotFound`, 409 on create is success."""
+    """The API calls Maestro makes; every failure is raised as an :class:`APIError`."""
 
     def __init__(self, api: client.ApiClient) -> None:
         """Wrap an API client (closed by its owner)."""
@@ -123,41 +198,36 @@ class Kube:
     # Jobs and pods -------------------------------------------------------------------
 
     async def create_job(self, namespace: str, job: dict[str, Any]) -> bool:
-        """Create a Job; False when it already exists (an idempotent start)."""
+        """Create a Job; False when one of that name already exists."""
         self.writes += 1
         try:
-            await self.batch.create_namespaced_job(namespace, cast(Any, job))
-        except ApiException as err:
-            if err.status == 409:
-                return False
-            raise
+            with api_errors(f"create job {namespace}/{job['metadata']['name']}"):
+                await self.batch.create_namespaced_job(namespace, cast(Any, job))
+        except Conflict:
+            return False
         return True
 
     async def get_job(self, namespace: str, name: str) -> dict[str, Any]:
         """A Job as a plain dict."""
         self.reads += 1
-        try:
+        with api_errors(f"job {namespace}/{name}"):
             job = await self.batch.read_namespaced_job(name, namespace)
-        except ApiException as err:
-            if err.status == 404:
-                raise NotFound(f"job {namespace}/{name}") from None
-            raise
         result: dict[str, Any] = self.api.sanitize_for_serialization(job)
         return result
 
     async def delete_job(self, namespace: str, name: str) -> None:
         """Delete a Job and, in the background, its pods; a missing Job is fine."""
         self.writes += 1
-        try:
+        with contextlib.suppress(NotFound), api_errors(f"delete job {namespace}/{name}"):
             await self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
-        except ApiException as err:
-            if err.status != 404:
-                raise
 
     async def job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
         """The pods a Job created, newest first."""
         self.reads += 1
-        pods = await self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}")
+        with api_errors(f"pods of job {namespace}/{job_name}"):
+            pods = await self.core.list_namespaced_pod(
+                namespace, label_selector=f"job-name={job_name}"
+            )
         items: list[dict[str, Any]] = [self.api.sanitize_for_serialization(p) for p in pods.items]
         items.sort(key=lambda p: p["metadata"].get("creationTimestamp", ""), reverse=True)
         return items
@@ -166,10 +236,25 @@ class Kube:
         """The last lines of a pod's log, or '' when there is none (kwok has none)."""
         self.reads += 1
         try:
-            text = await self.core.read_namespaced_pod_log(pod, namespace, tail_lines=lines)
-        except ApiException:
+            with api_errors(f"log of pod {namespace}/{pod}"):
+                text = await self.core.read_namespaced_pod_log(pod, namespace, tail_lines=lines)
+        except APIError:  # a kubelet without logs (kwok) answers 500
             return ""
         return str(text or "")
+
+    async def namespace_terminating(self, namespace: str) -> bool:
+        """Whether the namespace is being deleted (False when it cannot be read)."""
+        self.reads += 1
+        try:
+            with api_errors(f"namespace {namespace}"):
+                ns = await self.core.read_namespace(namespace)
+        except NotFound:
+            return True
+        except PermanentAPIError:
+            return False  # not allowed to look: assume it lives, as before
+        return bool(ns.metadata.deletion_timestamp) or (ns.status and ns.status.phase) == (
+            "Terminating"
+        )
 
     # Secrets -------------------------------------------------------------------------
 
@@ -177,11 +262,10 @@ class Kube:
         """One decoded key of a Secret; None when the Secret or the key is missing."""
         self.reads += 1
         try:
-            secret = await self.core.read_namespaced_secret(name, namespace)
-        except ApiException as err:
-            if err.status == 404:
-                return None
-            raise
+            with api_errors(f"secret {namespace}/{name}"):
+                secret = await self.core.read_namespaced_secret(name, namespace)
+        except NotFound:
+            return None
         data = secret.data or {}
         if key not in data:
             return None
@@ -228,41 +312,35 @@ class Kube:
     async def get_workflow(self, namespace: str, name: str) -> dict[str, Any]:
         """A Workflow as a dict."""
         self.reads += 1
-        try:
+        with api_errors(f"workflow {namespace}/{name}"):
             obj: dict[str, Any] = await self.custom.get_namespaced_custom_object(
                 GROUP, VERSION, namespace, WORKFLOWS, name
             )
-        except ApiException as err:
-            if err.status == 404:
-                raise NotFound(f"workflow {namespace}/{name}") from None
-            raise
         return obj
 
     async def create_run(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         """Create a WorkflowRun; returns it as stored (with its generated name)."""
         self.writes += 1
-        obj: dict[str, Any] = await self.custom.create_namespaced_custom_object(
-            GROUP, VERSION, namespace, RUNS, body
-        )
+        with api_errors(f"create workflowrun in {namespace}"):
+            obj: dict[str, Any] = await self.custom.create_namespaced_custom_object(
+                GROUP, VERSION, namespace, RUNS, body
+            )
         return obj
 
     async def get_run(self, namespace: str, name: str) -> dict[str, Any]:
         """A WorkflowRun as a dict."""
         self.reads += 1
-        try:
+        with api_errors(f"workflowrun {namespace}/{name}"):
             obj: dict[str, Any] = await self.custom.get_namespaced_custom_object(
                 GROUP, VERSION, namespace, RUNS, name
             )
-        except ApiException as err:
-            if err.status == 404:
-                raise NotFound(f"workflowrun {namespace}/{name}") from None
-            raise
         return obj
 
     async def list_runs(self, namespace: str) -> list[dict[str, Any]]:
         """Every WorkflowRun of a namespace."""
         self.reads += 1
-        found = await self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, RUNS)
+        with api_errors(f"workflowruns in {namespace}"):
+            found = await self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, RUNS)
         items: list[dict[str, Any]] = found.get("items", [])
         return items
 
@@ -270,14 +348,8 @@ class Kube:
         """Merge-patch a WorkflowRun (include metadata.resourceVersion for compare-and-set)."""
         self.writes += 1
         call = cast(Any, self.custom.patch_namespaced_custom_object)
-        try:
+        with api_errors(f"workflowrun {namespace}/{name}"):
             await call(GROUP, VERSION, namespace, RUNS, name, patch, _content_type=MERGE_PATCH)
-        except ApiException as err:
-            if err.status == 404:
-                raise NotFound(f"workflowrun {namespace}/{name}") from None
-            if err.status == 409:
-                raise Conflict(f"workflowrun {namespace}/{name} changed meanwhile") from None
-            raise
 
     async def change_run_spec(
         self,
@@ -299,7 +371,7 @@ class Kube:
                 return
             except Conflict:
                 continue  # someone else wrote first: read again
-        raise Conflict(f"workflowrun {namespace}/{name} keeps changing; try again")
+        raise Conflict(f"workflowrun {namespace}/{name}", "keeps changing; try again")
 
     async def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         """Pods matching a label selector, oldest first."""
@@ -312,13 +384,11 @@ class Kube:
     async def follow_pod_log(self, namespace: str, pod: str) -> AsyncIterator[bytes]:
         """A running pod's log as it is written, until the container ends."""
         self.reads += 1
-        try:
+        with api_errors(f"log of pod {namespace}/{pod}"):
             # Without preloading, the call returns the aiohttp response to stream from.
             rsp: Any = await self.core.read_namespaced_pod_log(
                 pod, namespace, follow=True, _preload_content=False
             )
-        except ApiException as err:
-            raise NotFound(f"log of pod {namespace}/{pod}: {err.reason}") from None
         try:
             async for chunk in rsp.content.iter_any():
                 yield chunk
@@ -382,18 +452,19 @@ class Kube:
         """A pod's whole log; raises NotFound when the pod or its log is gone."""
         self.reads += 1
         try:
-            return str(await self.core.read_namespaced_pod_log(pod, namespace) or "")
-        except ApiException as err:
-            raise NotFound(f"log of pod {namespace}/{pod}: {err.reason}") from None
+            with api_errors(f"log of pod {namespace}/{pod}"):
+                return str(await self.core.read_namespaced_pod_log(pod, namespace) or "")
+        except APIError as err:  # a kubelet without logs (kwok) answers 500: no log either
+            raise NotFound(err.what, err.message, status=err.status, reason=err.reason) from None
 
     async def patch_status(
         self, plural: str, namespace: str, name: str, status: dict[str, Any]
     ) -> None:
         """Merge-patch the status subresource of one of our objects."""
         self.writes += 1
-        try:
-            # The generated signature omits _content_type, which the client does accept.
-            patch = cast(Any, self.custom.patch_namespaced_custom_object_status)
+        # The generated signature omits _content_type, which the client does accept.
+        patch = cast(Any, self.custom.patch_namespaced_custom_object_status)
+        with api_errors(f"status of {plural} {namespace}/{name}"):
             await patch(
                 GROUP,
                 VERSION,
@@ -403,19 +474,12 @@ class Kube:
                 {"status": status},
                 _content_type=MERGE_PATCH,
             )
-        except ApiException as err:
-            if err.status == 404:
-                raise NotFound(f"{plural} {namespace}/{name}") from None
-            raise
 
     async def delete_run(self, namespace: str, name: str) -> None:
         """Delete a WorkflowRun (TTL after finish)."""
         self.writes += 1
-        try:
+        with contextlib.suppress(NotFound), api_errors(f"delete workflowrun {namespace}/{name}"):
             await self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, RUNS, name)
-        except ApiException as err:
-            if err.status != 404:
-                raise
 
     async def emit_event(
         self,
@@ -424,14 +488,22 @@ class Kube:
         reason: str,
         message: str,
         warning: bool = False,
+        name: str | None = None,
     ) -> None:
-        """Record a Kubernetes Event about one of our objects (best effort)."""
+        """Record a Kubernetes Event about one of our objects.
+
+        With ``name`` the Event is created under that name, and one that already
+        exists counts as posted: a retry after a crash never posts it twice.
+        Raises :class:`APIError`; callers decide whether an Event is worth a retry.
+        """
         meta = involved["metadata"]
         now = datetime.now(UTC)
         self.writes += 1
         body = client.CoreV1Event(
             metadata=client.V1ObjectMeta(
-                generate_name=f"{meta['name']}.", namespace=meta["namespace"]
+                name=name,
+                generate_name=None if name else f"{meta['name']}.",
+                namespace=meta["namespace"],
             ),
             involved_object=client.V1ObjectReference(
                 api_version=involved["apiVersion"],
@@ -448,9 +520,5 @@ class Kube:
             last_timestamp=now,
             count=1,
         )
-        try:
+        with contextlib.suppress(Conflict), api_errors(f"event {reason} on {meta['name']}"):
             await self.core.create_namespaced_event(meta["namespace"], body)
-        except ApiException as err:  # events are advisory: never fail a run over one
-            log.warning(
-                "cannot post event %s on %s: %s %s", reason, meta["name"], err.status, err.reason
-            )

@@ -40,6 +40,8 @@ class OperatorConfig:
     max_output_bytes: int = 64 * 1024
     peering: str | None = None
     priority: int = 0
+    # Kopf's default (60 s) is how long a SIGKILLed active replica blocks its standby.
+    peering_lifetime: int = 6
     listen_address: str = "127.0.0.1"
     health_port: int = 8080
     metrics_port: int = 8080
@@ -107,10 +109,15 @@ def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig) -> N
     # (the namespaced install grants none). CRDs are then discovered at start only.
     settings.scanning.disabled = bool(config.namespaces)
     settings.watching.connect_timeout = 60
+    # Kopf's default backoffs (1, 1, 2, 3, 5, 8, 13, 21 s) leave a watch dead for up to
+    # 21 s after the API server is back; every 2 s for about 5 minutes instead.
+    settings.networking.error_backoffs = [0.5, 1.0, *[2.0] * 150]
     settings.watching.server_timeout = 300
     if config.peering:
         settings.peering.name = config.peering
         settings.peering.priority = config.priority
+        settings.peering.lifetime = config.peering_lifetime
+        settings.peering.stealth = True  # a keep-alive every second is not news
         settings.peering.standalone = False
     else:
         settings.peering.standalone = True

@@ -24,7 +24,15 @@ from maestro.api.phases import RunPhase
 from maestro.dag.validate import resolve_params, validate
 from maestro.engine.driver import Waker
 from maestro.engine.engine import Engine, InvalidRun
-from maestro.k8s.client import RETRY_OF, RUNS, Kube, NotFound
+from maestro.k8s.client import (
+    RETRY_OF,
+    RUNS,
+    APIError,
+    Kube,
+    NamespaceTerminating,
+    NotFound,
+    PermanentAPIError,
+)
 from maestro.operator.logs import bind_run, event_line
 from maestro.operator.metrics import Metrics
 from maestro.operator.status import not_started_status, run_status
@@ -39,6 +47,11 @@ WORKFLOW_RETRY_SECONDS = 10.0
 RESYNC_SECONDS = 30.0
 # A store outage is retried this often; readiness reports it meanwhile.
 STORE_RETRY_SECONDS = 2.0
+# Any other trouble in a pass (the API server down, a bug) is retried after a delay that
+# doubles from the first to the last, so a run resumes seconds after the API is back
+# (Kopf would restart a failed daemon only after a minute).
+RETRY_FIRST_SECONDS = 0.5
+RETRY_MAX_SECONDS = 5.0
 # Specs larger than this are not copied into status (etcd objects are capped at 1.5 MiB).
 MAX_SPEC_IN_STATUS = 256 * 1024
 
@@ -145,6 +158,21 @@ def _k8s_event(e: EventRecord) -> tuple[str, str, bool] | None:
     if e.kind == "Approved":
         return "TaskApproved", f"{e.task}: {e.message or 'approved'}", False
     return None
+
+
+def retry_delay(failures: int) -> float:
+    """Seconds to wait after ``failures`` passes in a row went wrong (1-based)."""
+    return float(min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** max(0, failures - 1)))
+
+
+def event_name(run: RunRecord, event_id: int) -> str:
+    """The Kubernetes Event's name for one store event: posting it twice is a 409."""
+    prefix = run.name[:200].rstrip(".-")
+    return f"{prefix}.{run.id[:8]}.{event_id}"
+
+
+def _namespace_gone(namespace: str) -> str:
+    return f"cancelled: namespace {namespace} is being deleted"
 
 
 class RunController:
@@ -326,7 +354,12 @@ class RunController:
         meta = body["metadata"]
         run = await self.engine.store.find_run(meta["namespace"], meta["uid"])
         if run is not None and not run.phase.finished:
-            await self.engine.abort(run.id, "the WorkflowRun was deleted")
+            try:
+                gone = await self.kube.namespace_terminating(meta["namespace"])
+            except APIError:
+                gone = False  # the API is down: the cancel itself matters more than its wording
+            why = _namespace_gone(meta["namespace"]) if gone else "the WorkflowRun was deleted"
+            await self.engine.abort(run.id, why)
             log.info("run %s/%s cancelled: resource deleted", meta["namespace"], meta["name"])
         if run is not None:
             self._controls.pop(run.id, None)
@@ -347,17 +380,27 @@ class RunController:
         previous = list((body.get("status") or {}).get("conditions") or [])
         writer.written = dict(body.get("status") or {})
         run: RunRecord | None = None
+        failures = 0
         while run is None and not stopped:
             try:
                 run = await self.ensure_run(body)
             except _Pending as why:
+                failures = 0
+                if not why.phase.finished and controls_of_spec(body.get("spec") or {})["cancel"]:
+                    # Nothing started, so nothing to stop: the cancel is the end.
+                    why = _Pending(RunPhase.CANCELLED, "RunCancelled", f"cancelled: {why.message}")
                 now = datetime.now(UTC)
                 status = not_started_status(
                     why.phase, why.reason, why.message, meta.get("generation"), previous, now
                 )
                 if why.phase.finished and writer.written.get("phase") != why.phase.value:
                     self.metrics.rejected()
-                await writer.offer(status, final=True)
+                try:
+                    await writer.offer(status, final=True)
+                except NotFound:
+                    return
+                except APIError as err:
+                    log.warning("run %s/%s: status not written: %s", namespace, name, err)
                 self.metrics.not_stored(meta["uid"], why.phase, _created(meta))
                 if why.phase.finished:
                     return
@@ -365,6 +408,10 @@ class RunController:
             except StoreError as err:
                 log.warning("run %s/%s waits for the store: %s", namespace, name, err)
                 await stopped.wait(STORE_RETRY_SECONDS)
+            except Exception as err:  # never let Kopf wait a minute
+                failures += 1
+                self._log_trouble(namespace, name, err)
+                await stopped.wait(retry_delay(failures))
         if run is None:
             return
         bind_run(namespace, name, run.id)
@@ -375,6 +422,13 @@ class RunController:
         finally:
             self.active.discard(run.id)
 
+    @staticmethod
+    def _log_trouble(namespace: str, name: str, err: Exception) -> None:
+        if isinstance(err, APIError):
+            log.warning("run %s/%s: Kubernetes API: %s; retrying", namespace, name, err)
+        else:
+            log.exception("run %s/%s: unexpected error; retrying", namespace, name)
+
     async def _drive(
         self,
         run: RunRecord,
@@ -383,69 +437,135 @@ class RunController:
         previous: list[Any],
         stopped: Any,
     ) -> None:
-        meta = body["metadata"]
-        store = self.engine.store
-        spec, _ = self.engine.spec_of(run)
+        """Pass after pass until the run finishes; no error ends the loop early.
+
+        A store outage is waited out; an API error or a bug is retried with a short
+        capped backoff; a namespace being deleted cancels the run.
+        """
+        failures = 0
+        synced = False
         include_spec = len(str(run.spec)) <= MAX_SPEC_IN_STATUS
-        # Events before this daemon started were posted by an earlier operator process.
-        seen_events = max((e.id for e in await store.events(run.id)), default=0)
         trace_id = self.tracer.trace_id(run.id)
-        if trace_id is not None and run.trace_id != trace_id:
-            await store.set_trace_id(run.id, trace_id)
-        await self.sync_controls(body)
         while not stopped:
             try:
-                started = time.perf_counter()
-                step = await self.engine.reconcile(run.id)
-                self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
-                run, latest = step.run, step.latest
-                events = await store.events(run.id, after=seen_events)
+                if not synced:
+                    if trace_id is not None and run.trace_id != trace_id:
+                        await self.engine.store.set_trace_id(run.id, trace_id)
+                    await self.sync_controls(body)
+                    synced = True
+                timeout = await self._pass(
+                    run.id, body, writer, previous, stopped, include_spec, trace_id
+                )
+                failures = 0
             except StoreError as err:
                 log.warning(
                     "run %s/%s: store unavailable, retrying: %s", run.namespace, run.name, err
                 )
                 await stopped.wait(STORE_RETRY_SECONDS)
                 continue
-            for e in events:
-                seen_events = max(seen_events, e.id)
+            except NamespaceTerminating:
+                await self._namespace_deleted(run, stopped)
+                continue  # the next pass writes the Cancelled status (or finds it gone)
+            except Exception as err:  # never let Kopf wait a minute
+                failures += 1
+                self._log_trouble(run.namespace, run.name, err)
+                await stopped.wait(retry_delay(failures))
+                continue
+            if timeout is None:
+                return
+            if timeout > 0:
+                await self._wait(run.id, timeout, stopped)
+            if writer.due_in() == 0.0:
+                with contextlib.suppress(NotFound):
+                    await writer.flush()
+
+    async def _namespace_deleted(self, run: RunRecord, stopped: Any) -> None:
+        """Record the run Cancelled; on trouble wait a little (the next pass tries again)."""
+        try:
+            await self.engine.abort(run.id, _namespace_gone(run.namespace))
+        except Exception as err:  # the loop must go on: the next pass raises it again
+            self._log_trouble(run.namespace, run.name, err)
+            await stopped.wait(RETRY_MAX_SECONDS)
+            return
+        log.info("run %s/%s cancelled: its namespace is being deleted", run.namespace, run.name)
+
+    async def _pass(
+        self,
+        run_id: str,
+        body: Mapping[str, Any],
+        writer: _StatusWriter,
+        previous: list[Any],
+        stopped: Any,
+        include_spec: bool,
+        trace_id: str | None,
+    ) -> float | None:
+        """One reconcile, its Events and status; how long to wait, None when done."""
+        meta = body["metadata"]
+        started = time.perf_counter()
+        step = await self.engine.reconcile(run_id)
+        self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+        run, latest = step.run, step.latest
+        spec, _ = self.engine.spec_of(run)
+        await self._post_events(run, body, latest, spec)
+        now = datetime.now(UTC)
+        status = run_status(
+            run,
+            spec,
+            latest,
+            live_message=step.decision.message,
+            generation=self._generations.get(run.id, meta.get("generation")),
+            previous_conditions=writer.written.get("conditions") or previous,
+            now=now,
+            include_spec=include_spec,
+        )
+        if trace_id is not None:
+            status["traceId"] = trace_id
+        try:
+            await writer.offer(status, final=run.phase.finished)
+        except NotFound:
+            return None  # the WorkflowRun is gone; the delete handler records it
+        if run.phase.finished:
+            self.engine.forget(run.id)
+            await self._expire(run, body, stopped)
+            return None
+        if step.progressed:
+            return 0.0
+        timeout = RESYNC_SECONDS
+        if step.decision.wake_at is not None:
+            timeout = min(timeout, max(0.0, (step.decision.wake_at - now).total_seconds()))
+        due = writer.due_in()
+        if due is not None:
+            timeout = min(timeout, due)
+        return timeout
+
+    async def _post_events(
+        self,
+        run: RunRecord,
+        body: Mapping[str, Any],
+        latest: Mapping[str, Any],
+        spec: WorkflowSpec,
+    ) -> None:
+        """Empty the run's outbox: each store event's Kubernetes Event, exactly once.
+
+        An event is marked posted only after its Event exists; the Event's name is
+        derived from the store event, so a crash between the two posts nothing twice.
+        """
+        done: list[int] = []
+        try:
+            for e in await self.engine.store.unposted_events(run.id):
                 self.metrics.observe_event(e, run, latest, spec)
                 self.tracer.observe_event(e, run, latest, spec)
                 text, extra = event_line(e)
                 log.info(text, extra=extra)
-                await self._record_event(body, e)
-            now = datetime.now(UTC)
-            status = run_status(
-                run,
-                spec,
-                latest,
-                live_message=step.decision.message,
-                generation=self._generations.get(run.id, meta.get("generation")),
-                previous_conditions=writer.written.get("conditions") or previous,
-                now=now,
-                include_spec=include_spec,
-            )
-            if trace_id is not None:
-                status["traceId"] = trace_id
-            try:
-                await writer.offer(status, final=run.phase.finished)
-            except NotFound:
-                return  # the WorkflowRun is gone; the delete handler records it
-            if run.phase.finished:
-                self.engine.forget(run.id)
-                await self._expire(run, body, stopped)
-                return
-            if step.progressed:
-                continue
-            timeout = RESYNC_SECONDS
-            if step.decision.wake_at is not None:
-                timeout = min(timeout, max(0.0, (step.decision.wake_at - now).total_seconds()))
-            due = writer.due_in()
-            if due is not None:
-                timeout = min(timeout, due)
-            await self._wait(run.id, timeout, stopped)
-            if writer.due_in() == 0.0:
-                with contextlib.suppress(NotFound):
-                    await writer.flush()
+                try:
+                    await self._record_event(run, body, e)
+                except PermanentAPIError as err:  # refused for good (RBAC, a deleted namespace)
+                    log.warning("run %s/%s: event not posted: %s", run.namespace, run.name, err)
+                done.append(e.id)
+        finally:
+            # Also when a post failed for now: what was posted leaves the outbox, the rest
+            # stays for the pass that is retried shortly.
+            await self.engine.store.mark_posted(done)
 
     async def _wait(self, run_id: str, seconds: float, stopped: Any) -> None:
         """Until woken, ``seconds`` pass, or Kopf asks the daemon to stop."""
@@ -457,7 +577,7 @@ class RunController:
             for fut in (woken, stop):
                 fut.cancel()
 
-    async def _record_event(self, body: Mapping[str, Any], e: EventRecord) -> None:
+    async def _record_event(self, run: RunRecord, body: Mapping[str, Any], e: EventRecord) -> None:
         found = _k8s_event(e)
         if found is not None:
             reason, message, warning = found
@@ -470,6 +590,7 @@ class RunController:
                 reason=reason,
                 message=message,
                 warning=warning,
+                name=event_name(run, e.id),
             )
 
     async def _expire(self, run: RunRecord, body: Mapping[str, Any], stopped: Any) -> None:

@@ -101,6 +101,8 @@ class AttemptRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When the executor's object (a Job) was created; see migration 0004_ends_outbox.
+    launched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (CheckConstraint("attempt >= 1", name="attempt_positive"),)
 
@@ -123,5 +125,16 @@ class EventRow(Base):
     reason: Mapped[str | None] = mapped_column(String(64))
     message: Mapped[str | None] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The outbox mark: when the operator handled it (posted its Kubernetes Event). NULL: not yet.
+    posted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
-    __table_args__ = (Index("ix_events_run_id_id", "run_id", "id"),)
+    __table_args__ = (
+        Index("ix_events_run_id_id", "run_id", "id"),
+        Index(
+            "ix_events_unposted",
+            "run_id",
+            "id",
+            postgresql_where="posted_at IS NULL",
+            sqlite_where="posted_at IS NULL",
+        ),
+    )

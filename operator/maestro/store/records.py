@@ -72,6 +72,7 @@ class AttemptRecord:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    launched_at: datetime | None = None  # when its Job was created (container tasks)
 
     @classmethod
     def of(cls, row: AttemptRow) -> AttemptRecord:
@@ -89,6 +90,7 @@ class AttemptRecord:
             created_at=row.created_at,
             started_at=row.started_at,
             finished_at=row.finished_at,
+            launched_at=row.launched_at,
         )
 
 

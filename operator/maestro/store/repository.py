@@ -571,6 +571,20 @@ class Store:
                 session, run_id, task, attempt, new, sources, values, now
             )
 
+    async def mark_launched(self, run_id: str, task: str, attempt: int) -> None:
+        """Record that the attempt's executor object (a Job) now exists.
+
+        From then on a missing Job means it vanished (a failed attempt), never that it
+        still has to be created: the same attempt is never launched twice.
+        """
+        key = (AttemptRow.run_id == run_id, AttemptRow.task == task, AttemptRow.attempt == attempt)
+        async with self._transaction() as session:
+            await session.execute(
+                update(AttemptRow)
+                .where(*key, AttemptRow.launched_at.is_(None))
+                .values(launched_at=_now())
+            )
+
     async def attempts(self, run_id: str) -> list[AttemptRecord]:
         """Every attempt of the run, ordered by task then attempt number."""
         query = (
@@ -634,6 +648,27 @@ class Store:
     def engine(self) -> AsyncEngine:
         """The SQLAlchemy engine, for instrumentation (statement timing and errors) only."""
         return self._engine
+
+    async def unposted_events(self, run_id: str) -> list[EventRecord]:
+        """The run's events the operator has not handled yet (the outbox), oldest first."""
+        query = (
+            select(EventRow)
+            .where(EventRow.run_id == run_id, EventRow.posted_at.is_(None))
+            .order_by(EventRow.id)
+        )
+        async with self._transaction() as session:
+            return [EventRecord.of(row) for row in await session.scalars(query)]
+
+    async def mark_posted(self, event_ids: Collection[int]) -> None:
+        """Take events out of the outbox: their Kubernetes Events are posted."""
+        if not event_ids:
+            return
+        async with self._transaction() as session:
+            await session.execute(
+                update(EventRow)
+                .where(EventRow.id.in_(list(event_ids)), EventRow.posted_at.is_(None))
+                .values(posted_at=_now())
+            )
 
     # Retention
 
