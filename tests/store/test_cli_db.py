@@ -15,7 +15,7 @@ from click.testing import CliRunner, Result
 
 from maestro.api.phases import RunPhase
 from maestro.cli.db import Duration, db
-from maestro.store import Store
+from maestro.store import Store, head
 
 UNREACHABLE = "postgresql://nobody:s3cret@127.0.0.1:1/x"
 OPERATOR_SRC = str(Path(__file__).parents[2] / "operator")
@@ -25,14 +25,14 @@ def test_upgrade_then_current(database_url: str) -> None:
     runner = CliRunner()
     before = runner.invoke(db, ["current", "--database-url", database_url])
     assert before.exit_code == 0, before.output
-    assert before.stdout == "none (this Maestro needs 0001)\n"
+    assert before.stdout == f"none (this Maestro needs {head()})\n"
 
     upgraded = runner.invoke(db, ["upgrade"], env={"MAESTRO_DATABASE_URL": database_url})
     assert upgraded.exit_code == 0, upgraded.output
-    assert upgraded.stdout == "database schema is at 0001 (head)\n"
+    assert upgraded.stdout == f"database schema is at {head()} (head)\n"
 
     after = runner.invoke(db, ["current", "--database-url", database_url])
-    assert after.stdout == "0001 (head)\n"
+    assert after.stdout == f"{head()} (head)\n"
 
 
 async def test_prune_deletes_old_finished_runs(database_url: str) -> None:

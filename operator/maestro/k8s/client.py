@@ -55,6 +55,7 @@ class Kube:
         self.batch = client.BatchV1Api(api)
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.auth = client.AuthenticationV1Api(api)
         self.reads = 0
         self.writes = 0
 
@@ -172,18 +173,40 @@ class Kube:
         items: list[dict[str, Any]] = found.get("items", [])
         return items
 
-    async def patch_run_spec(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
-        """Merge-patch a WorkflowRun (include metadata.resourceVersion for compare-and-set)."""
+    async def patch_run_spec(
+        self,
+        namespace: str,
+        name: str,
+        patch: dict[str, Any],
+        *,
+        field_manager: str | None = None,
+    ) -> None:
+        """Merge-patch a WorkflowRun (include metadata.resourceVersion for compare-and-set).
+
+        ``field_manager`` names who edits (the operator reads it back as the actor).
+        """
         self.writes += 1
         call = cast(Any, self.custom.patch_namespaced_custom_object)
+        extra = {"field_manager": field_manager} if field_manager else {}
         try:
-            await call(GROUP, VERSION, namespace, RUNS, name, patch, _content_type=MERGE_PATCH)
+            await call(
+                GROUP, VERSION, namespace, RUNS, name, patch, _content_type=MERGE_PATCH, **extra
+            )
         except ApiException as err:
             if err.status == 404:
                 raise NotFound(f"workflowrun {namespace}/{name}") from None
             if err.status == 409:
                 raise Conflict(f"workflowrun {namespace}/{name} changed meanwhile") from None
             raise
+
+    async def whoami(self) -> str:
+        """The caller's user name, as the API server authenticated it (SelfSubjectReview)."""
+        review = await self.auth.create_self_subject_review(
+            client.V1SelfSubjectReview(
+                api_version="authentication.k8s.io/v1", kind="SelfSubjectReview"
+            )
+        )
+        return str(review.status.user_info.username)
 
     async def pod_log(self, namespace: str, pod: str) -> str:
         """A pod's whole log; raises NotFound when the pod or its log is gone."""

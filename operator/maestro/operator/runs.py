@@ -26,7 +26,7 @@ from maestro.engine.driver import Waker
 from maestro.engine.engine import Engine, InvalidRun
 from maestro.k8s.client import RUNS, Kube, NotFound
 from maestro.operator.metrics import Metrics
-from maestro.operator.status import not_started_status, run_status
+from maestro.operator.status import not_started_status, observe_generation, run_status
 from maestro.store import EventRecord, RunNotFound, RunRecord, StoreError
 
 log = logging.getLogger("maestro.operator")
@@ -57,6 +57,20 @@ def controls_of_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         "cancel": bool(spec.get("cancel", False)),
         "approvals": sorted(set(spec.get("approvals") or [])),
     }
+
+
+def editor_of(meta: Mapping[str, Any], field: str) -> str:
+    """Who last set ``spec.<field>``: the newest field manager that owns it.
+
+    The CLI patches as the caller's user (SelfSubjectReview); kubectl, Argo CD and Flux
+    use their own manager names (``kubectl-patch``, ``argocd-controller``, ...).
+    """
+    owners = [
+        (str(m.get("time") or ""), str(m.get("manager") or ""))
+        for m in meta.get("managedFields") or []
+        if f"f:{field}" in ((m.get("fieldsV1") or {}).get("f:spec") or {})
+    ]
+    return max(owners)[1] if owners else "unknown"
 
 
 class _Pending(Exception):
@@ -133,7 +147,9 @@ def _k8s_event(e: EventRecord) -> tuple[str, str, bool] | None:
         reason = "TaskTimedOut" if e.reason == "TimedOut" else "TaskFailed"
         return reason, f"{e.task} attempt {e.attempt}: {e.message or 'failed'}", True
     if e.kind == "Approved":
-        return "TaskApproved", f"{e.task}: {e.message or 'approved'}", False
+        by = f"{e.task} approved by {e.actor or 'unknown'}"
+        comment = e.message if e.message and not e.message.startswith("approved by ") else ""
+        return "TaskApproved", by + (f": {comment}" if comment else ""), False
     return None
 
 
@@ -152,6 +168,8 @@ class RunController:
         self._ids: dict[str, str] = {}  # WorkflowRun uid -> store run id
         self._controls: dict[str, dict[str, Any]] = {}  # run id -> controls last written
         self._generations: dict[str, int] = {}  # run id -> latest metadata.generation seen
+        self._finished: set[str] = set()  # run ids whose daemon wrote the final status
+        self._observed: dict[str, int] = {}  # run id -> generation the status last showed
 
     # Start ----------------------------------------------------------------------------
 
@@ -264,20 +282,59 @@ class RunController:
         """Copy suspend/cancel/approvals from the spec into the store, then wake the run."""
         meta = body["metadata"]
         run_id = self._ids.get(meta["uid"])
-        if run_id is None:
-            return  # not started yet: the daemon reads the spec when it creates the run
         generation = int(meta.get("generation") or 1)
-        wanted = controls_of_spec(body.get("spec") or {})
-        if self._controls.get(run_id) == wanted:
+        status = body.get("status") or {}
+        if run_id is None:
+            # Not started yet: the daemon reads the live spec when it creates the run.
+            # A run refused at the start has no daemon left to observe an edit.
+            if status.get("phase") == RunPhase.FAILED.value:
+                await self._observe(meta, status, generation)
+            return
+        if run_id in self._finished:
+            # Nothing in a finished run changes, but its status must observe the edit.
+            if self._observed.get(run_id) != generation:
+                await self._observe(meta, status, generation, run_id)
+            return
+        spec = body.get("spec") or {}
+        wanted = controls_of_spec(spec)
+        known = self._controls.get(run_id) or {}
+        if {k: known.get(k) for k in wanted} == wanted:
             if self._generations.get(run_id) != generation:
                 # Nothing to act on, but status must observe the new generation (kstatus).
                 self._generations[run_id] = generation
                 self.waker(run_id)
             return  # most events are our own status patches: nothing to do
-        run = await self.engine.store.update_controls(run_id, generation=generation, **wanted)
+        store = self.engine.store
+        notes = spec.get("approvalNotes") or {}
+        for task in wanted["approvals"]:
+            if task not in (known.get("approvals") or ()):
+                note = notes.get(task) or {}
+                by = note.get("by") or editor_of(meta, "approvals")
+                await store.approve(run_id, task, actor=by, comment=note.get("comment"))
+        changes = dict(wanted)
+        if wanted["cancel"] and not known.get("cancel"):
+            changes["cancelledBy"] = editor_of(meta, "cancel")
+        run = await store.update_controls(run_id, generation=generation, **changes)
         self._controls[run_id] = dict(run.controls)
         self._generations[run_id] = generation
         self.waker(run_id)
+
+    async def _observe(
+        self,
+        meta: Mapping[str, Any],
+        status: Mapping[str, Any],
+        generation: int,
+        run_id: str | None = None,
+    ) -> None:
+        """Patch a finished run's status to show it has seen ``generation``."""
+        if status.get("observedGeneration") == generation and run_id is None:
+            return
+        if run_id is not None:
+            self._observed[run_id] = generation
+        with contextlib.suppress(NotFound):
+            await self.kube.patch_status(
+                RUNS, meta["namespace"], meta["name"], observe_generation(status, generation)
+            )
 
     # Deletion --------------------------------------------------------------------------
 
@@ -291,6 +348,8 @@ class RunController:
         if run is not None:
             self._controls.pop(run.id, None)
             self._generations.pop(run.id, None)
+            self._finished.discard(run.id)
+            self._observed.pop(run.id, None)
         self._ids.pop(meta["uid"], None)
 
     # The loop --------------------------------------------------------------------------
@@ -357,12 +416,13 @@ class RunController:
                 seen_events = max(seen_events, e.id)
                 await self._record_event(body, e, latest, spec)
             now = datetime.now(UTC)
+            generation = self._generations.get(run.id, meta.get("generation"))
             status = run_status(
                 run,
                 spec,
                 latest,
                 live_message=step.decision.message,
-                generation=self._generations.get(run.id, meta.get("generation")),
+                generation=generation,
                 previous_conditions=writer.written.get("conditions") or previous,
                 now=now,
                 include_spec=include_spec,
@@ -372,6 +432,12 @@ class RunController:
             except NotFound:
                 return  # the WorkflowRun is gone; the delete handler records it
             if run.phase.finished:
+                self._finished.add(run.id)
+                self._observed[run.id] = int(generation or 1)
+                live = int(meta.get("generation") or 1)  # Kopf keeps a daemon's body live
+                if live != self._observed[run.id]:
+                    # An edit that came while the final status was being written.
+                    await self._observe(meta, status, live, run.id)
                 self.engine.forget(run.id)
                 await self._expire(run, body, stopped)
                 return

@@ -195,3 +195,18 @@ def not_started_status(
         "conditions": conds,
         "observedGeneration": generation,
     }
+
+
+def observe_generation(status: Mapping[str, Any], generation: int) -> dict[str, Any]:
+    """The status patch that says a finished run has seen spec ``generation``.
+
+    A spec edit of a finished run (a late cancel, an approval, a GitOps sync) changes
+    nothing in the run, but kstatus and Argo CD read the run as InProgress until
+    ``observedGeneration`` (of the status and of each condition) catches up.
+    """
+    return {
+        "observedGeneration": generation,
+        "conditions": [
+            {**c, "observedGeneration": generation} for c in status.get("conditions") or []
+        ],
+    }

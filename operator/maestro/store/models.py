@@ -118,5 +118,7 @@ class EventRow(Base):
     reason: Mapped[str | None] = mapped_column(String(64))
     message: Mapped[str | None] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Who caused it, when known: an approver, whoever cancelled (migration 0002).
+    actor: Mapped[str | None] = mapped_column(String(253))
 
     __table_args__ = (Index("ix_events_run_id_id", "run_id", "id"),)

@@ -108,6 +108,7 @@ class EventRecord:
     reason: str | None
     message: str | None
     at: datetime
+    actor: str | None = None
 
     @classmethod
     def of(cls, row: EventRow) -> EventRecord:
@@ -123,4 +124,5 @@ class EventRecord:
             reason=row.reason,
             message=row.message,
             at=row.at,
+            actor=row.actor,
         )
