@@ -58,7 +58,13 @@ def test_approve_local_run_from_another_process_then_history(tmp_path: Path) -> 
     assert "Approved" in history.stdout
     assert "Succeeded" in history.stdout
     listing = maestro(env, "history", "-n", "local")
-    assert run_id.group(1) in listing.stdout
+    # Lists show short ids (whole UUIDs wrapped over many lines); they name the run too.
+    short = run_id.group(1)[:8]
+    assert short in listing.stdout
+    assert run_id.group(1) not in listing.stdout
+    by_prefix = maestro(env, "history", short)
+    assert by_prefix.returncode == 0, by_prefix.stderr
+    assert run_id.group(1) in by_prefix.stdout
     missing = maestro(env, "history", "no-such-run")
     assert missing.returncode == 1
     assert "no-such-run" in missing.stderr

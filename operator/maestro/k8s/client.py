@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -44,6 +45,26 @@ async def load_config(kubeconfig: str | None = None) -> client.ApiClient:
     cfg = client.Configuration()
     await config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
     return client.ApiClient(configuration=cfg)
+
+
+IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def current_namespace(kubeconfig: str | None = None) -> str:
+    """The namespace kubectl would use: the current context's, else ``default``.
+
+    In a pod without a kubeconfig, the pod's own namespace.
+    """
+    if (
+        kubeconfig is None
+        and "KUBERNETES_SERVICE_HOST" in os.environ
+        and not os.environ.get("KUBECONFIG")
+        and os.path.exists(IN_CLUSTER_NAMESPACE)
+    ):
+        with open(IN_CLUSTER_NAMESPACE, encoding="utf-8") as fh:
+            return fh.read().strip() or "default"
+    _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+    return str(((active or {}).get("context") or {}).get("namespace") or "default")
 
 
 class Kube:
@@ -166,10 +187,13 @@ class Kube:
             raise
         return obj
 
-    async def list_runs(self, namespace: str) -> list[dict[str, Any]]:
-        """Every WorkflowRun of a namespace."""
+    async def list_runs(self, namespace: str | None) -> list[dict[str, Any]]:
+        """Every WorkflowRun of a namespace (of all namespaces for None)."""
         self.reads += 1
-        found = await self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, RUNS)
+        if namespace is None:
+            found = await self.custom.list_cluster_custom_object(GROUP, VERSION, RUNS)
+        else:
+            found = await self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, RUNS)
         items: list[dict[str, Any]] = found.get("items", [])
         return items
 
@@ -207,6 +231,21 @@ class Kube:
             )
         )
         return str(review.status.user_info.username)
+
+    async def follow_pod_log(self, namespace: str, pod: str) -> AsyncIterator[str]:
+        """A pod's log as it is written, until the container ends (``kubectl logs -f``)."""
+        self.reads += 1
+        try:
+            resp: Any = await self.core.read_namespaced_pod_log(
+                pod, namespace, follow=True, _preload_content=False
+            )
+        except ApiException as err:
+            raise NotFound(f"log of pod {namespace}/{pod}: {err.reason}") from None
+        try:
+            async for chunk in resp.content.iter_any():
+                yield chunk.decode(errors="replace")
+        finally:
+            resp.release()
 
     async def pod_log(self, namespace: str, pod: str) -> str:
         """A pod's whole log; raises NotFound when the pod or its log is gone."""

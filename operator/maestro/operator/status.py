@@ -158,7 +158,9 @@ def run_status(
         "workflowName": run.workflow_name,
         "startedAt": iso(run.started_at),
         "finishedAt": iso(run.finished_at),
-        "duration": duration(run.started_at, run.finished_at or now),
+        # Only a finished run has a duration: a running one's would be stale between
+        # status writes (`kubectl get` shows its STARTED age instead).
+        "duration": duration(run.started_at, run.finished_at),
         "progress": f"{done}/{len(names)}",
         "message": message or "",
         "tasks": tasks,
