@@ -292,7 +292,7 @@ class RunController:
             return
         if run_id in self._finished:
             # Nothing in a finished run changes, but its status must observe the edit.
-            if self._observed.get(run_id) != generation:
+            if self._observed.get(run_id, 0) < generation:
                 await self._observe(meta, status, generation, run_id)
             return
         spec = body.get("spec") or {}
@@ -435,7 +435,7 @@ class RunController:
                 self._finished.add(run.id)
                 self._observed[run.id] = int(generation or 1)
                 live = int(meta.get("generation") or 1)  # Kopf keeps a daemon's body live
-                if live != self._observed[run.id]:
+                if live > self._observed[run.id]:
                     # An edit that came while the final status was being written.
                     await self._observe(meta, status, live, run.id)
                 self.engine.forget(run.id)
