@@ -23,6 +23,7 @@ from rich.live import Live
 from rich.table import Table
 
 from maestro.api.models import API_VERSION, WorkflowSpec
+from maestro.cli import columns
 from maestro.cli.run import default_database_url
 from maestro.dag.validate import plan, resolve_params, validate
 from maestro.executors.container import LABEL_RUN, LABEL_TASK
@@ -121,19 +122,13 @@ def _tasks_table(obj: dict[str, Any]) -> Table:
     return table
 
 
-def _runs_table(items: list[dict[str, Any]], *, all_namespaces: bool, wide: bool) -> Table:
-    table = Table()
-    if all_namespaces:
-        table.add_column("namespace", no_wrap=True)
-    table.add_column("name", no_wrap=True)
-    table.add_column("phase", no_wrap=True)
-    table.add_column("done", no_wrap=True)
-    table.add_column("age", no_wrap=True)
-    table.add_column("took", no_wrap=True)
+def _runs_list(items: list[dict[str, Any]], *, all_namespaces: bool, wide: bool) -> str:
+    headers = ["namespace"] if all_namespaces else []
+    headers += ["name", "phase", "done", "age", "took"]
     if wide:
-        table.add_column("workflow", no_wrap=True)
-        table.add_column("run id", no_wrap=True)
-    table.add_column("message", overflow="ellipsis", no_wrap=not wide, ratio=1)
+        headers += ["workflow", "run id"]
+    headers.append("message")
+    rows = []
     for obj in items:
         st = obj.get("status") or {}
         meta = obj["metadata"]
@@ -148,8 +143,9 @@ def _runs_table(items: list[dict[str, Any]], *, all_namespaces: bool, wide: bool
         if wide:
             row += [st.get("workflowName") or "", st.get("runId") or ""]
         row.append(st.get("message", ""))
-        table.add_row(*row)
-    return table
+        rows.append(row)
+    # Like kubectl: -o wide shows whole messages, whatever the terminal's width.
+    return columns.render(headers, rows, full=wide)
 
 
 def _dump(obj: Any, output: str) -> None:
@@ -283,7 +279,7 @@ def get_cmd(
         where = "any namespace" if ns_or_all is None else f"namespace {ns_or_all!r}"
         click.echo(f"No runs in {where}.", err=True)
         return
-    console.print(_runs_table(items, all_namespaces=all_namespaces, wide=output == "wide"))
+    click.echo(_runs_list(items, all_namespaces=all_namespaces, wide=output == "wide"))
 
 
 @click.command("watch")

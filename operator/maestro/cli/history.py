@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from maestro.cli import columns
 from maestro.cli.run import default_database_url
 from maestro.store import RunNotFound, RunRecord, Store, StoreError
 
@@ -39,15 +40,10 @@ async def _show(url: str, run_id: str | None, namespace: str | None, limit: int)
     console = Console()
     try:
         if run_id is None:
-            table = Table(title=f"runs in {store.description}", title_justify="left")
-            # Short ids, names and phases never wrap; long messages are cut (the run's
-            # own page, `maestro history ID`, has them whole).
-            for col in ("id", "run", "workflow", "phase", "started"):
-                table.add_column(col, no_wrap=True)
-            table.add_column("message", no_wrap=True, overflow="ellipsis", ratio=1)
+            click.echo(f"runs in {store.description}")
             runs = await store.list_runs(namespace=namespace)
-            for r in runs[-limit:]:
-                table.add_row(
+            rows = [
+                (
                     r.id[:SHORT_ID],
                     f"{r.namespace}/{r.name}",
                     r.workflow_name or "",
@@ -55,7 +51,10 @@ async def _show(url: str, run_id: str | None, namespace: str | None, limit: int)
                     r.started_at.strftime("%m-%d %H:%M") if r.started_at else "",
                     r.message or "",
                 )
-            console.print(table)
+                for r in runs[-limit:]
+            ]
+            headers = ("id", "run", "workflow", "phase", "started", "message")
+            click.echo(columns.render(headers, rows))
             return
         run = await _find(store, run_id, namespace)
         console.print(
