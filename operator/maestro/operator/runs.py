@@ -370,7 +370,14 @@ class RunController:
             except _Pending as why:
                 now = datetime.now(UTC)
                 status = not_started_status(
-                    why.phase, why.reason, why.message, meta.get("generation"), previous, now
+                    # body[...] each time: Kopf swaps the live body's content on every
+                    # change, a `meta` taken earlier stays at the daemon's first sight.
+                    why.phase,
+                    why.reason,
+                    why.message,
+                    body["metadata"].get("generation"),
+                    previous,
+                    now,
                 )
                 await writer.offer(status, final=True)
                 if why.phase.finished:
@@ -416,7 +423,7 @@ class RunController:
                 seen_events = max(seen_events, e.id)
                 await self._record_event(body, e, latest, spec)
             now = datetime.now(UTC)
-            generation = self._generations.get(run.id, meta.get("generation"))
+            generation = self._generations.get(run.id, body["metadata"].get("generation"))
             status = run_status(
                 run,
                 spec,
@@ -434,7 +441,7 @@ class RunController:
             if run.phase.finished:
                 self._finished.add(run.id)
                 self._observed[run.id] = int(generation or 1)
-                live = int(meta.get("generation") or 1)  # Kopf keeps a daemon's body live
+                live = int(body["metadata"].get("generation") or 1)  # live, unlike `meta`
                 if live > self._observed[run.id]:
                     # An edit that came while the final status was being written.
                     await self._observe(meta, status, live, run.id)
