@@ -160,6 +160,8 @@ def test_gitops_health_in_every_phase_and_after_spec_edits(
     wait_observed(cp, namespace, "run")
     wait_observed(cp, namespace, "workflow")
     _assert_health(cp, namespace, health)
+    # "late-edit" names no approval gate: nothing is recorded or announced for it.
+    assert "TaskApproved" not in {e["reason"] for e in events(cp, namespace)}
     # The late cancel changed nothing in the finished run.
     assert get(cp, namespace, "workflowrun", "ok")["status"]["message"] == "all tasks completed"
 

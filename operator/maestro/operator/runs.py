@@ -306,11 +306,16 @@ class RunController:
             return  # most events are our own status patches: nothing to do
         store = self.engine.store
         notes = spec.get("approvalNotes") or {}
-        for task in wanted["approvals"]:
-            if task not in (known.get("approvals") or ()):
-                note = notes.get(task) or {}
-                by = note.get("by") or editor_of(meta, "approvals")
-                await store.approve(run_id, task, actor=by, comment=note.get("comment"))
+        new = [t for t in wanted["approvals"] if t not in (known.get("approvals") or ())]
+        if new:
+            # Only a gate's approval is recorded (and announced): other names do nothing.
+            workflow, _ = self.engine.spec_of(await store.get_run(run_id))
+            gates = {t.name for t in workflow.all_tasks() if t.kind == "approval"}
+            new = [t for t in new if t in gates]
+        for task in new:
+            note = notes.get(task) or {}
+            by = note.get("by") or editor_of(meta, "approvals")
+            await store.approve(run_id, task, actor=by, comment=note.get("comment"))
         changes = dict(wanted)
         if wanted["cancel"] and not known.get("cancel"):
             changes["cancelledBy"] = editor_of(meta, "cancel")
