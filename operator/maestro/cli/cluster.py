@@ -362,13 +362,15 @@ async def _patch_spec(
     run: str,
     change: Callable[[dict[str, Any]], dict[str, Any]],
     check: Callable[[dict[str, Any]], None] = lambda obj: None,
+    user: str | None = None,
 ) -> None:
     """Read-modify-write with the resourceVersion, so concurrent edits are not lost.
 
     ``check`` refuses the edit (raising ClickException) after each read. The patch is
-    made as the caller's user, so the operator records who did it.
+    made as the caller's user (``user``, else asked of the API server), so the
+    operator records who did it.
     """
-    user = await kube.whoami()
+    user = user or await kube.whoami()
     for _ in range(5):
         obj = await kube.get_run(namespace, run)
         check(obj)
@@ -473,7 +475,7 @@ def approve_cmd(
                 "approvalNotes": {task: note},
             }
 
-        await _patch_spec(kube, ns, run, add, _approval_gate(run, task))
+        await _patch_spec(kube, ns, run, add, _approval_gate(run, task), user)
         return user
 
     user = _call(kubeconfig, approve)
