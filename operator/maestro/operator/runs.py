@@ -148,8 +148,7 @@ def _k8s_event(e: EventRecord) -> tuple[str, str, bool] | None:
         return reason, f"{e.task} attempt {e.attempt}: {e.message or 'failed'}", True
     if e.kind == "Approved":
         by = f"{e.task} approved by {e.actor or 'unknown'}"
-        comment = e.message if e.message and not e.message.startswith("approved by ") else ""
-        return "TaskApproved", by + (f": {comment}" if comment else ""), False
+        return "TaskApproved", by + (f": {e.message}" if e.message else ""), False
     return None
 
 

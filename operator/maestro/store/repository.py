@@ -409,7 +409,7 @@ class Store:
                 at=now,
                 task=task,
                 actor=actor,
-                message=comment or f"approved by {actor}",
+                message=comment,
             )
             return True
 
