@@ -5,4 +5,5 @@ pytest_plugins = [
     "fixtures.control_plane",
     "fixtures.operator",
     "fixtures.server",
+    "fixtures.health",
 ]

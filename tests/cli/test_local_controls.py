@@ -42,6 +42,13 @@ def test_approve_local_run_from_another_process_then_history(tmp_path: Path) -> 
             assert running.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
+        # The gate shows what its approver is asked, templates rendered.
+        asked = re.search(
+            r"approve-release #1 Running: waiting for approval: (.*)", log.read_text()
+        )
+        assert asked is not None, log.read_text()
+        assert "{{" not in asked.group(1)
+        assert asked.group(1) == "Release app-1.0.0.tar to production?"
         run_id = re.search(r"id ([0-9a-f-]{36})", log.read_text())
         assert run_id is not None
         approve = maestro(env, "approve", "--local", run_id.group(1), "approve-release")
@@ -58,7 +65,13 @@ def test_approve_local_run_from_another_process_then_history(tmp_path: Path) -> 
     assert "Approved" in history.stdout
     assert "Succeeded" in history.stdout
     listing = maestro(env, "history", "-n", "local")
-    assert run_id.group(1) in listing.stdout
+    # Lists show short ids (whole UUIDs wrapped over many lines); they name the run too.
+    short = run_id.group(1)[:8]
+    assert short in listing.stdout
+    assert run_id.group(1) not in listing.stdout
+    by_prefix = maestro(env, "history", short)
+    assert by_prefix.returncode == 0, by_prefix.stderr
+    assert run_id.group(1) in by_prefix.stdout
     missing = maestro(env, "history", "no-such-run")
     assert missing.returncode == 1
     assert "no-such-run" in missing.stderr

@@ -113,14 +113,19 @@ async def test_approval_gate_waits_then_opens(h: Harness) -> None:
     spec = spec_of(
         [
             sh("build", mark(c, "build")),
-            {"name": "ship-it", "dependsOn": ["build"], "approval": {"message": "ship?"}},
+            {
+                "name": "ship-it",
+                "dependsOn": ["build"],
+                "approval": {"message": "ship {{ run.name }}?"},
+            },
             sh("release", mark(c, "release"), dependsOn=["ship-it"]),
         ]
     )
     run = await h.create(spec)
     driving = h.drive(run.id)
     gate = await h.wait_for(run.id, "ship-it", "Running")
-    assert gate.message == "waiting for approval"
+    # The approver is asked the rendered approval.message.
+    assert gate.message == f"waiting for approval: ship {run.name}?"
     await _passes(h, run.id, 3)
     assert lines(c) == ["build"]
     # A pass of a second engine on the same store: the driver's CAS writes keep it safe.
@@ -135,7 +140,7 @@ async def test_approval_gate_waits_then_opens(h: Harness) -> None:
     assert approved.reason == "Approved"
     assert approved.outputs == {"approved": True}
     events = [e for e in await h.store.events(run.id) if e.kind == "Approved"]
-    assert [(e.task, e.message) for e in events] == [("ship-it", "by alice")]
+    assert [(e.task, e.actor, e.message) for e in events] == [("ship-it", "alice", None)]
 
 
 async def test_approval_gate_times_out(h: Harness) -> None:

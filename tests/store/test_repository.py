@@ -231,7 +231,7 @@ async def test_controls_merge_and_approvals_are_idempotent(store: Store, make_ru
         ("Approved", "deploy-gate"),
         ("Approved", "second-gate"),
     ]
-    assert events[2].message == "by alice"
+    assert (events[2].actor, events[2].message) == ("alice", None)  # no comment given
     with pytest.raises(TypeError, match="suspnd"):
         await store.update_controls(run.id, suspnd=True)
 

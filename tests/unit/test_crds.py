@@ -58,6 +58,7 @@ def test_crd_shape_for_kubectl() -> None:
         "Phase",
         "Progress",
         "Age",
+        "Started",
         "Duration",
         "Message",
     ]

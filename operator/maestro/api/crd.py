@@ -177,6 +177,10 @@ def crds() -> dict[str, JSON]:
             _column("Phase", ".status.phase"),
             _column("Progress", ".status.progress"),
             _AGE,
+            # A date column: kubectl shows how long ago the run started, i.e. how long a
+            # running run has been running. Duration is written once the run finished
+            # (status is not re-written every second just to tick a clock).
+            _column("Started", ".status.startedAt", "date"),
             _column("Duration", ".status.duration"),
             _column("Message", ".status.message"),
         ],

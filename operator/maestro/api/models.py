@@ -333,6 +333,15 @@ class WorkflowRef(Model):
     name: ResourceName
 
 
+class ApprovalNote(Model):
+    """Who approved a gate and why, when the approval is given by a spec edit."""
+
+    by: str | None = Field(
+        None, max_length=253, description="The approver (default: the edit's field manager)."
+    )
+    comment: str | None = Field(None, max_length=1024, description="Recorded with the approval.")
+
+
 class WorkflowRunSpec(Model):
     """One execution of a workflow."""
 
@@ -353,6 +362,10 @@ class WorkflowRunSpec(Model):
     suspend: bool = False
     cancel: bool = False
     approvals: list[TaskName] = Field(default_factory=list)
+    approval_notes: dict[str, ApprovalNote] = Field(
+        default_factory=dict,
+        description="Per approved task: who approved (`by`) and a `comment`, for the history.",
+    )
     ttl_seconds_after_finished: int | None = Field(None, ge=0)
     service_account_name: ResourceName | None = Field(
         None,

@@ -9,12 +9,30 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from maestro.cli import columns
 from maestro.cli.run import default_database_url
-from maestro.store import RunNotFound, Store, StoreError
+from maestro.store import RunNotFound, RunRecord, Store, StoreError
 
 
 def _t(ts: datetime | None) -> str:
     return ts.strftime("%Y-%m-%d %H:%M:%S") if ts else ""
+
+
+# Run ids are UUIDs; this many leading characters name a run (like git's short hashes).
+SHORT_ID = 8
+
+
+async def _find(store: Store, run_id: str, namespace: str | None) -> RunRecord:
+    """The run with this id, or the one run whose id starts with it."""
+    try:
+        return await store.get_run(run_id)
+    except RunNotFound:
+        found = [r for r in await store.list_runs(namespace=namespace) if r.id.startswith(run_id)]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise RunNotFound(f"run id {run_id!r} is ambiguous: {len(found)} runs match") from None
+        raise
 
 
 async def _show(url: str, run_id: str | None, namespace: str | None, limit: int) -> None:
@@ -22,47 +40,32 @@ async def _show(url: str, run_id: str | None, namespace: str | None, limit: int)
     console = Console()
     try:
         if run_id is None:
-            table = Table(title=f"runs in {store.description}", title_justify="left")
-            for col in (
-                "id",
-                "namespace",
-                "name",
-                "workflow",
-                "phase",
-                "started",
-                "finished",
-                "message",
-            ):
-                table.add_column(col, overflow="fold")
+            click.echo(f"runs in {store.description}")
             runs = await store.list_runs(namespace=namespace)
-            for r in runs[-limit:]:
-                table.add_row(
-                    r.id,
-                    r.namespace,
-                    r.name,
+            rows = [
+                (
+                    r.id[:SHORT_ID],
+                    f"{r.namespace}/{r.name}",
                     r.workflow_name or "",
                     r.phase.value,
-                    _t(r.started_at),
-                    _t(r.finished_at),
+                    r.started_at.strftime("%m-%d %H:%M") if r.started_at else "",
                     r.message or "",
                 )
-            console.print(table)
+                for r in runs[-limit:]
+            ]
+            headers = ("id", "run", "workflow", "phase", "started", "message")
+            click.echo(columns.render(headers, rows))
             return
-        run = await store.get_run(run_id)
+        run = await _find(store, run_id, namespace)
         console.print(
-            f"run {run.namespace}/{run.name} ({run.id}): {run.phase.value} {run.message or ''}"
+            f"run {run.namespace}/{run.name} ({run.id}): {run.phase.value} {run.message or ''}",
+            soft_wrap=True,
         )
+        console.print(f"started {_t(run.started_at)}, finished {_t(run.finished_at) or '-'}")
         attempts = Table(title="attempts", title_justify="left")
-        for col in (
-            "task",
-            "attempt",
-            "phase",
-            "reason",
-            "started",
-            "finished",
-            "message / outputs",
-        ):
-            attempts.add_column(col, overflow="fold")
+        for col in ("task", "try", "phase", "reason", "started"):
+            attempts.add_column(col, no_wrap=True)
+        attempts.add_column("message / outputs", overflow="fold", ratio=1)
         for a in await store.attempts(run.id):
             detail = str(a.outputs) if a.outputs else a.message or ""
             attempts.add_row(
@@ -70,23 +73,23 @@ async def _show(url: str, run_id: str | None, namespace: str | None, limit: int)
                 str(a.attempt),
                 a.phase.value,
                 a.reason or "",
-                _t(a.started_at),
-                _t(a.finished_at),
+                a.started_at.strftime("%H:%M:%S") if a.started_at else "",
                 detail,
             )
         console.print(attempts)
         log = Table(title="events", title_justify="left")
-        for col in ("at", "kind", "task", "from", "to", "reason", "message"):
-            log.add_column(col, overflow="fold")
+        for col in ("at", "kind", "task", "change", "by"):
+            log.add_column(col, no_wrap=True)
+        log.add_column("message", overflow="fold", ratio=1)
         for e in await store.events(run.id):
-            task = f"{e.task}#{e.attempt}" if e.task else ""
+            task = f"{e.task}#{e.attempt}" if e.task and e.attempt else e.task or ""
+            change = f"{e.from_phase or ''}→{e.to_phase}" if e.to_phase else ""
             log.add_row(
-                _t(e.at),
+                e.at.strftime("%H:%M:%S"),
                 e.kind,
                 task,
-                e.from_phase or "",
-                e.to_phase or "",
-                e.reason or "",
+                change,
+                e.actor or "",
                 e.message or "",
             )
         console.print(log)
@@ -106,7 +109,7 @@ async def _show(url: str, run_id: str | None, namespace: str | None, limit: int)
 def history_cmd(
     run_id: str | None, namespace: str | None, limit: int, database_url: str | None
 ) -> None:
-    """List stored runs, or show one run's attempts and event log."""
+    """List stored runs, or show one run's attempts and event log (RUN_ID or its start)."""
     try:
         asyncio.run(_show(database_url or default_database_url(), run_id, namespace, limit))
     except (StoreError, RunNotFound) as err:

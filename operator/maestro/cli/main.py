@@ -38,27 +38,40 @@ def cli() -> None:
 @cli.command("validate")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 def validate_cmd(files: tuple[Path, ...]) -> None:
-    """Check Workflow and WorkflowRun manifests; one line per problem, exit 1 if any."""
+    """Check Workflow and WorkflowRun manifests; one line per problem, exit 1 if any.
+
+    A WorkflowRun whose workflowRef names a Workflow in the files given is checked
+    against it (its params must be declared there), as the operator will.
+    """
     bad = 0
     checked = 0
-    for path in files:
-        for doc in load_file(path):
-            checked += 1
-            lines = list(doc.problems)
-            risky: list[str] = []
-            if isinstance(doc.manifest, Workflow):
-                lines += [str(p) for p in validate(doc.manifest.spec)]
-                risky += [str(p) for p in shell_warnings(doc.manifest.spec)]
-            elif isinstance(doc.manifest, WorkflowRun) and doc.manifest.spec.workflow_spec:
-                spec = doc.manifest.spec.workflow_spec
-                lines += [f"spec.workflowSpec: {p}" for p in validate(spec)]
-                lines += resolve_params(spec, doc.manifest.spec.params)[1]
-                risky += [f"spec.workflowSpec: {p}" for p in shell_warnings(spec)]
-            for line in risky:
-                click.echo(f"{doc.where}: warning: {line}", err=True)
-            for line in lines:
-                click.echo(f"{doc.where}: {line}", err=True)
-            bad += bool(lines)
+    docs = [doc for path in files for doc in load_file(path)]
+    workflows = {
+        d.manifest.metadata.name: d.manifest.spec
+        for d in docs
+        if isinstance(d.manifest, Workflow) and d.manifest.metadata.name
+    }
+    for doc in docs:
+        checked += 1
+        lines = list(doc.problems)
+        risky: list[str] = []
+        if isinstance(doc.manifest, Workflow):
+            lines += [str(p) for p in validate(doc.manifest.spec)]
+            risky += [str(p) for p in shell_warnings(doc.manifest.spec)]
+        elif isinstance(doc.manifest, WorkflowRun):
+            run_spec = doc.manifest.spec
+            if run_spec.workflow_spec:
+                lines += [f"spec.workflowSpec: {p}" for p in validate(run_spec.workflow_spec)]
+                lines += resolve_params(run_spec.workflow_spec, run_spec.params)[1]
+                risky += [f"spec.workflowSpec: {p}" for p in shell_warnings(run_spec.workflow_spec)]
+            elif run_spec.workflow_ref and run_spec.workflow_ref.name in workflows:
+                known = workflows[run_spec.workflow_ref.name]
+                lines += resolve_params(known, run_spec.params)[1]
+        for line in risky:
+            click.echo(f"{doc.where}: warning: {line}", err=True)
+        for line in lines:
+            click.echo(f"{doc.where}: {line}", err=True)
+        bad += bool(lines)
     if bad:
         click.echo(f"{bad} of {checked} documents invalid", err=True)
         sys.exit(1)

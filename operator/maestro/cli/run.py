@@ -202,6 +202,7 @@ async def _drive_with_display(
             driving.cancel()
 
     seen: dict[str, tuple[int, TaskPhase]] = {}
+    kinds = {t.name: t.kind for t in spec.all_tasks()}
     live = Live(console=console, auto_refresh=False) if console.is_terminal else None
 
     async def on_pass(step: Pass) -> None:
@@ -212,7 +213,9 @@ async def _drive_with_display(
         for name, att in latest.items():
             if seen.get(name) != (att.attempt, att.phase):
                 seen[name] = (att.attempt, att.phase)
-                note = f": {att.message}" if att.message and att.phase.finished else ""
+                # A gate shows what its approver is asked while it waits.
+                shown = att.phase.finished or kinds.get(name) == "approval"
+                note = f": {att.message}" if att.message and shown else ""
                 console.print(
                     f"{datetime.now():%H:%M:%S} {name} #{att.attempt} {att.phase.value}{note}",
                     highlight=False,

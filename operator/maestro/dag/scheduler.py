@@ -82,6 +82,8 @@ class Controls:
     suspend: bool = False
     cancel: bool = False
     approvals: frozenset[str] = frozenset()
+    # Who asked for the cancel (the CLI's user, or the spec edit's field manager).
+    cancelled_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -255,12 +257,19 @@ def _walk(
             elif task.timeout_seconds is not None and cur.started_at is not None:
                 deadline = cur.started_at + timedelta(seconds=task.timeout_seconds)
                 if w.now >= deadline:
-                    msg = f"attempt {cur.attempt} timed out after {task.timeout_seconds}s"
+                    what = "approval" if task.kind == "approval" else f"attempt {cur.attempt}"
+                    msg = f"{what} timed out after {task.timeout_seconds}s"
                     w.decision.actions.append(
                         Stop(name, cur.attempt, TaskPhase.FAILED, Reason.TIMED_OUT, msg)
                     )
+                    # The view's message is what the run's own message quotes: the
+                    # attempt's start message ("running") would say nothing of the timeout.
                     cur = replace(
-                        cur, phase=TaskPhase.FAILED, reason=Reason.TIMED_OUT, finished_at=w.now
+                        cur,
+                        phase=TaskPhase.FAILED,
+                        reason=Reason.TIMED_OUT,
+                        message=msg,
+                        finished_at=w.now,
                     )
                     w.view[name] = cur
                 else:
@@ -476,6 +485,8 @@ def decide(state: RunState, now: datetime) -> Decision:
         return _finish_decision(w)
 
     outcome, reason, message = _outcome(spec, w.view)
+    if reason == Reason.RUN_CANCELLED and state.controls.cancelled_by:
+        message = f"cancelled by {state.controls.cancelled_by}"
 
     decision.outcome = outcome.value
     _walk(w, spec.finally_, state.plan.final, stopping=None, fail_fast=False, outcome=outcome.value)

@@ -72,6 +72,7 @@ def controls_of(run: RunRecord) -> Controls:
         suspend=bool(c.get("suspend", False)),
         cancel=bool(c.get("cancel", False)),
         approvals=frozenset(c.get("approvals", ())),
+        cancelled_by=c.get("cancelledBy") or None,
     )
 
 
@@ -146,7 +147,8 @@ class Engine:
         """
         run = await self.store.get_run(run_id)
         spec, _ = self.spec_of(run)
-        names = {t.name for t in spec.all_tasks()}
+        # Finally tasks always run again: cleanup and notify belong to this run.
+        names = {t.name for t in spec.tasks}
         reused = []
         for name, att in (await self.store.latest_attempts(source_id)).items():
             if name not in names or att.phase is not TaskPhase.SUCCEEDED:
@@ -383,7 +385,7 @@ class Engine:
             action.attempt,
             create=action.create,
             reason=Reason.STARTED,
-            message=_start_message(task),
+            message=_start_message(rendered),
             job_name=handle,
         )
         if not won:
@@ -467,6 +469,9 @@ def _render_task(task: Task, ctx: templates.Context) -> Task:
 
 
 def _start_message(task: Task) -> str:
-    if task.kind == "approval":
-        return "waiting for approval"
+    if task.approval is not None:
+        # The rendered approval.message is what the approver is asked: status, `maestro
+        # get`/`watch` and the local TTY all show the attempt's message.
+        asked = task.approval.message
+        return f"waiting for approval: {asked}" if asked else "waiting for approval"
     return "running"

@@ -178,6 +178,26 @@ def retry_manifest(old: Mapping[str, Any], run_id: str) -> dict[str, Any]:
     }
 
 
+IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def current_namespace(kubeconfig: str | None = None) -> str:
+    """The namespace kubectl would use: the current context's, else ``default``.
+
+    In a pod without a kubeconfig, the pod's own namespace.
+    """
+    if (
+        kubeconfig is None
+        and "KUBERNETES_SERVICE_HOST" in os.environ
+        and not os.environ.get("KUBECONFIG")
+        and os.path.exists(IN_CLUSTER_NAMESPACE)
+    ):
+        with open(IN_CLUSTER_NAMESPACE, encoding="utf-8") as fh:
+            return fh.read().strip() or "default"
+    _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+    return str(((active or {}).get("context") or {}).get("namespace") or "default")
+
+
 class Kube:
     """The API calls Maestro makes; every failure is raised as an :class:`APIError`."""
 
@@ -188,6 +208,7 @@ class Kube:
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.authz = client.AuthorizationV1Api(api)
+        self.auth = client.AuthenticationV1Api(api)
         self.reads = 0
         self.writes = 0
 
@@ -336,38 +357,62 @@ class Kube:
             )
         return obj
 
-    async def list_runs(self, namespace: str) -> list[dict[str, Any]]:
-        """Every WorkflowRun of a namespace."""
+    async def list_runs(self, namespace: str | None) -> list[dict[str, Any]]:
+        """Every WorkflowRun of a namespace (of all namespaces for None)."""
         self.reads += 1
-        with api_errors(f"workflowruns in {namespace}"):
-            found = await self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, RUNS)
+        with api_errors(f"workflowruns in {namespace or 'all namespaces'}"):
+            if namespace is None:
+                found = await self.custom.list_cluster_custom_object(GROUP, VERSION, RUNS)
+            else:
+                found = await self.custom.list_namespaced_custom_object(
+                    GROUP, VERSION, namespace, RUNS
+                )
         items: list[dict[str, Any]] = found.get("items", [])
         return items
 
-    async def patch_run_spec(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
-        """Merge-patch a WorkflowRun (include metadata.resourceVersion for compare-and-set)."""
+    async def patch_run_spec(
+        self,
+        namespace: str,
+        name: str,
+        patch: dict[str, Any],
+        *,
+        field_manager: str | None = None,
+    ) -> None:
+        """Merge-patch a WorkflowRun (include metadata.resourceVersion for compare-and-set).
+
+        ``field_manager`` names who edits (the operator reads it back as the actor).
+        """
         self.writes += 1
         call = cast(Any, self.custom.patch_namespaced_custom_object)
+        extra = {"field_manager": field_manager} if field_manager else {}
         with api_errors(f"workflowrun {namespace}/{name}"):
-            await call(GROUP, VERSION, namespace, RUNS, name, patch, _content_type=MERGE_PATCH)
+            await call(
+                GROUP, VERSION, namespace, RUNS, name, patch, _content_type=MERGE_PATCH, **extra
+            )
 
     async def change_run_spec(
         self,
         namespace: str,
         name: str,
         change: Callable[[dict[str, Any]], dict[str, Any]],
+        *,
+        check: Callable[[dict[str, Any]], None] = lambda obj: None,
+        field_manager: str | None = None,
     ) -> None:
         """Merge ``change(spec)`` into a run's spec; read-modify-write with the
-        resourceVersion, so concurrent edits are not lost. Raises :class:`Conflict` when
-        the run keeps changing, :class:`NotFound` when it is gone."""
+        resourceVersion, so concurrent edits are not lost. ``check`` may refuse the edit
+        (by raising) after each read; ``field_manager`` names who edits (the operator
+        reads it back as the actor). Raises :class:`Conflict` when the run keeps
+        changing, :class:`NotFound` when it is gone."""
         for _ in range(SPEC_CHANGE_ATTEMPTS):
             obj = await self.get_run(namespace, name)
+            check(obj)
             patch = {
                 "metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
                 "spec": change(obj.get("spec") or {}),
             }
             try:
-                await self.patch_run_spec(namespace, name, patch)
+                await self.patch_run_spec(namespace, name, patch, field_manager=field_manager)
                 return
             except Conflict:
                 continue  # someone else wrote first: read again
@@ -447,6 +492,15 @@ class Kube:
         self.reads += 1
         info = await client.VersionApi(self.api).get_code()
         return str(info.git_version)
+
+    async def whoami(self) -> str:
+        """The caller's user name, as the API server authenticated it (SelfSubjectReview)."""
+        review = await self.auth.create_self_subject_review(
+            client.V1SelfSubjectReview(
+                api_version="authentication.k8s.io/v1", kind="SelfSubjectReview"
+            )
+        )
+        return str(review.status.user_info.username)
 
     async def pod_log(self, namespace: str, pod: str) -> str:
         """A pod's whole log; raises NotFound when the pod or its log is gone."""

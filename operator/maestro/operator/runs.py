@@ -35,7 +35,7 @@ from maestro.k8s.client import (
 )
 from maestro.operator.logs import bind_run, event_line
 from maestro.operator.metrics import Metrics
-from maestro.operator.status import not_started_status, run_status
+from maestro.operator.status import not_started_status, observe_generation, run_status
 from maestro.operator.tracing import RunTracer
 from maestro.store import EventRecord, RunNotFound, RunRecord, StoreError
 
@@ -80,6 +80,20 @@ def _created(meta: Mapping[str, Any]) -> datetime | None:
     """The resource's creationTimestamp: how long a not-started run has waited."""
     stamp = meta.get("creationTimestamp")
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else None
+
+
+def editor_of(meta: Mapping[str, Any], field: str) -> str:
+    """Who last set ``spec.<field>``: the newest field manager that owns it.
+
+    The CLI patches as the caller's user (SelfSubjectReview); kubectl, Argo CD and Flux
+    use their own manager names (``kubectl-patch``, ``argocd-controller``, ...).
+    """
+    owners = [
+        (str(m.get("time") or ""), str(m.get("manager") or ""))
+        for m in meta.get("managedFields") or []
+        if f"f:{field}" in ((m.get("fieldsV1") or {}).get("f:spec") or {})
+    ]
+    return max(owners)[1] if owners else "unknown"
 
 
 class _Pending(Exception):
@@ -156,7 +170,8 @@ def _k8s_event(e: EventRecord) -> tuple[str, str, bool] | None:
         reason = "TaskTimedOut" if e.reason == "TimedOut" else "TaskFailed"
         return reason, f"{e.task} attempt {e.attempt}: {e.message or 'failed'}", True
     if e.kind == "Approved":
-        return "TaskApproved", f"{e.task}: {e.message or 'approved'}", False
+        by = f"{e.task} approved by {e.actor or 'unknown'}"
+        return "TaskApproved", by + (f": {e.message}" if e.message else ""), False
     return None
 
 
@@ -199,6 +214,8 @@ class RunController:
         self._generations: dict[str, int] = {}  # run id -> latest metadata.generation seen
         self.active: set[str] = set()  # run ids whose loop runs in this process
         metrics.queue_depth.set_function(lambda: float(waker.woken(self.active)))
+        self._finished: set[str] = set()  # run ids whose daemon wrote the final status
+        self._observed: dict[str, int] = {}  # run id -> generation the status last showed
 
     # Start ----------------------------------------------------------------------------
 
@@ -332,20 +349,64 @@ class RunController:
         """Copy suspend/cancel/approvals from the spec into the store, then wake the run."""
         meta = body["metadata"]
         run_id = self._ids.get(meta["uid"])
-        if run_id is None:
-            return  # not started yet: the daemon reads the spec when it creates the run
         generation = int(meta.get("generation") or 1)
-        wanted = controls_of_spec(body.get("spec") or {})
-        if self._controls.get(run_id) == wanted:
+        status = body.get("status") or {}
+        if run_id is None:
+            # Not started yet: the daemon reads the live spec when it creates the run.
+            # A run refused at the start has no daemon left to observe an edit.
+            if status.get("phase") == RunPhase.FAILED.value:
+                await self._observe(meta, status, generation)
+            return
+        if run_id in self._finished:
+            # Nothing in a finished run changes, but its status must observe the edit.
+            if self._observed.get(run_id, 0) < generation:
+                await self._observe(meta, status, generation, run_id)
+            return
+        spec = body.get("spec") or {}
+        wanted = controls_of_spec(spec)
+        known = self._controls.get(run_id) or {}
+        if {k: known.get(k) for k in wanted} == wanted:
             if self._generations.get(run_id) != generation:
                 # Nothing to act on, but status must observe the new generation (kstatus).
                 self._generations[run_id] = generation
                 self.waker(run_id)
             return  # most events are our own status patches: nothing to do
-        run = await self.engine.store.update_controls(run_id, generation=generation, **wanted)
+        store = self.engine.store
+        notes = spec.get("approvalNotes") or {}
+        new = [t for t in wanted["approvals"] if t not in (known.get("approvals") or ())]
+        if new:
+            # Only a gate's approval is recorded (and announced): other names do nothing.
+            workflow, _ = self.engine.spec_of(await store.get_run(run_id))
+            gates = {t.name for t in workflow.all_tasks() if t.kind == "approval"}
+            new = [t for t in new if t in gates]
+        for task in new:
+            note = notes.get(task) or {}
+            by = note.get("by") or editor_of(meta, "approvals")
+            await store.approve(run_id, task, actor=by, comment=note.get("comment"))
+        changes = dict(wanted)
+        if wanted["cancel"] and not known.get("cancel"):
+            changes["cancelledBy"] = editor_of(meta, "cancel")
+        run = await store.update_controls(run_id, generation=generation, **changes)
         self._controls[run_id] = dict(run.controls)
         self._generations[run_id] = generation
         self.waker(run_id)
+
+    async def _observe(
+        self,
+        meta: Mapping[str, Any],
+        status: Mapping[str, Any],
+        generation: int,
+        run_id: str | None = None,
+    ) -> None:
+        """Patch a finished run's status to show it has seen ``generation``."""
+        if status.get("observedGeneration") == generation and run_id is None:
+            return
+        if run_id is not None:
+            self._observed[run_id] = generation
+        with contextlib.suppress(NotFound):
+            await self.kube.patch_status(
+                RUNS, meta["namespace"], meta["name"], observe_generation(status, generation)
+            )
 
     # Deletion --------------------------------------------------------------------------
 
@@ -364,6 +425,8 @@ class RunController:
         if run is not None:
             self._controls.pop(run.id, None)
             self._generations.pop(run.id, None)
+            self._finished.discard(run.id)
+            self._observed.pop(run.id, None)
         self._ids.pop(meta["uid"], None)
         self.metrics.not_stored(meta["uid"], None)
 
@@ -391,7 +454,14 @@ class RunController:
                     why = _Pending(RunPhase.CANCELLED, "RunCancelled", f"cancelled: {why.message}")
                 now = datetime.now(UTC)
                 status = not_started_status(
-                    why.phase, why.reason, why.message, meta.get("generation"), previous, now
+                    # body[...] each time: Kopf swaps the live body's content on every
+                    # change, a `meta` taken earlier stays at the daemon's first sight.
+                    why.phase,
+                    why.reason,
+                    why.message,
+                    body["metadata"].get("generation"),
+                    previous,
+                    now,
                 )
                 if why.phase.finished and writer.written.get("phase") != why.phase.value:
                     self.metrics.rejected()
@@ -508,12 +578,13 @@ class RunController:
         spec, _ = self.engine.spec_of(run)
         await self._post_events(run, body, latest, spec)
         now = datetime.now(UTC)
+        generation = self._generations.get(run.id, meta.get("generation"))
         status = run_status(
             run,
             spec,
             latest,
             live_message=step.decision.message,
-            generation=self._generations.get(run.id, meta.get("generation")),
+            generation=generation,
             previous_conditions=writer.written.get("conditions") or previous,
             now=now,
             include_spec=include_spec,
@@ -525,6 +596,12 @@ class RunController:
         except NotFound:
             return None  # the WorkflowRun is gone; the delete handler records it
         if run.phase.finished:
+            self._finished.add(run.id)
+            self._observed[run.id] = int(generation or 1)
+            live = int(body["metadata"].get("generation") or 1)
+            if live > self._observed[run.id]:
+                # An edit that came while the final status was being written.
+                await self._observe(meta, status, live, run.id)
             self.engine.forget(run.id)
             await self._expire(run, body, stopped)
             return None

@@ -158,7 +158,9 @@ def run_status(
         "workflowName": run.workflow_name,
         "startedAt": iso(run.started_at),
         "finishedAt": iso(run.finished_at),
-        "duration": duration(run.started_at, run.finished_at or now),
+        # Only a finished run has a duration: a running one's would be stale between
+        # status writes (`kubectl get` shows its STARTED age instead).
+        "duration": duration(run.started_at, run.finished_at),
         "progress": f"{done}/{len(names)}",
         "message": message or "",
         "tasks": tasks,
@@ -194,4 +196,19 @@ def not_started_status(
         "message": message,
         "conditions": conds,
         "observedGeneration": generation,
+    }
+
+
+def observe_generation(status: Mapping[str, Any], generation: int) -> dict[str, Any]:
+    """The status patch that says a finished run has seen spec ``generation``.
+
+    A spec edit of a finished run (a late cancel, an approval, a GitOps sync) changes
+    nothing in the run, but kstatus and Argo CD read the run as InProgress until
+    ``observedGeneration`` (of the status and of each condition) catches up.
+    """
+    return {
+        "observedGeneration": generation,
+        "conditions": [
+            {**c, "observedGeneration": generation} for c in status.get("conditions") or []
+        ],
     }

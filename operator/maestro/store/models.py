@@ -127,6 +127,8 @@ class EventRow(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime)
     # The outbox mark: when the operator handled it (posted its Kubernetes Event). NULL: not yet.
     posted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Who caused it, when known: an approver, whoever cancelled (migration 0005).
+    actor: Mapped[str | None] = mapped_column(String(253))
 
     __table_args__ = (
         Index("ix_events_run_id_id", "run_id", "id"),

@@ -112,6 +112,7 @@ class EventRecord:
     reason: str | None
     message: str | None
     at: datetime
+    actor: str | None = None
 
     @classmethod
     def of(cls, row: EventRow) -> EventRecord:
@@ -127,4 +128,5 @@ class EventRecord:
             reason=row.reason,
             message=row.message,
             at=row.at,
+            actor=row.actor,
         )

@@ -35,6 +35,8 @@ from maestro.store.urls import describe, parse_url
 
 #: The keys a run's ``controls`` may hold, with their values for a new run.
 DEFAULT_CONTROLS: Mapping[str, Any] = {"suspend": False, "cancel": False, "approvals": []}
+# Set only when known: who asked for the cancel (the run's message names them).
+OPTIONAL_CONTROLS = frozenset({"cancelledBy"})
 
 PING_TIMEOUT = 2.0
 
@@ -46,9 +48,10 @@ def _now() -> datetime:
 
 
 def _check_controls(changes: Mapping[str, Any]) -> None:
-    unknown = sorted(set(changes) - set(DEFAULT_CONTROLS))
+    known = set(DEFAULT_CONTROLS) | OPTIONAL_CONTROLS
+    unknown = sorted(set(changes) - known)
     if unknown:
-        raise TypeError(f"unknown run controls {unknown}: expected {sorted(DEFAULT_CONTROLS)}")
+        raise TypeError(f"unknown run controls {unknown}: expected {sorted(known)}")
 
 
 def _sources(
@@ -73,6 +76,7 @@ def _add_event(
     to_phase: str | None = None,
     reason: str | None = None,
     message: str | None = None,
+    actor: str | None = None,
 ) -> None:
     session.add(
         EventRow(
@@ -85,6 +89,7 @@ def _add_event(
             reason=reason,
             message=message,
             at=at,
+            actor=actor,
         )
     )
 
@@ -386,8 +391,13 @@ class Store:
             await session.flush()
             return RunRecord.of(row)
 
-    async def approve(self, run_id: str, task: str, *, actor: str) -> bool:
-        """Add ``task`` to the run's approvals; False when it was already approved."""
+    async def approve(
+        self, run_id: str, task: str, *, actor: str, comment: str | None = None
+    ) -> bool:
+        """Add ``task`` to the run's approvals; False when it was already approved.
+
+        The ``Approved`` event records who approved (``actor``) and their ``comment``.
+        """
         async with self._transaction() as session:
             row = await self._locked_run(session, run_id)
             approvals = list(row.controls.get("approvals", []))
@@ -396,7 +406,15 @@ class Store:
             now = _now()
             row.controls = {**row.controls, "approvals": [*approvals, task]}
             row.updated_at = now
-            _add_event(session, run_id, "Approved", at=now, task=task, message=f"by {actor}")
+            _add_event(
+                session,
+                run_id,
+                "Approved",
+                at=now,
+                task=task,
+                actor=actor,
+                message=comment,
+            )
             return True
 
     # Task attempts
