@@ -31,6 +31,8 @@ _KEPT = (
     "minItems",
     "maxItems",
     "x-kubernetes-validations",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
 )
 
 

@@ -141,6 +141,145 @@ class PodMetadata(Model):
     annotations: dict[str, str] = Field(default_factory=dict)
 
 
+# --- Volumes and pod placement ---------------------------------------------------------
+
+VolumeName = Annotated[str, StringConstraints(pattern=DNS_LABEL, min_length=1, max_length=63)]
+# Bounds the CRD's CEL cost estimate (mount names are checked against volume names).
+MAX_VOLUMES = 32
+# A relative path none of whose segments is "..": a pattern (RE2 has no lookahead) rather
+# than CEL, whose cost estimate over 5000 tasks x 32 mounts the API server refuses.
+_SEGMENT = r"[^/.][^/]*|\.([^/.][^/]*)?|\.\.[^/]+"
+SUB_PATH = rf"^({_SEGMENT})(/({_SEGMENT})?)*$"
+
+
+class KeyToPath(Model):
+    """One key of a ConfigMap or Secret projected to a file."""
+
+    key: Annotated[str, StringConstraints(min_length=1, max_length=253)]
+    path: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+    mode: int | None = Field(None, ge=0, le=0o777)
+
+
+class PersistentVolumeClaimSource(Model):
+    """An existing PersistentVolumeClaim of the run's namespace."""
+
+    claim_name: ResourceName
+    read_only: bool = False
+
+
+class ConfigMapSource(Model):
+    """A ConfigMap of the run's namespace, one file per key (or per listed item)."""
+
+    name: ResourceName
+    items: list[KeyToPath] = Field(default_factory=list, max_length=256)
+    default_mode: int | None = Field(None, ge=0, le=0o777)
+    optional: bool = False
+
+
+class SecretSource(Model):
+    """A Secret of the run's namespace, mounted by the pod itself (docs/security.md)."""
+
+    secret_name: ResourceName
+    items: list[KeyToPath] = Field(default_factory=list, max_length=256)
+    default_mode: int | None = Field(None, ge=0, le=0o777)
+    optional: bool = False
+
+
+class EmptyDirSource(Model):
+    """A scratch directory that lives as long as the task's pod."""
+
+    medium: Literal["", "Memory"] = ""
+    size_limit: Quantity | None = None
+
+
+_ONE_VOLUME_SOURCE = (
+    "exactly one of persistentVolumeClaim, configMap, secret and emptyDir must be set"
+)
+
+
+class Volume(Model):
+    """A volume task pods may mount (by name, in ``container.volumeMounts``)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "(has(self.persistentVolumeClaim) ? 1 : 0)"
+                    " + (has(self.configMap) ? 1 : 0) + (has(self.secret) ? 1 : 0)"
+                    " + (has(self.emptyDir) ? 1 : 0) == 1",
+                    "message": _ONE_VOLUME_SOURCE,
+                }
+            ]
+        }
+    )
+
+    name: VolumeName
+    persistent_volume_claim: PersistentVolumeClaimSource | None = None
+    config_map: ConfigMapSource | None = None
+    secret: SecretSource | None = None
+    empty_dir: EmptyDirSource | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Volume:
+        sources = (self.persistent_volume_claim, self.config_map, self.secret, self.empty_dir)
+        if sum(x is not None for x in sources) != 1:
+            raise ValueError(_ONE_VOLUME_SOURCE)
+        return self
+
+
+class VolumeMount(Model):
+    """Where a task's container sees one of the workflow's volumes."""
+
+    name: VolumeName = Field(description="A volume (or workspace) of the workflow.")
+    mount_path: Annotated[str, StringConstraints(pattern=r"^/", min_length=1, max_length=1024)] = (
+        Field(description="Absolute path in the container.")
+    )
+    read_only: bool = False
+    sub_path: Annotated[str, StringConstraints(pattern=SUB_PATH, max_length=1024)] | None = Field(
+        None, description="Mount only this path of the volume (relative, no '..')."
+    )
+
+
+class Toleration(Model):
+    """Lets a task's pod run on nodes with a matching taint (as in a Kubernetes pod)."""
+
+    key: str | None = Field(None, max_length=317)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class Affinity(Model):
+    """Pod affinity rules, passed to the pod as written (Kubernetes checks their shape)."""
+
+    node_affinity: dict[str, Any] | None = None
+    pod_affinity: dict[str, Any] | None = None
+    pod_anti_affinity: dict[str, Any] | None = None
+
+
+class LocalObjectReference(Model):
+    """An object of the run's namespace, by name."""
+
+    name: ResourceName
+
+
+class PodTemplate(Model):
+    """Where task pods run and how they pull images.
+
+    Set on the workflow for every container task; a task's own ``podTemplate`` replaces
+    the workflow's field by field (a field the task sets, even to an empty list, wins
+    whole; fields it leaves out are inherited).
+    """
+
+    node_selector: dict[str, str] | None = None
+    tolerations: list[Toleration] | None = Field(None, max_length=64)
+    affinity: Affinity | None = None
+    priority_class_name: ResourceName | None = None
+    image_pull_secrets: list[LocalObjectReference] | None = Field(None, max_length=64)
+    runtime_class_name: ResourceName | None = None
+
+
 class ContainerTask(Model):
     """Run an image as a Kubernetes Job (one Job per attempt).
 
@@ -165,6 +304,14 @@ class ContainerTask(Model):
     )
     automount_service_account_token: bool = Field(
         False, description="Mount the run's ServiceAccount token (only if the task calls the API)."
+    )
+    volume_mounts: list[VolumeMount] = Field(
+        default_factory=list,
+        max_length=MAX_VOLUMES,
+        description="Volumes of the workflow (spec.volumes) this task's container mounts.",
+    )
+    pod_template: PodTemplate | None = Field(
+        None, description="Overrides the workflow's podTemplate, field by field."
     )
 
 
@@ -263,6 +410,15 @@ class WorkflowSpec(Model):
     timeout_seconds: int | None = Field(None, ge=1, description="Whole run.")
     service_account_name: ResourceName | None = Field(
         None, description=SERVICE_ACCOUNT_DOC + " A run's own setting wins."
+    )
+    volumes: list[Volume] = Field(
+        default_factory=list,
+        max_length=MAX_VOLUMES,
+        description="Volumes container tasks may mount by name (container.volumeMounts).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    pod_template: PodTemplate | None = Field(
+        None, description="Placement and image pulling of every container task's pod."
     )
 
     def all_tasks(self) -> list[Task]:

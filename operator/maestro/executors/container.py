@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from maestro.engine.executor import AttemptContext, Result, Wake
+from maestro.executors import podspec
 from maestro.executors.environment import OUTPUTS_IN_POD, parse_outputs, task_env
 from maestro.executors.secrets import run_service_account
 from maestro.k8s.client import Kube, NotFound
@@ -154,6 +155,7 @@ class ContainerExecutor:
         if spec.resources is not None:
             container["resources"] = spec.resources.model_dump(exclude_defaults=True)
         container["securityContext"] = {**CONTAINER_SECURITY, **(spec.security_context or {})}
+        container.update(podspec.container_fields(ctx.task))
         pod_meta = spec.pod_metadata
         pod_spec: dict[str, Any] = {
             "restartPolicy": "Never",
@@ -162,6 +164,7 @@ class ContainerExecutor:
             "serviceAccountName": run_service_account(ctx.run.spec),
             "automountServiceAccountToken": spec.automount_service_account_token,
             "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+            **podspec.pod_fields(ctx.run.spec, ctx.task),
         }
         job_spec: dict[str, Any] = {
             "backoffLimit": 0,

@@ -1,0 +1,180 @@
+"""Volumes, mounts and pod placement reach the task's pod; bad input names the field."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from security_kit import attempt
+
+from maestro.api.models import WorkflowSpec
+from maestro.dag.validate import validate
+from maestro.executors.container import ContainerExecutor
+
+VOLUMES = [
+    {"name": "src", "persistentVolumeClaim": {"claimName": "source"}},
+    {"name": "cfg", "configMap": {"name": "settings", "items": [{"key": "a", "path": "a.txt"}]}},
+    {"name": "creds", "secret": {"secretName": "token", "defaultMode": 0o400}},
+    {"name": "scratch", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
+]
+TEMPLATE = {
+    "nodeSelector": {"disk": "ssd"},
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ci"}],
+    "priorityClassName": "batch",
+    "imagePullSecrets": [{"name": "registry"}],
+}
+
+
+def pod_of(task: dict[str, Any], **workflow: Any) -> dict[str, Any]:
+    ctx = attempt(task)
+    snapshot = WorkflowSpec.model_validate({**ctx.run.spec, **workflow})
+    run = dataclasses.replace(
+        ctx.run, spec=snapshot.model_dump(mode="json", by_alias=True, exclude_none=True)
+    )
+    ctx = dataclasses.replace(ctx, run=run)
+    job = ContainerExecutor(kube=None, wake=lambda _: None).manifest(ctx)  # type: ignore[arg-type]
+    pod: dict[str, Any] = job["spec"]["template"]["spec"]
+    return pod
+
+
+def test_pod_gets_only_the_volumes_its_task_mounts_with_their_mounts() -> None:
+    task = {
+        "name": "t",
+        "container": {
+            "image": "busybox",
+            "volumeMounts": [
+                {"name": "src", "mountPath": "/src", "subPath": "app/./v1"},
+                {"name": "cfg", "mountPath": "/etc/app", "readOnly": True},
+            ],
+        },
+    }
+    pod = pod_of(task, volumes=VOLUMES)
+    assert [v["name"] for v in pod["volumes"]] == ["src", "cfg"]
+    assert pod["volumes"][0]["persistentVolumeClaim"] == {"claimName": "source", "readOnly": False}
+    assert pod["volumes"][1]["configMap"]["items"] == [{"key": "a", "path": "a.txt"}]
+    assert pod["containers"][0]["volumeMounts"] == [
+        {"name": "src", "mountPath": "/src", "readOnly": False, "subPath": "app/./v1"},
+        {"name": "cfg", "mountPath": "/etc/app", "readOnly": True},
+    ]
+    # The secure defaults are untouched by the additions.
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["containers"][0]["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_secret_and_empty_dir_volumes_render_as_kubernetes_expects() -> None:
+    task = {
+        "name": "t",
+        "container": {
+            "image": "busybox",
+            "volumeMounts": [
+                {"name": "creds", "mountPath": "/creds", "readOnly": True},
+                {"name": "scratch", "mountPath": "/tmp/work"},
+            ],
+        },
+    }
+    volumes = pod_of(task, volumes=VOLUMES)["volumes"]
+    assert volumes[0] == {
+        "name": "creds",
+        "secret": {"secretName": "token", "items": [], "defaultMode": 256, "optional": False},
+    }
+    assert volumes[1] == {"name": "scratch", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}}
+
+
+def test_task_without_mounts_or_template_gets_no_extra_pod_fields() -> None:
+    pod = pod_of({"name": "t", "container": {"image": "busybox"}}, volumes=VOLUMES)
+    for key in ("volumes", "nodeSelector", "tolerations", "affinity", "imagePullSecrets"):
+        assert key not in pod
+    assert "volumeMounts" not in pod["containers"][0]
+
+
+def test_workflow_pod_template_applies_and_a_task_overrides_field_by_field() -> None:
+    inherit = pod_of({"name": "t", "container": {"image": "busybox"}}, podTemplate=TEMPLATE)
+    assert inherit["nodeSelector"] == {"disk": "ssd"}
+    assert inherit["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ci"}]
+    assert inherit["priorityClassName"] == "batch"
+    assert inherit["imagePullSecrets"] == [{"name": "registry"}]
+
+    own = {
+        "tolerations": [],
+        "runtimeClassName": "gvisor",
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {}}},
+    }
+    task = {"name": "t", "container": {"image": "busybox", "podTemplate": own}}
+    pod = pod_of(task, podTemplate=TEMPLATE)
+    assert pod["tolerations"] == []  # set by the task, even empty: wins whole
+    assert pod["nodeSelector"] == {"disk": "ssd"}  # left out by the task: inherited
+    assert pod["runtimeClassName"] == "gvisor"
+    assert pod["affinity"] == own["affinity"]
+
+
+def spec_problems(tasks: list[dict[str, Any]], **workflow: Any) -> list[str]:
+    return [str(p) for p in validate(WorkflowSpec.model_validate({"tasks": tasks, **workflow}))]
+
+
+def test_unknown_volume_and_duplicate_names_are_named() -> None:
+    task = {
+        "name": "build",
+        "container": {
+            "image": "busybox",
+            "volumeMounts": [
+                {"name": "src", "mountPath": "/src"},
+                {"name": "nope", "mountPath": "/src"},
+            ],
+        },
+    }
+    volumes = [VOLUMES[0], {"name": "src", "emptyDir": {}}]
+    assert spec_problems([task], volumes=volumes) == [
+        "volumes: name 'src' is used 2 times",
+        "build: container.volumeMounts[1].name: unknown volume 'nope' (spec.volumes: src)",
+        "build: container.volumeMounts[1].mountPath: '/src' is mounted twice",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"volumes": [{"name": "v"}]}, "exactly one of persistentVolumeClaim"),
+        (
+            {"volumes": [{"name": "v", "emptyDir": {}, "configMap": {"name": "c"}}]},
+            "exactly one of persistentVolumeClaim",
+        ),
+        ({"volumes": [{"name": "Bad_Name", "emptyDir": {}}]}, "volumes.0.name"),
+        ({"volumes": [{"name": "v", "hostPath": {"path": "/"}}]}, "volumes.0.hostPath"),
+        ({"volumes": [{"name": "v", "emptyDir": {"medium": "Disk"}}]}, "emptyDir.medium"),
+        (
+            {"volumes": [{"name": "v", "secret": {"secretName": "s", "defaultMode": 4096}}]},
+            "defaultMode",
+        ),
+        ({"podTemplate": {"tolerations": [{"effect": "Sometimes"}]}}, "tolerations.0.effect"),
+        ({"podTemplate": {"affinity": {"nodeAfinity": {}}}}, "affinity.nodeAfinity"),
+        ({"podTemplate": {"hostNetwork": True}}, "podTemplate.hostNetwork"),
+    ],
+)
+def test_bad_workflow_level_input_names_the_field(payload: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError, match=field.replace(".", r"\.")):
+        WorkflowSpec.model_validate({"tasks": [{"name": "t", "approval": {}}], **payload})
+
+
+@pytest.mark.parametrize(
+    ("mount", "field"),
+    [
+        ({"name": "v", "mountPath": "relative"}, "mountPath"),
+        ({"name": "v", "mountPath": "/x", "subPath": "/abs"}, "subPath"),
+        ({"name": "v", "mountPath": "/x", "subPath": "a/../../etc"}, "subPath"),
+        ({"name": "v", "mountPath": "/x", "subPath": ".."}, "subPath"),
+        ({"name": "v"}, "mountPath"),
+    ],
+)
+def test_bad_mount_names_the_field(mount: dict[str, Any], field: str) -> None:
+    task = {"name": "t", "container": {"image": "busybox", "volumeMounts": [mount]}}
+    with pytest.raises(ValidationError, match=f"volumeMounts.0.{field}"):
+        WorkflowSpec.model_validate({"tasks": [task]})
+
+
+@pytest.mark.parametrize("sub_path", ["a", "a/b", ".hidden", "..data", "a//b", "./a", "a/"])
+def test_legal_sub_paths(sub_path: str) -> None:
+    mount = {"name": "v", "mountPath": "/x", "subPath": sub_path}
+    task = {"name": "t", "container": {"image": "busybox", "volumeMounts": [mount]}}
+    WorkflowSpec.model_validate({"tasks": [task], "volumes": [{"name": "v", "emptyDir": {}}]})
