@@ -86,6 +86,18 @@ per-namespace Roles. Each rule names the call that needs it.
 - apiGroups: [maestro.dev]
   resources: [workflows/status, workflowruns/status]
   verbs: [get, patch]
+# WorkflowSchedules: Kopf runs a daemon per schedule (patch: its finalizer); the
+# daemon creates the schedule's runs, cancels them (Replace, a spec patch) and deletes
+# those beyond the history limits (delete, below).
+- apiGroups: [maestro.dev]
+  resources: [workflowschedules]
+  verbs: [get, list, watch, patch]
+- apiGroups: [maestro.dev]
+  resources: [workflowschedules/status]
+  verbs: [get, patch]
+- apiGroups: [maestro.dev]
+  resources: [workflowruns]
+  verbs: [create]
 # ttlSecondsAfterFinished.
 - apiGroups: [maestro.dev]
   resources: [workflowruns]

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from croniter import croniter
 from pydantic import (
     AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
     StringConstraints,
+    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -544,3 +547,134 @@ class WorkflowRun(Model):
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     spec: WorkflowRunSpec
     status: WorkflowRunStatus | None = None
+
+
+# --- WorkflowSchedule ----------------------------------------------------------------
+
+ConcurrencyPolicy = Literal["Allow", "Forbid", "Replace"]
+# Runs a schedule creates are named <schedule>-<unix seconds>: 11 characters of suffix,
+# and the schedule's name goes into a label value (at most 63).
+MAX_SCHEDULE_NAME = 52
+CRON_SHAPE = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4,5}\S+)$"
+ZONE_SHAPE = r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$"
+
+
+def schedule_problem(expr: str) -> str | None:
+    """Why ``expr`` is not a cron expression Maestro accepts, or None.
+
+    Five fields (as Kubernetes CronJob) or a macro; a sixth field (seconds, last) exists
+    for tests only and the operator refuses it unless started with
+    ``--allow-seconds-schedules``.
+    """
+    fields = expr.split()
+    if not (expr.startswith("@") or len(fields) in (5, 6)) or not croniter.is_valid(expr):
+        return (
+            f"{expr!r} is not a cron expression (5 fields: minute hour "
+            "day-of-month month day-of-week, or @hourly, @daily, @weekly, @monthly, @yearly)"
+        )
+    return None
+
+
+def zone_problem(zone: str | None) -> str | None:
+    """Why ``zone`` is not an IANA time zone, or None."""
+    if zone is None:
+        return None
+    try:
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        return f"{zone!r} is not an IANA time zone (e.g. UTC, Europe/Paris)"
+    return None
+
+
+class RunTemplate(Model):
+    """The WorkflowRun a schedule creates at each time."""
+
+    workflow_ref: WorkflowRef
+    params: dict[str, str] = Field(default_factory=dict)
+    service_account_name: ResourceName | None = Field(None, description=SERVICE_ACCOUNT_DOC)
+    ttl_seconds_after_finished: int | None = Field(None, ge=0)
+
+
+class WorkflowScheduleSpec(Model):
+    """Create a WorkflowRun on a cron schedule, as a Kubernetes CronJob creates Jobs."""
+
+    # The patterns are the shape `kubectl apply` can check; the values (minute 61, an
+    # unknown zone) are checked by the validators below, in `maestro validate` and by
+    # the operator (condition Ready=False).
+    schedule: Annotated[str, StringConstraints(pattern=CRON_SHAPE, max_length=256)] = Field(
+        description="Cron expression: 5 fields (minute hour day month weekday) or a macro "
+        "such as @hourly."
+    )
+    time_zone: Annotated[str, StringConstraints(pattern=ZONE_SHAPE, max_length=64)] | None = Field(
+        None, description="IANA time zone of the schedule (default UTC), e.g. Europe/Paris."
+    )
+    run_template: RunTemplate
+    concurrency_policy: ConcurrencyPolicy = Field(
+        "Allow",
+        description="When a run of this schedule is still active: start another (Allow), "
+        "skip this time (Forbid) or cancel it and start the new one (Replace).",
+    )
+    starting_deadline_seconds: int | None = Field(
+        None, ge=0, description="A time missed by more than this is skipped."
+    )
+    successful_runs_history_limit: int = Field(3, ge=0, le=1000)
+    failed_runs_history_limit: int = Field(1, ge=0, le=1000)
+    suspend: bool = Field(False, description="Create no runs while true (running ones go on).")
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_schedule(cls, value: str) -> str:
+        problem = schedule_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("time_zone")
+    @classmethod
+    def _valid_zone(cls, value: str | None) -> str | None:
+        problem = zone_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+class ActiveRun(Model):
+    """A run of the schedule that has not ended."""
+
+    name: str
+    uid: str | None = None
+
+
+class WorkflowScheduleStatus(Model):
+    """What the operator reports about a WorkflowSchedule."""
+
+    last_schedule_time: datetime | None = None
+    last_successful_time: datetime | None = None
+    next_schedule_time: datetime | None = None
+    last_run_name: str | None = None
+    active: list[ActiveRun] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+
+
+class WorkflowSchedule(Model):
+    """The ``WorkflowSchedule`` resource."""
+
+    model_config = ConfigDict(
+        title="WorkflowSchedule",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"self.metadata.name.size() <= {MAX_SCHEDULE_NAME}",
+                    "message": f"metadata.name: at most {MAX_SCHEDULE_NAME} characters "
+                    "(run names add a timestamp)",
+                }
+            ]
+        },
+    )
+
+    api_version: Literal["maestro.dev/v1alpha1"] = API_VERSION
+    kind: Literal["WorkflowSchedule"] = "WorkflowSchedule"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: WorkflowScheduleSpec
+    status: WorkflowScheduleStatus | None = None

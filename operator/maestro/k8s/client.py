@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 MERGE_PATCH = "application/merge-patch+json"
 RUNS = "workflowruns"
 WORKFLOWS = "workflows"
+SCHEDULES = "workflowschedules"
 
 
 class NotFound(LookupError):
@@ -206,12 +207,25 @@ class Kube:
             raise
         return obj
 
-    async def list_runs(self, namespace: str) -> list[dict[str, Any]]:
-        """Every WorkflowRun of a namespace."""
+    async def list_runs(self, namespace: str, label_selector: str = "") -> list[dict[str, Any]]:
+        """Every WorkflowRun of a namespace (matching ``label_selector`` when given)."""
         self.reads += 1
-        found = await self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, RUNS)
+        found = await self.custom.list_namespaced_custom_object(
+            GROUP, VERSION, namespace, RUNS, label_selector=label_selector
+        )
         items: list[dict[str, Any]] = found.get("items", [])
         return items
+
+    async def create_run_once(self, namespace: str, body: dict[str, Any]) -> bool:
+        """Create a WorkflowRun with a fixed name; False when it already exists."""
+        self.writes += 1
+        try:
+            await self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, RUNS, body)
+        except ApiException as err:
+            if err.status == 409:
+                return False
+            raise
+        return True
 
     async def patch_run_spec(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         """Merge-patch a WorkflowRun (include metadata.resourceVersion for compare-and-set)."""
