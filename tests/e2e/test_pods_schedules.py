@@ -8,14 +8,16 @@ mapping to Kubernetes fields, which Kubernetes then honours).
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fixtures.control_plane import ControlPlane, KubectlError
-from fixtures.operator import OperatorProcess, apply, get, wait_phase
+from fixtures.operator import OperatorProcess, apply, get, patch_spec, wait_phase
 
 pytestmark = pytest.mark.e2e
 
@@ -215,3 +217,202 @@ def test_unknown_volume_in_a_mount_is_named_in_the_workflows_status(
         "build: container.volumeMounts[0].name: unknown volume 'src' (spec.volumes: none)"
         in ready["message"]
     )
+
+
+# --- WorkflowSchedules (the seconds test hook: a sixth, seconds, cron field) -------------
+
+
+@pytest.fixture
+def schedule_operator(
+    control_plane: ControlPlane, crds: None, namespace: str, postgres_url: str, tmp_path: Path
+) -> Iterator[OperatorProcess]:
+    """The operator with the seconds-resolution test hook on."""
+    op = OperatorProcess(
+        control_plane.kubeconfig,
+        postgres_url,
+        namespace,
+        tmp_path,
+        extra=["--allow-seconds-schedules"],
+    )
+    op.start()
+    try:
+        yield op
+    finally:
+        op.kill(signal.SIGTERM)
+
+
+def schedule(name: str, workflow_name: str, cron: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "maestro.dev/v1alpha1",
+        "kind": "WorkflowSchedule",
+        "metadata": {"name": name},
+        "spec": {"schedule": cron, "runTemplate": {"workflowRef": {"name": workflow_name}}, **spec},
+    }
+
+
+def task_taking(delay: str, result: str = "Succeeded") -> dict[str, Any]:
+    annotations = {"maestro.dev/kwok-delay": delay}
+    if result == "Failed":
+        annotations["maestro.dev/kwok-result"] = "Failed"
+    return {
+        "name": "work",
+        "container": {
+            "image": "busybox",
+            "command": ["true"],
+            "podMetadata": {"annotations": annotations},
+        },
+    }
+
+
+def schedule_runs(cp: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
+    out = cp.kubectl(
+        "get", "workflowruns", "-n", namespace, "-l", f"maestro.dev/schedule={name}", "-o", "json"
+    )
+    items: list[dict[str, Any]] = json.loads(out.stdout)["items"]
+    return items
+
+
+def phases(runs: list[dict[str, Any]]) -> list[str | None]:
+    return [(r.get("status") or {}).get("phase") for r in runs]
+
+
+ENDED = ("Succeeded", "Failed", "Cancelled")
+
+
+def watch_runs(
+    cp: ControlPlane, namespace: str, name: str, seconds: float
+) -> list[list[dict[str, Any]]]:
+    """Snapshots of the schedule's runs, taken for ``seconds``."""
+    seen = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        seen.append(schedule_runs(cp, namespace, name))
+        time.sleep(0.5)
+    return seen
+
+
+def test_allow_runs_overlap_and_history_keeps_one_success(
+    control_plane: ControlPlane, namespace: str, schedule_operator: OperatorProcess
+) -> None:
+    apply(
+        control_plane,
+        namespace,
+        workflow("slow", [task_taking("4s")]),
+        schedule("allow", "slow", "* * * * * */2", successfulRunsHistoryLimit=1),
+    )
+    seen = watch_runs(control_plane, namespace, "allow", 20)
+    most_active = max(sum(p not in ENDED for p in phases(s)) for s in seen)
+    assert most_active >= 2, "Allow never ran two runs at once"
+    names = {r["metadata"]["name"] for s in seen for r in s}
+    assert len(names) >= 5
+    # The history limit: never more than one Succeeded run kept (a deletion lags a tick).
+    last = seen[-1]
+    assert phases(last).count("Succeeded") <= 2
+    assert sum(phases(s).count("Succeeded") for s in seen[-4:]) < 4 * 3
+    status = get(control_plane, namespace, "workflowschedule", "allow")["status"]
+    assert status["lastScheduleTime"]
+    assert status["nextScheduleTime"]
+    assert status["lastRunName"].startswith("allow-")
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"
+
+
+GATE = {"name": "gate", "approval": {}}  # a run that stays Running until approved
+
+
+def test_forbid_waits_for_the_active_run_to_end(
+    control_plane: ControlPlane, namespace: str, schedule_operator: OperatorProcess
+) -> None:
+    apply(
+        control_plane,
+        namespace,
+        workflow("gated", [GATE]),
+        schedule("forbid", "gated", "* * * * * *", concurrencyPolicy="Forbid"),
+    )
+    seen = watch_runs(control_plane, namespace, "forbid", 8)
+    (first,) = seen[-1]
+    assert max(len(s) for s in seen) == 1
+    ready = next(
+        c
+        for c in get(control_plane, namespace, "workflowschedule", "forbid")["status"]["conditions"]
+        if c["type"] == "Ready"
+    )
+    assert ready["reason"] == "Forbidden"
+    assert first["metadata"]["name"] in ready["message"]
+    # Once it ends, the waiting time starts a new run.
+    patch_spec(control_plane, namespace, first["metadata"]["name"], {"approvals": ["gate"]})
+    deadline = time.monotonic() + 30
+    while (
+        time.monotonic() < deadline and len(schedule_runs(control_plane, namespace, "forbid")) < 2
+    ):
+        time.sleep(0.5)
+    runs = schedule_runs(control_plane, namespace, "forbid")
+    assert len(runs) >= 2
+    assert sum(p not in ENDED for p in phases(runs)) <= 1
+
+
+def test_replace_cancels_the_active_run(
+    control_plane: ControlPlane, namespace: str, schedule_operator: OperatorProcess
+) -> None:
+    apply(
+        control_plane,
+        namespace,
+        workflow("gated", [GATE]),
+        schedule("replace", "gated", "* * * * * */3", concurrencyPolicy="Replace"),
+    )
+
+    def replaced(run: dict[str, Any]) -> bool:
+        tasks = (run.get("status") or {}).get("tasks") or {}
+        return bool(run["spec"].get("cancel")) and tasks.get("gate", {}).get("phase") == "Cancelled"
+
+    deadline = time.monotonic() + 45
+    runs: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        runs = schedule_runs(control_plane, namespace, "replace")
+        if sum(map(replaced, runs)) >= 2:
+            break
+        time.sleep(0.5)
+    assert sum(map(replaced, runs)) >= 2, [r["metadata"]["name"] for r in runs]
+    # Every run but the newest was told to cancel; the gate never waits in two runs.
+    newest = max(runs, key=lambda r: r["metadata"]["name"])
+    assert all(r["spec"].get("cancel") for r in runs if r is not newest)
+
+
+def test_failed_history_limit_zero_deletes_failed_runs(
+    control_plane: ControlPlane, namespace: str, schedule_operator: OperatorProcess
+) -> None:
+    apply(
+        control_plane,
+        namespace,
+        workflow("failing", [task_taking("0s", "Failed")]),
+        schedule("fails", "failing", "* * * * * */2", failedRunsHistoryLimit=0),
+    )
+    seen = watch_runs(control_plane, namespace, "fails", 16)
+    created = {r["metadata"]["name"] for s in seen for r in s}
+    assert len(created) >= 3
+    assert any("Failed" in phases(s) for s in seen), "no run was seen Failed"
+    # Each failed run is deleted on a later tick: never do failed runs pile up.
+    assert max(phases(s).count("Failed") for s in seen) <= 2
+
+
+def test_bad_schedules_are_named(
+    control_plane: ControlPlane, namespace: str, schedule_operator: OperatorProcess
+) -> None:
+    with pytest.raises(KubectlError) as err:
+        apply(control_plane, namespace, schedule("bad", "wf", "* * * *"))
+    assert "spec.schedule" in str(err.value)
+    with pytest.raises(KubectlError) as err:
+        apply(control_plane, namespace, schedule("bad", "wf", "* * * * *", concurrencyPolicy="No"))
+    assert "spec.concurrencyPolicy" in str(err.value)
+    # Shape passes the schema; the value is refused by the operator, naming the field.
+    apply(control_plane, namespace, schedule("bad-minute", "wf", "61 * * * *"))
+    deadline = time.monotonic() + 30
+    ready: dict[str, Any] = {}
+    while time.monotonic() < deadline and not ready:
+        status = get(control_plane, namespace, "workflowschedule", "bad-minute").get("status") or {}
+        ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+        time.sleep(0.3)
+    assert ready["status"] == "False"
+    assert "spec.schedule" in ready["message"]
+    assert "'61 * * * *' is not a cron expression" in ready["message"]
+    assert schedule_runs(control_plane, namespace, "bad-minute") == []
