@@ -50,7 +50,7 @@ WF = "apiVersion: maestro.dev/v1alpha1\nkind: Workflow\nmetadata: {name: x}\nspe
         ),
         (
             "apiVersion: maestro.dev/v1alpha1\nkind: Job\n",
-            ": kind: expected Workflow or WorkflowRun, got 'Job'",
+            ": kind: expected Workflow, WorkflowRun or WorkflowSchedule, got 'Job'",
         ),
         (
             WF + "  tasks:\n  - {name: a, colour: red, container: {image: x}}\n",

@@ -18,6 +18,7 @@ from maestro.cli.files import load_file
 from maestro.cli.history import history_cmd
 from maestro.cli.operator import operator_cmd
 from maestro.cli.run import run_cmd
+from maestro.cli.schedules import schedule
 from maestro.dag import render as graph_render
 from maestro.dag.validate import resolve_params, shell_warnings, validate
 
@@ -128,6 +129,7 @@ cli.add_command(run_cmd)
 cli.add_command(db)
 cli.add_command(operator_cmd)
 cli.add_command(history_cmd)
+cli.add_command(schedule)
 for command in COMMANDS:
     cli.add_command(command)
 

@@ -216,6 +216,39 @@ class Kube:
         items: list[dict[str, Any]] = found.get("items", [])
         return items
 
+    async def get_schedule(self, namespace: str, name: str) -> dict[str, Any]:
+        """A WorkflowSchedule as a dict."""
+        self.reads += 1
+        try:
+            obj: dict[str, Any] = await self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, SCHEDULES, name
+            )
+        except ApiException as err:
+            if err.status == 404:
+                raise NotFound(f"workflowschedule {namespace}/{name}") from None
+            raise
+        return obj
+
+    async def list_schedules(self, namespace: str) -> list[dict[str, Any]]:
+        """Every WorkflowSchedule of a namespace."""
+        self.reads += 1
+        found = await self.custom.list_namespaced_custom_object(
+            GROUP, VERSION, namespace, SCHEDULES
+        )
+        items: list[dict[str, Any]] = found.get("items", [])
+        return items
+
+    async def patch_schedule(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        """Merge-patch a WorkflowSchedule (``maestro schedule suspend/resume``)."""
+        self.writes += 1
+        call = cast(Any, self.custom.patch_namespaced_custom_object)
+        try:
+            await call(GROUP, VERSION, namespace, SCHEDULES, name, patch, _content_type=MERGE_PATCH)
+        except ApiException as err:
+            if err.status == 404:
+                raise NotFound(f"workflowschedule {namespace}/{name}") from None
+            raise
+
     async def create_run_once(self, namespace: str, body: dict[str, Any]) -> bool:
         """Create a WorkflowRun with a fixed name; False when it already exists."""
         self.writes += 1

@@ -62,6 +62,42 @@ def _condition(
     }
 
 
+def run_for(
+    schedule: Mapping[str, Any],
+    spec: WorkflowScheduleSpec,
+    scheduled: datetime,
+    *,
+    name: str | None = None,
+    generate_name: str | None = None,
+) -> dict[str, Any]:
+    """The WorkflowRun a schedule creates (labelled and owned by it, so its concurrency
+    policy and history limits count it)."""
+    meta = schedule["metadata"]
+    identity = {"name": name} if name else {"generateName": generate_name}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "WorkflowRun",
+        "metadata": {
+            **identity,
+            "namespace": meta["namespace"],
+            "labels": {LABEL_SCHEDULE: meta["name"]},
+            "annotations": {ANNOTATION_SCHEDULED_AT: iso(scheduled)},
+            # Deleting the schedule deletes its runs, as a CronJob's Jobs go with it.
+            "ownerReferences": [
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": "WorkflowSchedule",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": spec.run_template.model_dump(by_alias=True, exclude_none=True),
+    }
+
+
 class ScheduleController:
     """Drives every WorkflowSchedule of the watched namespaces."""
 
@@ -186,30 +222,8 @@ class ScheduleController:
             await self.kube.delete_run(namespace, run)
         if decision.start is None:
             return
-        run_spec = spec.run_template.model_dump(by_alias=True, exclude_none=True)
         created = run_name(name, decision.start)
-        body_run: dict[str, Any] = {
-            "apiVersion": API_VERSION,
-            "kind": "WorkflowRun",
-            "metadata": {
-                "name": created,
-                "namespace": namespace,
-                "labels": {LABEL_SCHEDULE: name},
-                "annotations": {ANNOTATION_SCHEDULED_AT: iso(decision.start)},
-                # Deleting the schedule deletes its runs, as a CronJob's Jobs go with it.
-                "ownerReferences": [
-                    {
-                        "apiVersion": API_VERSION,
-                        "kind": "WorkflowSchedule",
-                        "name": name,
-                        "uid": meta["uid"],
-                        "controller": True,
-                        "blockOwnerDeletion": True,
-                    }
-                ],
-            },
-            "spec": run_spec,
-        }
+        body_run = run_for(body, spec, decision.start, name=created)
         if await self.kube.create_run_once(namespace, body_run):
             await self.kube.emit_event(
                 dict(body),
