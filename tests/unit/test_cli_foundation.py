@@ -89,10 +89,11 @@ def test_graph_formats() -> None:
     assert '"backend" -> "testing";' in dot.stdout
 
 
-def test_crds_command_prints_both_definitions() -> None:
+def test_crds_command_prints_every_definition() -> None:
     result = maestro("crds")
     docs = list(yaml.safe_load_all(result.stdout))
     assert {d["metadata"]["name"] for d in docs} == {
         "workflows.maestro.dev",
         "workflowruns.maestro.dev",
+        "workflowschedules.maestro.dev",
     }
