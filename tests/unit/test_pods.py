@@ -10,8 +10,9 @@ from pydantic import ValidationError
 from security_kit import attempt
 
 from maestro.api.models import WorkflowSpec
-from maestro.dag.validate import validate
+from maestro.dag.validate import validate, workspace_warnings
 from maestro.executors.container import ContainerExecutor
+from maestro.executors.podspec import claim_name, claims
 
 VOLUMES = [
     {"name": "src", "persistentVolumeClaim": {"claimName": "source"}},
@@ -127,7 +128,8 @@ def test_unknown_volume_and_duplicate_names_are_named() -> None:
     volumes = [VOLUMES[0], {"name": "src", "emptyDir": {}}]
     assert spec_problems([task], volumes=volumes) == [
         "volumes: name 'src' is used 2 times",
-        "build: container.volumeMounts[1].name: unknown volume 'nope' (spec.volumes: src)",
+        "build: container.volumeMounts[1].name: unknown volume 'nope' "
+        "(spec.volumes and spec.workspaces: src)",
         "build: container.volumeMounts[1].mountPath: '/src' is mounted twice",
     ]
 
@@ -178,3 +180,116 @@ def test_legal_sub_paths(sub_path: str) -> None:
     mount = {"name": "v", "mountPath": "/x", "subPath": sub_path}
     task = {"name": "t", "container": {"image": "busybox", "volumeMounts": [mount]}}
     WorkflowSpec.model_validate({"tasks": [task], "volumes": [{"name": "v", "emptyDir": {}}]})
+
+
+WORKSPACE = {
+    "name": "src",
+    "volumeClaimTemplate": {
+        "metadata": {"labels": {"team": "a"}},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    },
+}
+
+
+def test_workspace_is_a_claim_per_run_owned_by_it_unless_retained() -> None:
+    spec = WorkflowSpec.model_validate(
+        {
+            "tasks": [{"name": "t", "approval": {}}],
+            "workspaces": [WORKSPACE, {**WORKSPACE, "name": "keep", "reclaimPolicy": "Retain"}],
+        }
+    )
+    owned, kept = claims(spec, "r1", "uid-1")
+    assert owned["metadata"]["name"] == "r1-src"
+    assert owned["metadata"]["labels"] == {
+        "team": "a",
+        "maestro.dev/run": "r1",
+        "maestro.dev/workspace": "src",
+    }
+    assert owned["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert owned["spec"] == {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": "1Gi"}},
+    }
+    assert "ownerReferences" not in kept["metadata"]
+    long = claim_name("r" * 60, "workspace")
+    assert len(long) <= 63
+    assert long == claim_name("r" * 60, "workspace")
+
+
+def test_task_mounting_a_workspace_gets_the_runs_claim() -> None:
+    task = {
+        "name": "t",
+        "container": {"image": "busybox", "volumeMounts": [{"name": "src", "mountPath": "/w"}]},
+    }
+    pod = pod_of(task, workspaces=[WORKSPACE])
+    assert pod["volumes"] == [{"name": "src", "persistentVolumeClaim": {"claimName": "r1-src"}}]
+
+
+def test_two_workspaces_with_one_name_and_a_clash_with_a_volume_are_named() -> None:
+    task = {
+        "name": "t",
+        "container": {"image": "busybox", "volumeMounts": [{"name": "nope", "mountPath": "/w"}]},
+    }
+    volumes = [{"name": "src", "emptyDir": {}}]
+    assert spec_problems([task], workspaces=[WORKSPACE, WORKSPACE], volumes=volumes) == [
+        "workspaces: name 'src' is used 2 times",
+        "workspaces: 'src' is also the name of a volume",
+        "t: container.volumeMounts[0].name: unknown volume 'nope' "
+        "(spec.volumes and spec.workspaces: src)",
+    ]
+
+
+def test_parallel_tasks_on_a_read_write_once_workspace_are_warned_about() -> None:
+    mount = {"volumeMounts": [{"name": "src", "mountPath": "/w"}]}
+    tasks = [
+        {"name": "a", "container": {"image": "x", **mount}},
+        {"name": "b", "container": {"image": "x", **mount}},
+        {"name": "c", "dependsOn": ["a", "b"], "container": {"image": "x", **mount}},
+    ]
+    spec = WorkflowSpec.model_validate({"tasks": tasks, "workspaces": [WORKSPACE]})
+    (warning,) = workspace_warnings(spec)
+    assert str(warning).startswith(
+        "b: workspace 'src' is ReadWriteOnce and tasks 'a' and 'b' may run at once"
+    )
+    rwx = {
+        **WORKSPACE,
+        "volumeClaimTemplate": {
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "resources": {"requests": {"storage": "1Gi"}},
+            }
+        },
+    }
+    assert (
+        workspace_warnings(WorkflowSpec.model_validate({"tasks": tasks, "workspaces": [rwx]})) == []
+    )
+
+
+@pytest.mark.parametrize(
+    ("workspace", "field"),
+    [
+        ({"name": "w"}, "workspaces.0.volumeClaimTemplate"),
+        (
+            {"name": "w", "volumeClaimTemplate": {"spec": {"resources": {"requests": {}}}}},
+            "accessModes",
+        ),
+        (
+            {
+                **WORKSPACE,
+                "volumeClaimTemplate": {
+                    "spec": {
+                        "accessModes": ["ReadWriteSometimes"],
+                        "resources": {"requests": {"storage": 1}},
+                    }
+                },
+            },
+            "accessModes.0",
+        ),
+        ({**WORKSPACE, "reclaimPolicy": "Recycle"}, "reclaimPolicy"),
+    ],
+)
+def test_bad_workspace_fields_are_named(workspace: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError, match=field.replace(".", r"\.")):
+        WorkflowSpec.model_validate(
+            {"tasks": [{"name": "t", "approval": {}}], "workspaces": [workspace]}
+        )

@@ -102,6 +102,12 @@ per-namespace Roles. Each rule names the call that needs it.
 - apiGroups: [maestro.dev]
   resources: [workflowruns]
   verbs: [delete]
+# Workspaces: one claim per workspace per run, created when the run starts (only if the
+# run's ServiceAccount may create claims itself). No delete: Delete-policy claims are
+# owned by the WorkflowRun and garbage-collected with it.
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [create]
 # One Job per container task attempt; deleted on cancel.
 - apiGroups: [batch]
   resources: [jobs]

@@ -267,6 +267,47 @@ class LocalObjectReference(Model):
     name: ResourceName
 
 
+AccessMode = Literal["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]
+MAX_WORKSPACES = 16
+
+
+class ClaimResources(Model):
+    """Storage the claim asks for."""
+
+    requests: dict[str, Quantity] = Field(description="e.g. {storage: 1Gi}")
+
+
+class ClaimSpec(Model):
+    """The PersistentVolumeClaim spec of a workspace (a subset of Kubernetes')."""
+
+    access_modes: list[AccessMode] = Field(min_length=1, max_length=4)
+    resources: ClaimResources
+    storage_class_name: ResourceName | None = None
+    volume_mode: Literal["Filesystem", "Block"] | None = None
+    volume_name: ResourceName | None = Field(
+        None, description="Bind to this PersistentVolume (pre-provisioned storage)."
+    )
+
+
+class ClaimTemplate(Model):
+    """What each run's claim for a workspace looks like."""
+
+    metadata: PodMetadata | None = None
+    spec: ClaimSpec
+
+
+class Workspace(Model):
+    """Storage shared by the tasks of one run: a PVC made for the run when it starts."""
+
+    name: VolumeName
+    volume_claim_template: ClaimTemplate
+    reclaim_policy: Literal["Delete", "Retain"] = Field(
+        "Delete",
+        description="Delete: the claim is owned by the WorkflowRun and goes with it. "
+        "Retain: the claim stays after the run is deleted.",
+    )
+
+
 class PodTemplate(Model):
     """Where task pods run and how they pull images.
 
@@ -394,8 +435,23 @@ class Task(Model):
         return "approval"
 
 
+_NAME_CLASH = "a workspace and a volume cannot share a name (volumeMounts name either)"
+
+
 class WorkflowSpec(Model):
     """A reusable DAG template."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.workspaces) || !has(self.volumes) || "
+                    "self.workspaces.all(w, !self.volumes.exists(v, v.name == w.name))",
+                    "message": _NAME_CLASH,
+                }
+            ]
+        }
+    )
 
     params: list[Param] = Field(default_factory=list)
     tasks: list[Task] = Field(min_length=1, max_length=MAX_TASKS)
@@ -418,6 +474,12 @@ class WorkflowSpec(Model):
         default_factory=list,
         max_length=MAX_VOLUMES,
         description="Volumes container tasks may mount by name (container.volumeMounts).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    workspaces: list[Workspace] = Field(
+        default_factory=list,
+        max_length=MAX_WORKSPACES,
+        description="Run-scoped claims tasks mount by name (container.volumeMounts).",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     pod_template: PodTemplate | None = Field(

@@ -20,7 +20,7 @@ from maestro.cli.operator import operator_cmd
 from maestro.cli.run import run_cmd
 from maestro.cli.schedules import schedule
 from maestro.dag import render as graph_render
-from maestro.dag.validate import resolve_params, shell_warnings, validate
+from maestro.dag.validate import resolve_params, shell_warnings, validate, workspace_warnings
 
 
 def fail(message: str) -> None:
@@ -49,11 +49,13 @@ def validate_cmd(files: tuple[Path, ...]) -> None:
             if isinstance(doc.manifest, Workflow):
                 lines += [str(p) for p in validate(doc.manifest.spec)]
                 risky += [str(p) for p in shell_warnings(doc.manifest.spec)]
+                risky += [str(p) for p in workspace_warnings(doc.manifest.spec)]
             elif isinstance(doc.manifest, WorkflowRun) and doc.manifest.spec.workflow_spec:
                 spec = doc.manifest.spec.workflow_spec
                 lines += [f"spec.workflowSpec: {p}" for p in validate(spec)]
                 lines += resolve_params(spec, doc.manifest.spec.params)[1]
                 risky += [f"spec.workflowSpec: {p}" for p in shell_warnings(spec)]
+                risky += [f"spec.workflowSpec: {p}" for p in workspace_warnings(spec)]
             for line in risky:
                 click.echo(f"{doc.where}: warning: {line}", err=True)
             for line in lines:

@@ -164,7 +164,7 @@ class ContainerExecutor:
             "serviceAccountName": run_service_account(ctx.run.spec),
             "automountServiceAccountToken": spec.automount_service_account_token,
             "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
-            **podspec.pod_fields(ctx.run.spec, ctx.task),
+            **podspec.pod_fields(ctx.run.spec, ctx.task, ctx.run.name),
         }
         job_spec: dict[str, Any] = {
             "backoffLimit": 0,

@@ -10,10 +10,11 @@ ServiceAccount, a token mount or a security context.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-from maestro.api.models import PodTemplate, Task
+from maestro.api.models import PodTemplate, Task, WorkflowSpec
 
 # PodTemplate field -> pod spec key (all camelCase already, as the wire format is).
 _TEMPLATE_FIELDS = (
@@ -39,7 +40,54 @@ def effective_template(spec: Mapping[str, Any], task: Task) -> PodTemplate:
     return base.model_copy(update={k: getattr(own, k) for k in own.model_fields_set})
 
 
-def pod_fields(spec: Mapping[str, Any], task: Task) -> dict[str, Any]:
+def claim_name(run_name: str, workspace: str) -> str:
+    """``<run>-<workspace>``; hashed past 63 characters (a label-sized, readable name)."""
+    full = f"{run_name}-{workspace}"
+    if len(full) <= 63:
+        return full
+    digest = hashlib.sha256(full.encode()).hexdigest()[:10]
+    return f"{full[:52].rstrip('-')}-{digest}"
+
+
+def claims(spec: WorkflowSpec, run_name: str, run_uid: str) -> list[dict[str, Any]]:
+    """The PersistentVolumeClaims of a run's workspaces.
+
+    ``Delete`` claims are owned by the WorkflowRun, so Kubernetes' garbage collector
+    deletes them with it (the operator needs no delete permission); ``Retain`` ones
+    have no owner and stay.
+    """
+    out = []
+    for ws in spec.workspaces:
+        template = ws.volume_claim_template
+        meta = template.metadata
+        labels = {**(meta.labels if meta else {}), "maestro.dev/run": run_name[:63]}
+        metadata: dict[str, Any] = {
+            "name": claim_name(run_name, ws.name),
+            "labels": {**labels, "maestro.dev/workspace": ws.name},
+            "annotations": dict(meta.annotations) if meta else {},
+        }
+        if ws.reclaim_policy == "Delete":
+            metadata["ownerReferences"] = [
+                {
+                    "apiVersion": "maestro.dev/v1alpha1",
+                    "kind": "WorkflowRun",
+                    "name": run_name,
+                    "uid": run_uid,
+                    "blockOwnerDeletion": False,
+                }
+            ]
+        out.append(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": metadata,
+                "spec": template.spec.model_dump(by_alias=True, exclude_none=True),
+            }
+        )
+    return out
+
+
+def pod_fields(spec: Mapping[str, Any], task: Task, run_name: str) -> dict[str, Any]:
     """Keys to add to the pod spec: the volumes the task mounts, placement, pulling.
 
     ``spec`` is the run's snapshot as stored (camelCase, validated when the run started):
@@ -53,6 +101,11 @@ def pod_fields(spec: Mapping[str, Any], task: Task) -> dict[str, Any]:
     out: dict[str, Any] = {}
     used = {m.name for m in container.volume_mounts}
     volumes = [dict(v) for v in spec.get("volumes") or [] if v["name"] in used]
+    volumes += [
+        {"name": w["name"], "persistentVolumeClaim": {"claimName": claim_name(run_name, w["name"])}}
+        for w in spec.get("workspaces") or []
+        if w["name"] in used
+    ]
     if volumes:
         out["volumes"] = volumes
     template = effective_template(spec, task)

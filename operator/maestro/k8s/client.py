@@ -81,6 +81,17 @@ class Kube:
             raise
         return True
 
+    async def create_pvc(self, namespace: str, claim: dict[str, Any]) -> bool:
+        """Create a run's workspace claim; False when it already exists (idempotent)."""
+        self.writes += 1
+        try:
+            await self.core.create_namespaced_persistent_volume_claim(namespace, cast(Any, claim))
+        except ApiException as err:
+            if err.status == 409:
+                return False
+            raise
+        return True
+
     async def get_job(self, namespace: str, name: str) -> dict[str, Any]:
         """A Job as a plain dict."""
         self.reads += 1
