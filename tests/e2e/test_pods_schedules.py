@@ -217,8 +217,8 @@ def test_unknown_volume_in_a_mount_is_named_in_the_workflows_status(
         time.sleep(0.3)
     assert ready["status"] == "False"
     assert (
-        "build: container.volumeMounts[0].name: unknown volume 'src' (spec.volumes and spec.workspaces: none)"
-        in ready["message"]
+        "build: container.volumeMounts[0].name: unknown volume 'src' "
+        "(spec.volumes and spec.workspaces: none)" in ready["message"]
     )
 
 
