@@ -492,3 +492,145 @@ def test_validate_names_bad_schedule_fields(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert "spec.schedule: String should match pattern" in out.stderr
     assert "spec.timeZone: 'Mars/Base' is not an IANA time zone" in out.stderr
+
+
+# --- Workspaces --------------------------------------------------------------------------
+
+
+def grant_claims(cp: ControlPlane, namespace: str) -> None:
+    """Let the namespace's default ServiceAccount (the runs') create claims."""
+    cp.kubectl(
+        "create",
+        "role",
+        "claims",
+        "-n",
+        namespace,
+        "--verb=create",
+        "--resource=persistentvolumeclaims",
+    )
+    cp.kubectl(
+        "create",
+        "rolebinding",
+        "claims",
+        "-n",
+        namespace,
+        "--role=claims",
+        f"--serviceaccount={namespace}:default",
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        proc = cp.kubectl(
+            "auth",
+            "can-i",
+            "create",
+            "persistentvolumeclaims",
+            "-n",
+            namespace,
+            f"--as=system:serviceaccount:{namespace}:default",
+            check=False,
+        )
+        if proc.stdout.strip() == "yes":
+            return
+        assert time.monotonic() < deadline, proc.stdout + proc.stderr
+        time.sleep(0.2)
+
+
+def shared_workspace_workflow(pv: str) -> dict[str, Any]:
+    mount = {"volumeMounts": [{"name": "src", "mountPath": "/workspace"}]}
+    tasks = [
+        {"name": "checkout", "container": {"image": "busybox", **mount}},
+        {"name": "build", "dependsOn": ["checkout"], "container": {"image": "busybox", **mount}},
+        {"name": "test", "dependsOn": ["build"], "container": {"image": "busybox", **mount}},
+    ]
+    workspace = {
+        "name": "src",
+        "volumeClaimTemplate": {
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "resources": {"requests": {"storage": "1Gi"}},
+                "storageClassName": "",
+                "volumeName": pv,  # pre-bound: the test's PersistentVolume
+            }
+        },
+    }
+    return workflow("shared", tasks, workspaces=[workspace])
+
+
+def test_tasks_share_a_run_scoped_workspace_claim_deleted_with_the_run(
+    control_plane: ControlPlane, namespace: str, operator: OperatorProcess, tmp_path: Path
+) -> None:
+    pv = f"{namespace}-pv"[:63]
+    control_plane.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {"name": pv},
+                "spec": {
+                    "capacity": {"storage": "1Gi"},
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": "",
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "hostPath": {"path": str(tmp_path / "pv")},
+                },
+            }
+        ),
+    )
+    try:
+        grant_claims(control_plane, namespace)
+        apply(control_plane, namespace, shared_workspace_workflow(pv), run("shared-1", "shared"))
+        status = wait_phase(control_plane, namespace, "shared-1")["status"]
+        assert status["phase"] == "Succeeded", status
+
+        claim = get(control_plane, namespace, "pvc", "shared-1-src")
+        assert claim["spec"]["volumeName"] == pv
+        assert claim["status"]["phase"] == "Bound"
+        run_uid = get(control_plane, namespace, "workflowrun", "shared-1")["metadata"]["uid"]
+        assert claim["metadata"]["ownerReferences"][0]["uid"] == run_uid
+        for task in ("checkout", "build", "test"):
+            (pod,) = pods_of(control_plane, namespace, task)
+            volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
+            assert volumes["src"]["persistentVolumeClaim"] == {"claimName": "shared-1-src"}
+
+        # Deleting the run deletes its claim (garbage collector, through the owner).
+        control_plane.kubectl("delete", "workflowrun", "shared-1", "-n", namespace)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            gone = control_plane.kubectl("get", "pvc", "shared-1-src", "-n", namespace, check=False)
+            if gone.returncode != 0 and "NotFound" in gone.stderr:
+                break
+            time.sleep(0.5)
+        assert "NotFound" in gone.stderr
+    finally:
+        control_plane.kubectl("delete", "pv", pv, "--wait=false", check=False)
+
+
+def test_workspace_needs_the_service_account_to_create_claims(
+    control_plane: ControlPlane, namespace: str, operator: OperatorProcess
+) -> None:
+    apply(control_plane, namespace, shared_workspace_workflow("none"), run("denied-1", "shared"))
+    status = wait_phase(control_plane, namespace, "denied-1")["status"]
+    assert status["phase"] == "Failed"
+    assert (
+        f"spec.workspaces: serviceaccount {namespace}/default may not create persistentvolumeclaims"
+    ) in status["message"]
+    gone = control_plane.kubectl("get", "pvc", "-n", namespace, "-o", "name")
+    assert gone.stdout.strip() == ""
+
+
+def test_two_workspaces_with_one_name_rejected_at_apply(
+    control_plane: ControlPlane, namespace: str, crds: None
+) -> None:
+    wf = shared_workspace_workflow("pv")
+    wf["spec"]["workspaces"] *= 2
+    with pytest.raises(KubectlError) as err:
+        apply(control_plane, namespace, wf)
+    assert 'spec.workspaces[1]: Duplicate value: {"name":"src"}' in str(err.value)
+    wf = shared_workspace_workflow("pv")
+    wf["spec"]["volumes"] = [{"name": "src", "emptyDir": {}}]
+    with pytest.raises(KubectlError) as err:
+        apply(control_plane, namespace, wf)
+    assert "a workspace and a volume cannot share a name" in str(err.value)

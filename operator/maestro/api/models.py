@@ -282,7 +282,9 @@ class ClaimSpec(Model):
 
     access_modes: list[AccessMode] = Field(min_length=1, max_length=4)
     resources: ClaimResources
-    storage_class_name: ResourceName | None = None
+    storage_class_name: str | None = Field(
+        None, max_length=253, description='"" asks for no class (pre-provisioned volumes).'
+    )
     volume_mode: Literal["Filesystem", "Block"] | None = None
     volume_name: ResourceName | None = Field(
         None, description="Bind to this PersistentVolume (pre-provisioned storage)."
