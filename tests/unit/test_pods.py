@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -293,3 +294,58 @@ def test_bad_workspace_fields_are_named(workspace: dict[str, Any], field: str) -
         WorkflowSpec.model_validate(
             {"tasks": [{"name": "t", "approval": {}}], "workspaces": [workspace]}
         )
+
+
+def test_declared_output_files_add_their_paths_to_the_outputs() -> None:
+    task = {
+        "name": "t",
+        "container": {
+            "image": "busybox",
+            "volumeMounts": [{"name": "src", "mountPath": "/w"}],
+            "outputFiles": [{"name": "report", "workspace": "src", "path": "out/junit.xml"}],
+        },
+    }
+    ctx = attempt(task)
+    executor = ContainerExecutor(kube=None, wake=lambda _: None)  # type: ignore[arg-type]
+    # The pod watch already saw the container end (no API request needed).
+    executor._terminated[("team-a", "r1-t-1")] = {"message": '{"passed": 12}'}
+    result = asyncio.run(executor._succeeded(ctx, "r1-t-1"))
+    assert result.outputs == {"report": "out/junit.xml", "passed": 12}
+
+
+@pytest.mark.parametrize(
+    ("output", "mounts", "problem"),
+    [
+        (
+            {"name": "report", "workspace": "nope", "path": "r.xml"},
+            [],
+            "t: container.outputFiles[0].workspace: unknown workspace 'nope'",
+        ),
+        (
+            {"name": "report", "workspace": "src", "path": "r.xml"},
+            [],
+            "t: container.outputFiles[0].workspace: 'src' is not mounted by this task "
+            "(add it to container.volumeMounts)",
+        ),
+    ],
+)
+def test_output_file_must_name_a_workspace_the_task_mounts(
+    output: dict[str, Any], mounts: list[dict[str, Any]], problem: str
+) -> None:
+    task = {
+        "name": "t",
+        "container": {"image": "busybox", "volumeMounts": mounts, "outputFiles": [output]},
+    }
+    assert spec_problems([task], workspaces=[WORKSPACE]) == [problem]
+
+
+def test_output_file_path_must_be_relative() -> None:
+    task = {
+        "name": "t",
+        "container": {
+            "image": "busybox",
+            "outputFiles": [{"name": "r", "workspace": "src", "path": "/etc/passwd"}],
+        },
+    }
+    with pytest.raises(ValidationError, match=r"outputFiles\.0\.path"):
+        WorkflowSpec.model_validate({"tasks": [task]})

@@ -310,6 +310,17 @@ class Workspace(Model):
     )
 
 
+class OutputFile(Model):
+    """An output too large for the termination message: a file the task writes to a
+    workspace. The task's outputs get ``name: path`` (the path, not the content)."""
+
+    name: ParamName
+    workspace: VolumeName
+    path: Annotated[str, StringConstraints(pattern=SUB_PATH, max_length=1024)] = Field(
+        description="Relative to the workspace's root."
+    )
+
+
 class PodTemplate(Model):
     """Where task pods run and how they pull images.
 
@@ -358,6 +369,12 @@ class ContainerTask(Model):
     )
     pod_template: PodTemplate | None = Field(
         None, description="Overrides the workflow's podTemplate, field by field."
+    )
+    output_files: list[OutputFile] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Outputs written as files to a workspace the task mounts; each adds "
+        "name: path to the outputs.",
     )
 
 

@@ -196,6 +196,19 @@ def _volume_problems(spec: WorkflowSpec) -> list[Problem]:
                     Problem(task.name, f"{field}.mountPath: {mount.mount_path!r} is mounted twice")
                 )
             paths.add(mount.mount_path)
+        mounted = {m.name for m in task.container.volume_mounts}
+        for i, out in enumerate(task.container.output_files):
+            field = f"container.outputFiles[{i}].workspace"
+            if out.workspace not in spaces:
+                problems.append(Problem(task.name, f"{field}: unknown workspace {out.workspace!r}"))
+            elif out.workspace not in mounted:
+                problems.append(
+                    Problem(
+                        task.name,
+                        f"{field}: {out.workspace!r} is not mounted by this task "
+                        "(add it to container.volumeMounts)",
+                    )
+                )
     return problems
 
 

@@ -250,7 +250,9 @@ class ContainerExecutor:
         outputs, problem = parse_outputs(text, source="the termination message")
         if problem is not None:
             return Result.failed(problem, "InvalidOutputs")
-        return Result.succeeded(outputs or {}, f"job {name} completed")
+        # Declared output files add their paths; the container's own values win.
+        declared = podspec.declared_outputs(ctx.task)
+        return Result.succeeded({**declared, **(outputs or {})}, f"job {name} completed")
 
     async def _failed(self, ctx: AttemptContext, name: str, cond: dict[str, Any]) -> Result:
         if cond.get("reason") == "DeadlineExceeded":

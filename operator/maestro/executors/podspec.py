@@ -132,3 +132,9 @@ def container_fields(task: Task) -> dict[str, Any]:
             m.model_dump(by_alias=True, exclude_none=True) for m in container.volume_mounts
         ]
     }
+
+
+def declared_outputs(task: Task) -> dict[str, Any]:
+    """``name: path`` of each declared output file (relative to its workspace)."""
+    container = task.container
+    return {f.name: f.path for f in container.output_files} if container else {}
