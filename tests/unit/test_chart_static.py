@@ -16,7 +16,11 @@ TOP_CRDS = sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
 
 
 def test_top_level_crds_exist() -> None:
-    assert TOP_CRDS == ["maestro.dev_workflowruns.yaml", "maestro.dev_workflows.yaml"]
+    assert TOP_CRDS == [
+        "maestro.dev_workflowruns.yaml",
+        "maestro.dev_workflows.yaml",
+        "maestro.dev_workflowschedules.yaml",
+    ]
 
 
 @pytest.mark.parametrize("copy_dir", ["charts/maestro/crds", "manifests/base/crds"])

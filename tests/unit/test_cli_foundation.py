@@ -50,7 +50,7 @@ WF = "apiVersion: maestro.dev/v1alpha1\nkind: Workflow\nmetadata: {name: x}\nspe
         ),
         (
             "apiVersion: maestro.dev/v1alpha1\nkind: Job\n",
-            ": kind: expected Workflow or WorkflowRun, got 'Job'",
+            ": kind: expected Workflow, WorkflowRun or WorkflowSchedule, got 'Job'",
         ),
         (
             WF + "  tasks:\n  - {name: a, colour: red, container: {image: x}}\n",
@@ -89,10 +89,11 @@ def test_graph_formats() -> None:
     assert '"backend" -> "testing";' in dot.stdout
 
 
-def test_crds_command_prints_both_definitions() -> None:
+def test_crds_command_prints_every_definition() -> None:
     result = maestro("crds")
     docs = list(yaml.safe_load_all(result.stdout))
     assert {d["metadata"]["name"] for d in docs} == {
         "workflows.maestro.dev",
         "workflowruns.maestro.dev",
+        "workflowschedules.maestro.dev",
     }

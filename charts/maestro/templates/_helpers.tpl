@@ -86,10 +86,28 @@ per-namespace Roles. Each rule names the call that needs it.
 - apiGroups: [maestro.dev]
   resources: [workflows/status, workflowruns/status]
   verbs: [get, patch]
+# WorkflowSchedules: Kopf runs a daemon per schedule (patch: its finalizer); the
+# daemon creates the schedule's runs, cancels them (Replace, a spec patch) and deletes
+# those beyond the history limits (delete, below).
+- apiGroups: [maestro.dev]
+  resources: [workflowschedules]
+  verbs: [get, list, watch, patch]
+- apiGroups: [maestro.dev]
+  resources: [workflowschedules/status]
+  verbs: [get, patch]
+- apiGroups: [maestro.dev]
+  resources: [workflowruns]
+  verbs: [create]
 # ttlSecondsAfterFinished.
 - apiGroups: [maestro.dev]
   resources: [workflowruns]
   verbs: [delete]
+# Workspaces: one claim per workspace per run, created when the run starts (only if the
+# run's ServiceAccount may create claims itself). No delete: Delete-policy claims are
+# owned by the WorkflowRun and garbage-collected with it.
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [create]
 # One Job per container task attempt; deleted on cancel.
 - apiGroups: [batch]
   resources: [jobs]

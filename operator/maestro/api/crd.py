@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from maestro.api.models import GROUP, VERSION, Workflow, WorkflowRun
+from maestro.api.models import GROUP, VERSION, Workflow, WorkflowRun, WorkflowSchedule
 
 JSON = dict[str, Any]
 
@@ -32,6 +32,8 @@ _KEPT = (
     "maxItems",
     "maxProperties",
     "x-kubernetes-validations",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
 )
 
 
@@ -185,9 +187,25 @@ def crds() -> dict[str, JSON]:
             _column("Message", ".status.message"),
         ],
     )
+    schedule = _crd(
+        WorkflowSchedule,
+        "WorkflowSchedule",
+        "workflowschedules",
+        ["mws"],
+        [
+            _column("Schedule", ".spec.schedule"),
+            _column("Zone", ".spec.timeZone", priority=1),
+            _column("Suspend", ".spec.suspend", "boolean"),
+            _column("Active", ".status.active[*].name"),
+            _column("Last Schedule", ".status.lastScheduleTime", "date"),
+            _column("Next", ".status.nextScheduleTime", "date"),
+            _AGE,
+        ],
+    )
     return {
         f"{GROUP}_workflows.yaml": workflow,
         f"{GROUP}_workflowruns.yaml": run,
+        f"{GROUP}_workflowschedules.yaml": schedule,
     }
 
 

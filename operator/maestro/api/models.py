@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from croniter import croniter
 from pydantic import (
     AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
     StringConstraints,
+    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -164,6 +167,199 @@ class PodMetadata(Model):
     annotations: dict[str, str] = Field(default_factory=dict)
 
 
+# --- Volumes and pod placement ---------------------------------------------------------
+
+VolumeName = Annotated[str, StringConstraints(pattern=DNS_LABEL, min_length=1, max_length=63)]
+# Bounds the CRD's CEL cost estimate (mount names are checked against volume names).
+MAX_VOLUMES = 32
+# A relative path none of whose segments is "..": a pattern (RE2 has no lookahead) rather
+# than CEL, whose cost estimate over 5000 tasks x 32 mounts the API server refuses.
+_SEGMENT = r"[^/.][^/]*|\.([^/.][^/]*)?|\.\.[^/]+"
+SUB_PATH = rf"^({_SEGMENT})(/({_SEGMENT})?)*$"
+
+
+class KeyToPath(Model):
+    """One key of a ConfigMap or Secret projected to a file."""
+
+    key: Annotated[str, StringConstraints(min_length=1, max_length=253)]
+    path: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+    mode: int | None = Field(None, ge=0, le=0o777)
+
+
+class PersistentVolumeClaimSource(Model):
+    """An existing PersistentVolumeClaim of the run's namespace."""
+
+    claim_name: ResourceName
+    read_only: bool = False
+
+
+class ConfigMapSource(Model):
+    """A ConfigMap of the run's namespace, one file per key (or per listed item)."""
+
+    name: ResourceName
+    items: list[KeyToPath] = Field(default_factory=list, max_length=256)
+    default_mode: int | None = Field(None, ge=0, le=0o777)
+    optional: bool = False
+
+
+class SecretSource(Model):
+    """A Secret of the run's namespace, mounted by the pod itself (docs/security.md)."""
+
+    secret_name: ResourceName
+    items: list[KeyToPath] = Field(default_factory=list, max_length=256)
+    default_mode: int | None = Field(None, ge=0, le=0o777)
+    optional: bool = False
+
+
+class EmptyDirSource(Model):
+    """A scratch directory that lives as long as the task's pod."""
+
+    medium: Literal["", "Memory"] = ""
+    size_limit: Quantity | None = None
+
+
+_ONE_VOLUME_SOURCE = (
+    "exactly one of persistentVolumeClaim, configMap, secret and emptyDir must be set"
+)
+
+
+class Volume(Model):
+    """A volume task pods may mount (by name, in ``container.volumeMounts``)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "(has(self.persistentVolumeClaim) ? 1 : 0)"
+                    " + (has(self.configMap) ? 1 : 0) + (has(self.secret) ? 1 : 0)"
+                    " + (has(self.emptyDir) ? 1 : 0) == 1",
+                    "message": _ONE_VOLUME_SOURCE,
+                }
+            ]
+        }
+    )
+
+    name: VolumeName
+    persistent_volume_claim: PersistentVolumeClaimSource | None = None
+    config_map: ConfigMapSource | None = None
+    secret: SecretSource | None = None
+    empty_dir: EmptyDirSource | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Volume:
+        sources = (self.persistent_volume_claim, self.config_map, self.secret, self.empty_dir)
+        if sum(x is not None for x in sources) != 1:
+            raise ValueError(_ONE_VOLUME_SOURCE)
+        return self
+
+
+class VolumeMount(Model):
+    """Where a task's container sees one of the workflow's volumes."""
+
+    name: VolumeName = Field(description="A volume (or workspace) of the workflow.")
+    mount_path: Annotated[str, StringConstraints(pattern=r"^/", min_length=1, max_length=1024)] = (
+        Field(description="Absolute path in the container.")
+    )
+    read_only: bool = False
+    sub_path: Annotated[str, StringConstraints(pattern=SUB_PATH, max_length=1024)] | None = Field(
+        None, description="Mount only this path of the volume (relative, no '..')."
+    )
+
+
+class Toleration(Model):
+    """Lets a task's pod run on nodes with a matching taint (as in a Kubernetes pod)."""
+
+    key: str | None = Field(None, max_length=317)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class Affinity(Model):
+    """Pod affinity rules, passed to the pod as written (Kubernetes checks their shape)."""
+
+    node_affinity: dict[str, Any] | None = None
+    pod_affinity: dict[str, Any] | None = None
+    pod_anti_affinity: dict[str, Any] | None = None
+
+
+class LocalObjectReference(Model):
+    """An object of the run's namespace, by name."""
+
+    name: ResourceName
+
+
+AccessMode = Literal["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]
+MAX_WORKSPACES = 16
+
+
+class ClaimResources(Model):
+    """Storage the claim asks for."""
+
+    requests: dict[str, Quantity] = Field(description="e.g. {storage: 1Gi}")
+
+
+class ClaimSpec(Model):
+    """The PersistentVolumeClaim spec of a workspace (a subset of Kubernetes')."""
+
+    access_modes: list[AccessMode] = Field(min_length=1, max_length=4)
+    resources: ClaimResources
+    storage_class_name: str | None = Field(
+        None, max_length=253, description='"" asks for no class (pre-provisioned volumes).'
+    )
+    volume_mode: Literal["Filesystem", "Block"] | None = None
+    volume_name: ResourceName | None = Field(
+        None, description="Bind to this PersistentVolume (pre-provisioned storage)."
+    )
+
+
+class ClaimTemplate(Model):
+    """What each run's claim for a workspace looks like."""
+
+    metadata: PodMetadata | None = None
+    spec: ClaimSpec
+
+
+class Workspace(Model):
+    """Storage shared by the tasks of one run: a PVC made for the run when it starts."""
+
+    name: VolumeName
+    volume_claim_template: ClaimTemplate
+    reclaim_policy: Literal["Delete", "Retain"] = Field(
+        "Delete",
+        description="Delete: the claim is owned by the WorkflowRun and goes with it. "
+        "Retain: the claim stays after the run is deleted.",
+    )
+
+
+class OutputFile(Model):
+    """An output too large for the termination message: a file the task writes to a
+    workspace. The task's outputs get ``name: path`` (the path, not the content)."""
+
+    name: ParamName
+    workspace: VolumeName
+    path: Annotated[str, StringConstraints(pattern=SUB_PATH, max_length=1024)] = Field(
+        description="Relative to the workspace's root."
+    )
+
+
+class PodTemplate(Model):
+    """Where task pods run and how they pull images.
+
+    Set on the workflow for every container task; a task's own ``podTemplate`` replaces
+    the workflow's field by field (a field the task sets, even to an empty list, wins
+    whole; fields it leaves out are inherited).
+    """
+
+    node_selector: dict[str, str] | None = None
+    tolerations: list[Toleration] | None = Field(None, max_length=64)
+    affinity: Affinity | None = None
+    priority_class_name: ResourceName | None = None
+    image_pull_secrets: list[LocalObjectReference] | None = Field(None, max_length=64)
+    runtime_class_name: ResourceName | None = None
+
+
 class ContainerTask(Model):
     """Run an image as a Kubernetes Job (one Job per attempt).
 
@@ -188,6 +384,20 @@ class ContainerTask(Model):
     )
     automount_service_account_token: bool = Field(
         False, description="Mount the run's ServiceAccount token (only if the task calls the API)."
+    )
+    volume_mounts: list[VolumeMount] = Field(
+        default_factory=list,
+        max_length=MAX_VOLUMES,
+        description="Volumes of the workflow (spec.volumes) this task's container mounts.",
+    )
+    pod_template: PodTemplate | None = Field(
+        None, description="Overrides the workflow's podTemplate, field by field."
+    )
+    output_files: list[OutputFile] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Outputs written as files to a workspace the task mounts; each adds "
+        "name: path to the outputs.",
     )
 
 
@@ -267,8 +477,23 @@ class Task(Model):
         return "approval"
 
 
+_NAME_CLASH = "a workspace and a volume cannot share a name (volumeMounts name either)"
+
+
 class WorkflowSpec(Model):
     """A reusable DAG template."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.workspaces) || !has(self.volumes) || "
+                    "self.workspaces.all(w, !self.volumes.exists(v, v.name == w.name))",
+                    "message": _NAME_CLASH,
+                }
+            ]
+        }
+    )
 
     params: list[Param] = Field(default_factory=list)
     tasks: list[Task] = Field(min_length=1, max_length=MAX_TASKS)
@@ -286,6 +511,21 @@ class WorkflowSpec(Model):
     timeout_seconds: int | None = Field(None, ge=1, description="Whole run.")
     service_account_name: ResourceName | None = Field(
         None, description=SERVICE_ACCOUNT_DOC + " A run's own setting wins."
+    )
+    volumes: list[Volume] = Field(
+        default_factory=list,
+        max_length=MAX_VOLUMES,
+        description="Volumes container tasks may mount by name (container.volumeMounts).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    workspaces: list[Workspace] = Field(
+        default_factory=list,
+        max_length=MAX_WORKSPACES,
+        description="Run-scoped claims tasks mount by name (container.volumeMounts).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    pod_template: PodTemplate | None = Field(
+        None, description="Placement and image pulling of every container task's pod."
     )
 
     def all_tasks(self) -> list[Task]:
@@ -427,3 +667,134 @@ class WorkflowRun(Model):
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     spec: WorkflowRunSpec
     status: WorkflowRunStatus | None = None
+
+
+# --- WorkflowSchedule ----------------------------------------------------------------
+
+ConcurrencyPolicy = Literal["Allow", "Forbid", "Replace"]
+# Runs a schedule creates are named <schedule>-<unix seconds>: 11 characters of suffix,
+# and the schedule's name goes into a label value (at most 63).
+MAX_SCHEDULE_NAME = 52
+CRON_SHAPE = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4,5}\S+)$"
+ZONE_SHAPE = r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$"
+
+
+def schedule_problem(expr: str) -> str | None:
+    """Why ``expr`` is not a cron expression Maestro accepts, or None.
+
+    Five fields (as Kubernetes CronJob) or a macro; a sixth field (seconds, last) exists
+    for tests only and the operator refuses it unless started with
+    ``--allow-seconds-schedules``.
+    """
+    fields = expr.split()
+    if not (expr.startswith("@") or len(fields) in (5, 6)) or not croniter.is_valid(expr):
+        return (
+            f"{expr!r} is not a cron expression (5 fields: minute hour "
+            "day-of-month month day-of-week, or @hourly, @daily, @weekly, @monthly, @yearly)"
+        )
+    return None
+
+
+def zone_problem(zone: str | None) -> str | None:
+    """Why ``zone`` is not an IANA time zone, or None."""
+    if zone is None:
+        return None
+    try:
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        return f"{zone!r} is not an IANA time zone (e.g. UTC, Europe/Paris)"
+    return None
+
+
+class RunTemplate(Model):
+    """The WorkflowRun a schedule creates at each time."""
+
+    workflow_ref: WorkflowRef
+    params: dict[str, str] = Field(default_factory=dict)
+    service_account_name: ResourceName | None = Field(None, description=SERVICE_ACCOUNT_DOC)
+    ttl_seconds_after_finished: int | None = Field(None, ge=0)
+
+
+class WorkflowScheduleSpec(Model):
+    """Create a WorkflowRun on a cron schedule, as a Kubernetes CronJob creates Jobs."""
+
+    # The patterns are the shape `kubectl apply` can check; the values (minute 61, an
+    # unknown zone) are checked by the validators below, in `maestro validate` and by
+    # the operator (condition Ready=False).
+    schedule: Annotated[str, StringConstraints(pattern=CRON_SHAPE, max_length=256)] = Field(
+        description="Cron expression: 5 fields (minute hour day month weekday) or a macro "
+        "such as @hourly."
+    )
+    time_zone: Annotated[str, StringConstraints(pattern=ZONE_SHAPE, max_length=64)] | None = Field(
+        None, description="IANA time zone of the schedule (default UTC), e.g. Europe/Paris."
+    )
+    run_template: RunTemplate
+    concurrency_policy: ConcurrencyPolicy = Field(
+        "Allow",
+        description="When a run of this schedule is still active: start another (Allow), "
+        "skip this time (Forbid) or cancel it and start the new one (Replace).",
+    )
+    starting_deadline_seconds: int | None = Field(
+        None, ge=0, description="A time missed by more than this is skipped."
+    )
+    successful_runs_history_limit: int = Field(3, ge=0, le=1000)
+    failed_runs_history_limit: int = Field(1, ge=0, le=1000)
+    suspend: bool = Field(False, description="Create no runs while true (running ones go on).")
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_schedule(cls, value: str) -> str:
+        problem = schedule_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("time_zone")
+    @classmethod
+    def _valid_zone(cls, value: str | None) -> str | None:
+        problem = zone_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+class ActiveRun(Model):
+    """A run of the schedule that has not ended."""
+
+    name: str
+    uid: str | None = None
+
+
+class WorkflowScheduleStatus(Model):
+    """What the operator reports about a WorkflowSchedule."""
+
+    last_schedule_time: datetime | None = None
+    last_successful_time: datetime | None = None
+    next_schedule_time: datetime | None = None
+    last_run_name: str | None = None
+    active: list[ActiveRun] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+
+
+class WorkflowSchedule(Model):
+    """The ``WorkflowSchedule`` resource."""
+
+    model_config = ConfigDict(
+        title="WorkflowSchedule",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"self.metadata.name.size() <= {MAX_SCHEDULE_NAME}",
+                    "message": f"metadata.name: at most {MAX_SCHEDULE_NAME} characters "
+                    "(run names add a timestamp)",
+                }
+            ]
+        },
+    )
+
+    api_version: Literal["maestro.dev/v1alpha1"] = API_VERSION
+    kind: Literal["WorkflowSchedule"] = "WorkflowSchedule"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: WorkflowScheduleSpec
+    status: WorkflowScheduleStatus | None = None

@@ -6,12 +6,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from maestro.api.models import API_VERSION, Workflow, WorkflowRun
+from maestro.api.models import API_VERSION, Workflow, WorkflowRun, WorkflowSchedule
 
-Manifest = Workflow | WorkflowRun
-_KINDS: dict[str, type[Workflow] | type[WorkflowRun]] = {
+Manifest = Workflow | WorkflowRun | WorkflowSchedule
+_KINDS: dict[str, type[Workflow] | type[WorkflowRun] | type[WorkflowSchedule]] = {
     "Workflow": Workflow,
     "WorkflowRun": WorkflowRun,
+    "WorkflowSchedule": WorkflowSchedule,
 }
 
 
@@ -59,7 +60,9 @@ def parse_manifest(doc: Any) -> Manifest:
     kind = doc.get("kind")
     model = _KINDS.get(kind) if isinstance(kind, str) else None
     if model is None:
-        raise ManifestError([f"kind: expected Workflow or WorkflowRun, got {kind!r}"])
+        raise ManifestError(
+            [f"kind: expected Workflow, WorkflowRun or WorkflowSchedule, got {kind!r}"]
+        )
     try:
         return model.model_validate(doc)
     except ValidationError as err:

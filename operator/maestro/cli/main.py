@@ -18,9 +18,10 @@ from maestro.cli.files import load_file
 from maestro.cli.history import history_cmd
 from maestro.cli.operator import operator_cmd
 from maestro.cli.run import run_cmd
+from maestro.cli.schedules import schedule
 from maestro.cli.server import server_cmd
 from maestro.dag import render as graph_render
-from maestro.dag.validate import resolve_params, shell_warnings, validate
+from maestro.dag.validate import resolve_params, shell_warnings, validate, workspace_warnings
 
 
 def fail(message: str) -> None:
@@ -58,12 +59,16 @@ def validate_cmd(files: tuple[Path, ...]) -> None:
         if isinstance(doc.manifest, Workflow):
             lines += [str(p) for p in validate(doc.manifest.spec)]
             risky += [str(p) for p in shell_warnings(doc.manifest.spec)]
+            risky += [str(p) for p in workspace_warnings(doc.manifest.spec)]
         elif isinstance(doc.manifest, WorkflowRun):
             run_spec = doc.manifest.spec
             if run_spec.workflow_spec:
                 lines += [f"spec.workflowSpec: {p}" for p in validate(run_spec.workflow_spec)]
                 lines += resolve_params(run_spec.workflow_spec, run_spec.params)[1]
                 risky += [f"spec.workflowSpec: {p}" for p in shell_warnings(run_spec.workflow_spec)]
+                risky += [
+                    f"spec.workflowSpec: {p}" for p in workspace_warnings(run_spec.workflow_spec)
+                ]
             elif run_spec.workflow_ref and run_spec.workflow_ref.name in workflows:
                 known = workflows[run_spec.workflow_ref.name]
                 lines += resolve_params(known, run_spec.params)[1]
@@ -143,6 +148,7 @@ cli.add_command(db)
 cli.add_command(operator_cmd)
 cli.add_command(history_cmd)
 cli.add_command(server_cmd)
+cli.add_command(schedule)
 for command in COMMANDS:
     cli.add_command(command)
 

@@ -101,6 +101,11 @@ def _default_priority() -> int:
     help="HTTP tasks may never reach this network; wins over --egress-allow (repeat).",
 )
 @click.option(
+    "--allow-seconds-schedules",
+    is_flag=True,
+    help="Test hook: accept WorkflowSchedules with a sixth (seconds) cron field.",
+)
+@click.option(
     "--status-interval",
     default=1.0,
     show_default=True,
@@ -134,6 +139,7 @@ def operator_cmd(
     allow_runs_in_own_namespace: bool,
     egress_allow: tuple[str, ...],
     egress_deny: tuple[str, ...],
+    allow_seconds_schedules: bool,
     log_format: str,
     otlp_endpoint: str | None,
     verbose: bool,
@@ -166,6 +172,7 @@ def operator_cmd(
         allow_runs_in_own_namespace=allow_runs_in_own_namespace,
         egress_allow=list(egress_allow),
         egress_deny=list(egress_deny),
+        allow_seconds_schedules=allow_seconds_schedules,
     )
     sys.exit(asyncio.run(_main(config)))
 

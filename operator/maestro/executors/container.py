@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from maestro.engine.executor import AttemptContext, Result, StartRejected, Wake
+from maestro.executors import podspec
 from maestro.executors.environment import OUTPUTS_IN_POD, parse_outputs, task_env
 from maestro.executors.secrets import run_service_account
 from maestro.k8s.client import Kube, NamespaceTerminating, NotFound, PermanentAPIError
@@ -182,6 +183,7 @@ class ContainerExecutor:
         if spec.resources is not None:
             container["resources"] = spec.resources.model_dump(exclude_defaults=True)
         container["securityContext"] = {**CONTAINER_SECURITY, **(spec.security_context or {})}
+        container.update(podspec.container_fields(ctx.task))
         pod_meta = spec.pod_metadata
         pod_spec: dict[str, Any] = {
             "restartPolicy": "Never",
@@ -190,6 +192,7 @@ class ContainerExecutor:
             "serviceAccountName": run_service_account(ctx.run.spec),
             "automountServiceAccountToken": spec.automount_service_account_token,
             "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+            **podspec.pod_fields(ctx.run.spec, ctx.task, ctx.run.name),
         }
         job_spec: dict[str, Any] = {
             "backoffLimit": 0,
@@ -309,7 +312,9 @@ class ContainerExecutor:
         outputs, problem = parse_outputs(text, source="the termination message")
         if problem is not None:
             return Result.failed(problem, "InvalidOutputs")
-        return Result.succeeded(outputs or {}, f"job {name} completed")
+        # Declared output files add their paths; the container's own values win.
+        declared = podspec.declared_outputs(ctx.task)
+        return Result.succeeded({**declared, **(outputs or {})}, f"job {name} completed")
 
     async def _failed(self, ctx: AttemptContext, name: str, cond: dict[str, Any]) -> Result:
         if cond.get("reason") == "DeadlineExceeded":

@@ -32,6 +32,7 @@ WORKFLOWS = "workflows"
 RETRY_OF = "maestro.dev/retry-of"
 # How often a read-modify-write of a run's spec is tried before giving up.
 SPEC_CHANGE_ATTEMPTS = 5
+SCHEDULES = "workflowschedules"
 
 
 class APIError(Exception):
@@ -228,6 +229,17 @@ class Kube:
             return False
         return True
 
+    async def create_pvc(self, namespace: str, claim: dict[str, Any]) -> bool:
+        """Create a run's workspace claim; False when it already exists (idempotent)."""
+        self.writes += 1
+        try:
+            await self.core.create_namespaced_persistent_volume_claim(namespace, cast(Any, claim))
+        except ApiException as err:
+            if err.status == 409:
+                return False
+            raise
+        return True
+
     async def get_job(self, namespace: str, name: str) -> dict[str, Any]:
         """A Job as a plain dict."""
         self.reads += 1
@@ -357,18 +369,61 @@ class Kube:
             )
         return obj
 
-    async def list_runs(self, namespace: str | None) -> list[dict[str, Any]]:
-        """Every WorkflowRun of a namespace (of all namespaces for None)."""
+    async def list_runs(
+        self, namespace: str | None, label_selector: str = ""
+    ) -> list[dict[str, Any]]:
+        """Every WorkflowRun of a namespace (of all namespaces for None), matching
+        ``label_selector`` when given."""
         self.reads += 1
         with api_errors(f"workflowruns in {namespace or 'all namespaces'}"):
             if namespace is None:
-                found = await self.custom.list_cluster_custom_object(GROUP, VERSION, RUNS)
+                found = await self.custom.list_cluster_custom_object(
+                    GROUP, VERSION, RUNS, label_selector=label_selector
+                )
             else:
                 found = await self.custom.list_namespaced_custom_object(
-                    GROUP, VERSION, namespace, RUNS
+                    GROUP, VERSION, namespace, RUNS, label_selector=label_selector
                 )
         items: list[dict[str, Any]] = found.get("items", [])
         return items
+
+    async def get_schedule(self, namespace: str, name: str) -> dict[str, Any]:
+        """A WorkflowSchedule as a dict."""
+        self.reads += 1
+        with api_errors(f"workflowschedule {namespace}/{name}"):
+            obj: dict[str, Any] = await self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, SCHEDULES, name
+            )
+        return obj
+
+    async def list_schedules(self, namespace: str) -> list[dict[str, Any]]:
+        """Every WorkflowSchedule of a namespace."""
+        self.reads += 1
+        with api_errors(f"workflowschedules in {namespace}"):
+            found = await self.custom.list_namespaced_custom_object(
+                GROUP, VERSION, namespace, SCHEDULES
+            )
+        items: list[dict[str, Any]] = found.get("items", [])
+        return items
+
+    async def patch_schedule(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        """Merge-patch a WorkflowSchedule (``maestro schedule suspend/resume``)."""
+        self.writes += 1
+        call = cast(Any, self.custom.patch_namespaced_custom_object)
+        with api_errors(f"workflowschedule {namespace}/{name}"):
+            await call(GROUP, VERSION, namespace, SCHEDULES, name, patch, _content_type=MERGE_PATCH)
+
+    async def create_run_once(self, namespace: str, body: dict[str, Any]) -> bool:
+        """Create a WorkflowRun with a fixed name; False when it already exists."""
+        self.writes += 1
+        try:
+            with api_errors(f"create workflowrun in {namespace}"):
+                await self.custom.create_namespaced_custom_object(
+                    GROUP, VERSION, namespace, RUNS, body
+                )
+        except Conflict:
+            return False
+        return True
 
     async def patch_run_spec(
         self,

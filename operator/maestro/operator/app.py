@@ -21,6 +21,7 @@ from maestro.k8s.client import Kube, load_config
 from maestro.operator.health import Health
 from maestro.operator.metrics import Metrics
 from maestro.operator.runs import RunController, Settings
+from maestro.operator.schedules import ScheduleController, ScheduleSettings
 from maestro.operator.tracing import RunTracer
 from maestro.operator.workflows import reconcile_workflow
 from maestro.store import Store
@@ -53,10 +54,14 @@ class OperatorConfig:
     allow_runs_in_own_namespace: bool = False
     egress_allow: list[str] = field(default_factory=list)
     egress_deny: list[str] = field(default_factory=list)
+    allow_seconds_schedules: bool = False
 
 
 def build_registry(
-    runs: RunController, kube: Kube, container: ContainerExecutor
+    runs: RunController,
+    kube: Kube,
+    container: ContainerExecutor,
+    schedules: ScheduleController,
 ) -> kopf.OperatorRegistry:
     """Kopf handlers: thin calls into the controllers (Kopf passes everything by keyword)."""
     registry = kopf.OperatorRegistry()
@@ -92,6 +97,10 @@ def build_registry(
     @kopf.on.event("", "v1", "pods", labels={LABEL_RUN_ID: kopf.PRESENT}, registry=registry)
     async def pod_event(**kw: Any) -> None:
         container.observe_pod(kw["event"]["object"], deleted=kw["type"] == "DELETED")
+
+    @kopf.daemon(GROUP, VERSION, "workflowschedules", registry=registry, cancellation_timeout=10)
+    async def schedule_daemon(**kw: Any) -> None:
+        await schedules.daemon(kw["body"], kw["stopped"])
 
     return registry
 
@@ -166,7 +175,10 @@ async def run_operator(
             ),
             tracer,
         )
-        registry = build_registry(runs, kube, container)
+        schedules = ScheduleController(
+            kube, ScheduleSettings(allow_seconds=config.allow_seconds_schedules)
+        )
+        registry = build_registry(runs, kube, container, schedules)
         settings = kopf.OperatorSettings()
         configure_kopf(settings, config)
         try:

@@ -37,6 +37,7 @@ from maestro.operator.logs import bind_run, event_line
 from maestro.operator.metrics import Metrics
 from maestro.operator.status import not_started_status, observe_generation, run_status
 from maestro.operator.tracing import RunTracer
+from maestro.operator.workspaces import WorkspaceError, ensure_claims
 from maestro.store import EventRecord, RunNotFound, RunRecord, StoreError
 
 log = logging.getLogger("maestro.operator")
@@ -284,6 +285,7 @@ class RunController:
         problems += resolve_params(wf_spec, spec.params)[1]
         if problems:
             raise _Pending(RunPhase.FAILED, "InvalidSpec", "; ".join(problems))
+        await self._workspaces(namespace, name, uid, wf_spec)
         try:
             run = await self.engine.create_run(
                 namespace=namespace,
@@ -301,6 +303,13 @@ class RunController:
         self._controls[run.id] = dict(run.controls)
         return run
 
+    async def _workspaces(self, namespace: str, name: str, uid: str, spec: WorkflowSpec) -> None:
+        """The run's workspace claims, before any task can mount them."""
+        try:
+            await ensure_claims(self.kube, namespace, name, uid, spec)
+        except WorkspaceError as err:
+            raise _Pending(RunPhase.FAILED, "WorkspaceError", str(err)) from None
+
     async def _create_retry(
         self, body: Mapping[str, Any], spec: WorkflowRunSpec, source_id: str
     ) -> RunRecord:
@@ -314,10 +323,12 @@ class RunController:
                 "RetrySourceNotFound",
                 f"metadata.annotations[{RETRY_OF}]: run {source_id} is not in the store",
             ) from None
+        wf_spec = self._with_service_account(WorkflowSpec.model_validate(source.spec), spec)
+        await self._workspaces(meta["namespace"], meta["name"], meta["uid"], wf_spec)
         run = await self.engine.create_run(
             namespace=meta["namespace"],
             name=meta["name"],
-            spec=self._with_service_account(WorkflowSpec.model_validate(source.spec), spec),
+            spec=wf_spec,
             params={**source.params, **spec.params},
             workflow_name=source.workflow_name,
             uid=meta["uid"],
