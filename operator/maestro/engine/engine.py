@@ -248,7 +248,9 @@ class Engine:
             params=run.params,
             run_info=_run_info(run),
         )
-        decision = decide(state, self.clock())
+        # Off the event loop: `when` expressions run inside, and although their budgets
+        # bound them (time, integer size, length), the probes and other runs never wait.
+        decision = await asyncio.to_thread(decide, state, self.clock())
         starts = [a for a in decision.actions if isinstance(a, Start)]
         for action in decision.actions:
             if not isinstance(action, Start):
