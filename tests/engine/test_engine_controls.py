@@ -108,6 +108,51 @@ async def test_cancel_while_suspended_ends_the_run(h: Harness) -> None:
     assert lines(h.counter) == ["cleanup"]
 
 
+async def test_cancel_while_an_approval_gate_waits(h: Harness) -> None:
+    """The gate is the only unfinished task: the cancel stops it, and the run ends
+    Cancelled (naming who cancelled), not Succeeded; finally tasks are told so."""
+    report = sh("report", f"echo {{{{ run.outcome }}}} >> {h.counter}")
+    spec = spec_of(
+        [sh("build", "true"), {"name": "gate", "dependsOn": ["build"], "approval": {}}],
+        **{"finally": [report]},
+    )
+    run = await h.create(spec)
+    driving = h.drive(run.id)
+    await h.wait_for(run.id, "gate", "Running")
+    await h.control(run.id, cancel=True, cancelledBy="alice")
+    final = await asyncio.wait_for(driving, HANG_GUARD)
+
+    assert final.phase is RunPhase.CANCELLED
+    assert final.reason == "RunCancelled"
+    assert final.message == "cancelled by alice"
+    gate = (await h.latest(run.id))["gate"]
+    assert gate.phase is TaskPhase.CANCELLED
+    assert gate.reason == "RunCancelled"
+    assert lines(h.counter) == ["Cancelled"]
+
+
+async def test_cancel_while_the_last_container_task_runs(h: Harness) -> None:
+    """Suspended, then cancelled, while the run's last task runs: it is stopped and
+    the run ends Cancelled."""
+    pid = h.root / "pid"
+    spec = spec_of([sh("a", "true"), sh("b", f"echo $$ > {pid}; exec sleep 30", dependsOn=["a"])])
+    run = await h.create(spec)
+    driving = h.drive(run.id)
+    await h.wait_file(pid)
+    await h.control(run.id, suspend=True)
+    await _wait_phase(h, run.id, RunPhase.SUSPENDED)
+    await h.control(run.id, cancel=True)
+    final = await asyncio.wait_for(driving, HANG_GUARD)
+
+    assert final.phase is RunPhase.CANCELLED
+    assert final.reason == "RunCancelled"
+    assert final.message == "cancelled"
+    assert not pid_alive(int(pid.read_text()))
+    b = (await h.latest(run.id))["b"]
+    assert b.phase is TaskPhase.CANCELLED
+    assert b.reason == "RunCancelled"
+
+
 async def test_approval_gate_waits_then_opens(h: Harness) -> None:
     c = h.counter
     spec = spec_of(

@@ -70,6 +70,34 @@ def test_a_cancel_names_who_cancelled() -> None:
     )
 
 
+def test_a_stop_of_the_last_running_tasks_decides_the_outcome_in_the_same_pass() -> None:
+    """A cancel (or run timeout) that stops the main DAG's last running tasks, an
+    approval gate among them, ends the run Cancelled (or Failed) in that pass: the
+    stopped tasks count, not only the ones never started."""
+    spec = WorkflowSpec.model_validate(
+        {
+            "tasks": [
+                {"name": "gate", "approval": {}},
+                {"name": "work", "container": {"image": "x"}},
+            ],
+            "timeoutSeconds": 60,
+        }
+    )
+    running = {"gate": _running("waiting for approval"), "work": _running("running")}
+    cancelled = decide(_state(spec, running, cancel=True, cancelled_by="alice"), NOW)
+    assert sorted(a.task for a in cancelled.actions) == ["gate", "work"]  # type: ignore[attr-defined]
+    assert cancelled.outcome == "Cancelled"
+    last = cancelled.run[-1]
+    assert (last.phase, last.reason, last.message) == (
+        RunPhase.CANCELLED,
+        "RunCancelled",
+        "cancelled by alice",
+    )
+    timed_out = decide(_state(spec, running), NOW + timedelta(seconds=60))
+    assert timed_out.outcome == "Failed"
+    assert timed_out.run[-1].reason == "RunTimedOut"
+
+
 def test_observe_generation_moves_status_and_every_condition() -> None:
     status = {
         "phase": "Succeeded",

@@ -253,7 +253,15 @@ def _walk(
                 w.decision.actions.append(
                     Stop(name, cur.attempt, TaskPhase.CANCELLED, stopping, msg)
                 )
-                w.view[name] = replace(cur, phase=TaskPhase.CANCELLED, finished_at=w.now)
+                # The view records what the Stop records: _outcome reads the stop's
+                # reason in this same pass when this was the main DAG's last task.
+                w.view[name] = replace(
+                    cur,
+                    phase=TaskPhase.CANCELLED,
+                    reason=stopping,
+                    message=msg,
+                    finished_at=w.now,
+                )
             elif task.timeout_seconds is not None and cur.started_at is not None:
                 deadline = cur.started_at + timedelta(seconds=task.timeout_seconds)
                 if w.now >= deadline:
