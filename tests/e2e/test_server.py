@@ -130,7 +130,10 @@ def test_execute_approve_and_follow_a_run(
     assert get(control_plane, namespace, "workflowrun", "first")["spec"].get("approvals", []) == []
 
     status, body = server.call(
-        "POST", f"/api/runs/{run_id}/approve", token=user_token, body={"task": "gate"}
+        "POST",
+        f"/api/runs/{run_id}/approve",
+        token=user_token,
+        body={"task": "gate", "comment": "looks good"},
     )
     assert status == 200, body
     final = wait_run(server, user_token, run_id, ("Succeeded", "Failed", "Cancelled"))
@@ -148,6 +151,11 @@ def test_execute_approve_and_follow_a_run(
     assert (None, "Succeeded") in moves
     assert ("ship", "Succeeded") in moves
     assert moves.index(("gate", "Succeeded")) < moves.index(("ship", "Running"))
+    # The approver is the caller the token authenticated, not the server's own identity.
+    approvals = [d for kind, d in events if kind == "transition" and d["kind"] == "Approved"]
+    assert [(a["task"], a["actor"], a["message"]) for a in approvals] == [
+        ("gate", f"system:serviceaccount:{namespace}:runner", "looks good")
+    ], approvals
     # Resuming after an event id gives only what came later.
     last_id = [d["id"] for kind, d in events if kind == "transition"][-1]
     later = server.call(

@@ -33,6 +33,7 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 PARAM_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 
+NO_NUL = r"^[^\x00]*$"
 TaskName = Annotated[str, StringConstraints(pattern=DNS_LABEL, min_length=1, max_length=63)]
 ParamName = Annotated[str, StringConstraints(pattern=PARAM_NAME, min_length=1, max_length=128)]
 ResourceName = Annotated[str, StringConstraints(min_length=1, max_length=253)]
@@ -576,10 +577,17 @@ class WorkflowRef(Model):
 class ApprovalNote(Model):
     """Who approved a gate and why, when the approval is given by a spec edit."""
 
+    # No NUL characters: PostgreSQL text cannot hold them, so the store would refuse the
+    # approval on every pass; refused at `kubectl apply` instead.
     by: str | None = Field(
-        None, max_length=253, description="The approver (default: the edit's field manager)."
+        None,
+        max_length=253,
+        pattern=NO_NUL,
+        description="The approver (default: the edit's field manager).",
     )
-    comment: str | None = Field(None, max_length=1024, description="Recorded with the approval.")
+    comment: str | None = Field(
+        None, max_length=1024, pattern=NO_NUL, description="Recorded with the approval."
+    )
 
 
 class WorkflowRunSpec(Model):

@@ -28,7 +28,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import BaseModel, Field, ValidationError
 
 from maestro import __version__
-from maestro.api.models import Task, WorkflowSpec
+from maestro.api.models import NO_NUL, Task, WorkflowSpec
 from maestro.api.parse import describe
 from maestro.api.phases import RunPhase, TaskPhase
 from maestro.dag.templates import Context, render
@@ -84,6 +84,9 @@ class ApproveRequest(BaseModel):
     """Which approval gate to open."""
 
     task: str = Field(pattern=DNS_LABEL, max_length=63)
+    comment: str | None = Field(
+        None, max_length=1024, pattern=NO_NUL, description="Recorded with the approval."
+    )
 
 
 def _label_problem(key: str, value: str) -> str | None:
@@ -494,6 +497,7 @@ def create_app(
                         "to": e.to_phase,
                         "reason": e.reason,
                         "message": e.message,
+                        "actor": e.actor,
                         "at": _time(e.at),
                     }
                     yield f"id: {e.id}\nevent: transition\ndata: {json.dumps(data)}\n\n"
@@ -557,9 +561,13 @@ def create_app(
             raise ApiError(409, f"run {id}'s WorkflowRun was deleted; only its history is left")
         return run, obj
 
-    async def change(run: RunRecord, edit: Any) -> None:
+    async def change(run: RunRecord, edit: Any, caller: Caller) -> None:
         try:
-            await kube.change_run_spec(run.namespace, run.name, edit)
+            # As the caller's field manager, so the operator records who cancelled
+            # (field managers are at most 128 characters).
+            await kube.change_run_spec(
+                run.namespace, run.name, edit, field_manager=caller.username[:128] or None
+            )
         except NotFound:
             raise ApiError(409, f"run {run.id}'s WorkflowRun was deleted meanwhile") from None
         except Conflict as err:
@@ -579,9 +587,14 @@ def create_app(
             )
 
         def add(spec: dict[str, Any]) -> dict[str, Any]:
-            return {"approvals": sorted({*(spec.get("approvals") or []), req.task})}
+            # The approver is the authenticated caller, not the server's identity.
+            note = {"by": caller.username, **({"comment": req.comment} if req.comment else {})}
+            return {
+                "approvals": sorted({*(spec.get("approvals") or []), req.task}),
+                "approvalNotes": {req.task: note},
+            }
 
-        await change(run, add)
+        await change(run, add, caller)
         return {"id": run.id, "approved": req.task}
 
     @app.post("/api/runs/{id}/cancel", tags=["actions"])
@@ -590,7 +603,7 @@ def create_app(
         run, _ = await acting_on(id, caller, "patch")
         if run.phase in _FINISHED:
             raise ApiError(409, f"run {id} already ended {run.phase.value}")
-        await change(run, lambda _: {"cancel": True})
+        await change(run, lambda _: {"cancel": True}, caller)
         return {"id": run.id, "cancelling": True}
 
     @app.post("/api/runs/{id}/retry", status_code=201, tags=["actions"])
