@@ -17,12 +17,11 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
-    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from maestro.store.types import JSONType, UTCDateTime
+from maestro.store.types import JSONType, SafeText, UTCDateTime
 
 # Deterministic constraint names, so migrations can refer to them on every backend.
 NAMING_CONVENTION = {
@@ -56,7 +55,7 @@ class RunRow(Base):
     params: Mapped[JSONDict] = mapped_column(JSONType)
     phase: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(String(64))
-    message: Mapped[str | None] = mapped_column(Text)
+    message: Mapped[str | None] = mapped_column(SafeText)
     controls: Mapped[JSONDict] = mapped_column(JSONType)
     generation: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -94,7 +93,7 @@ class AttemptRow(Base):
     attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
     phase: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(String(64))
-    message: Mapped[str | None] = mapped_column(Text)
+    message: Mapped[str | None] = mapped_column(SafeText)
     outputs: Mapped[JSONDict | None] = mapped_column(JSONType)
     job_name: Mapped[str | None] = mapped_column(String(63))
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -123,7 +122,7 @@ class EventRow(Base):
     from_phase: Mapped[str | None] = mapped_column(String(16))
     to_phase: Mapped[str | None] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(String(64))
-    message: Mapped[str | None] = mapped_column(Text)
+    message: Mapped[str | None] = mapped_column(SafeText)
     at: Mapped[datetime] = mapped_column(UTCDateTime)
     # The outbox mark: when the operator handled it (posted its Kubernetes Event). NULL: not yet.
     posted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
