@@ -15,7 +15,6 @@ async def test_nul_in_params_and_messages_is_stored_replaced(
     assert again.params == {"x": "a\ufffdb", "k\ufffd": "v"}
 
 
-
 async def test_nul_in_an_attempt_message_and_outputs_is_stored_replaced(
     store: Store, make_run: MakeRun
 ) -> None:
