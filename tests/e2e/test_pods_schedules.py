@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_operator import run, workflow
 
 from fixtures.control_plane import ControlPlane, KubectlError
 from fixtures.operator import OperatorProcess, apply, get, patch_spec, wait_phase
@@ -25,24 +26,6 @@ from fixtures.operator import OperatorProcess, apply, get, patch_spec, wait_phas
 pytestmark = pytest.mark.e2e
 
 TAINTED_NODE = "kwok-tainted-0"
-
-
-def workflow(name: str, tasks: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "maestro.dev/v1alpha1",
-        "kind": "Workflow",
-        "metadata": {"name": name},
-        "spec": {"tasks": tasks, **spec},
-    }
-
-
-def run(name: str, workflow_name: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "maestro.dev/v1alpha1",
-        "kind": "WorkflowRun",
-        "metadata": {"name": name},
-        "spec": {"workflowRef": {"name": workflow_name}, **spec},
-    }
 
 
 def pods_of(cp: ControlPlane, namespace: str, task: str) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from test_operator import run, workflow
 
 from fixtures.control_plane import ControlPlane, KubectlError
 from fixtures.operator import REPO, OperatorProcess, apply, free_port, get, wait_phase
@@ -76,24 +77,6 @@ def operator(
         yield op
     finally:
         op.kill(signal.SIGTERM)
-
-
-def workflow(name: str, tasks: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "maestro.dev/v1alpha1",
-        "kind": "Workflow",
-        "metadata": {"name": name},
-        "spec": {"tasks": tasks, **spec},
-    }
-
-
-def run(name: str, workflow_name: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "maestro.dev/v1alpha1",
-        "kind": "WorkflowRun",
-        "metadata": {"name": name},
-        "spec": {"workflowRef": {"name": workflow_name}, **spec},
-    }
 
 
 def secret_header_task(url: str) -> dict[str, Any]:
