@@ -11,6 +11,7 @@ import http.server
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,11 +166,31 @@ class _SlowOk(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.fixture
+def loopback_operator(
+    control_plane: ControlPlane, crds: None, namespace: str, postgres_url: str, tmp_path: Path
+) -> Iterator[OperatorProcess]:
+    """The operator, with egress to the test's HTTP server on 127.0.0.1 allowed."""
+    op = OperatorProcess(
+        control_plane.kubeconfig,
+        postgres_url,
+        namespace,
+        tmp_path,
+        extra=["--egress-allow", "127.0.0.1/32"],
+    )
+    op.start()
+    try:
+        yield op
+    finally:
+        op.kill(signal.SIGTERM)
+
+
 def test_runs_finish_soon_after_a_15s_apiserver_outage(
-    control_plane: ControlPlane, namespace: str, operator: OperatorProcess
+    control_plane: ControlPlane, namespace: str, loopback_operator: OperatorProcess
 ) -> None:
     if control_plane.external:
         pytest.skip("kills the API server of the local control plane")
+    operator = loopback_operator
     # HTTP tasks answer while the API server is down: what is measured is how soon the
     # operator writes their runs' status once it is back. (Job pods need the cluster's
     # own controllers, which took a further ~20 s to recover here: not Maestro's time.)

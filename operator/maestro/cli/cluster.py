@@ -54,7 +54,8 @@ def _call(kubeconfig: str | None, work: Callable[[Kube], Awaitable[T]]) -> T:
     try:
         return asyncio.run(main())
     except NotFound as err:
-        raise click.ClickException(f"{err} not found") from None
+        # ``what`` names the object ("workflowrun NS/NAME"); the API's own text repeats it.
+        raise click.ClickException(f"{err.what} not found") from None
 
 
 def _namespace(namespace: str | None, kubeconfig: str | None) -> str:
