@@ -19,7 +19,7 @@ import pytest
 from test_operator import events, fails, jobs, run, slow, store_history, workflow
 
 from fixtures.control_plane import ControlPlane, KubectlError, apiserver_down
-from fixtures.operator import REPO, OperatorProcess, apply, get, wait_phase
+from fixtures.operator import REPO, OperatorProcess, apply, get, running_operator, wait_phase
 from maestro.executors.container import job_name
 from maestro.store import Store
 
@@ -171,18 +171,10 @@ def loopback_operator(
     control_plane: ControlPlane, crds: None, namespace: str, postgres_url: str, tmp_path: Path
 ) -> Iterator[OperatorProcess]:
     """The operator, with egress to the test's HTTP server on 127.0.0.1 allowed."""
-    op = OperatorProcess(
-        control_plane.kubeconfig,
-        postgres_url,
-        namespace,
-        tmp_path,
-        extra=["--egress-allow", "127.0.0.1/32"],
-    )
-    op.start()
-    try:
+    with running_operator(
+        control_plane, namespace, postgres_url, tmp_path, extra=["--egress-allow", "127.0.0.1/32"]
+    ) as op:
         yield op
-    finally:
-        op.kill(signal.SIGTERM)
 
 
 def test_runs_finish_soon_after_a_15s_apiserver_outage(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import pytest
 from test_operator import run, workflow
 
 from fixtures.control_plane import ControlPlane, KubectlError
-from fixtures.operator import OperatorProcess, apply, get, patch_spec, wait_phase
+from fixtures.operator import OperatorProcess, apply, get, patch_spec, running_operator, wait_phase
 
 pytestmark = pytest.mark.e2e
 
@@ -213,18 +212,10 @@ def schedule_operator(
     control_plane: ControlPlane, crds: None, namespace: str, postgres_url: str, tmp_path: Path
 ) -> Iterator[OperatorProcess]:
     """The operator with the seconds-resolution test hook on."""
-    op = OperatorProcess(
-        control_plane.kubeconfig,
-        postgres_url,
-        namespace,
-        tmp_path,
-        extra=["--allow-seconds-schedules"],
-    )
-    op.start()
-    try:
+    with running_operator(
+        control_plane, namespace, postgres_url, tmp_path, extra=["--allow-seconds-schedules"]
+    ) as op:
         yield op
-    finally:
-        op.kill(signal.SIGTERM)
 
 
 def schedule(name: str, workflow_name: str, cron: str, **spec: Any) -> dict[str, Any]:

@@ -25,7 +25,15 @@ import yaml
 from test_operator import run, workflow
 
 from fixtures.control_plane import ControlPlane, KubectlError
-from fixtures.operator import REPO, OperatorProcess, apply, free_port, get, wait_phase
+from fixtures.operator import (
+    REPO,
+    OperatorProcess,
+    apply,
+    free_port,
+    get,
+    running_operator,
+    wait_phase,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -65,18 +73,14 @@ def operator(
     control_plane: ControlPlane, crds: None, namespace: str, postgres_url: str, tmp_path: Path
 ) -> Iterator[OperatorProcess]:
     """The operator with the default egress policy, plus the echo server's address."""
-    op = OperatorProcess(
-        control_plane.kubeconfig,
-        postgres_url,
+    with running_operator(
+        control_plane,
         namespace,
+        postgres_url,
         tmp_path,
         extra=["--egress-allow", f"{ECHO_HOST}/32"],
-    )
-    op.start()
-    try:
+    ) as op:
         yield op
-    finally:
-        op.kill(signal.SIGTERM)
 
 
 def secret_header_task(url: str) -> dict[str, Any]:
