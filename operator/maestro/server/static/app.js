@@ -167,6 +167,10 @@ function drawDag(graph, tasks) {
   return parts.join("");
 }
 
+// The task whose panel is open, kept across redraws of its run's page (the run's end
+// redraws it, and the panel a user is reading must not vanish under them).
+let openTask = { run: null, task: null };
+
 async function showRun(id) {
   let run;
   try {
@@ -202,14 +206,18 @@ async function showRun(id) {
   for (const g of dag.querySelectorAll("g.node")) nodes.set(g.dataset.task, g);
   const byName = new Map(run.tasks.map((t) => [t.name, t]));
   let selected = null;
-  dag.addEventListener("click", (ev) => {
-    const g = ev.target.closest("g.node");
-    if (!g) return;
+  function select(g) {
     if (selected) selected.classList.remove("selected");
     selected = g;
     g.classList.add("selected");
+    openTask = { run: run.id, task: g.dataset.task };
     showTask(run, byName.get(g.dataset.task), panel, status);
+  }
+  dag.addEventListener("click", (ev) => {
+    const g = ev.target.closest("g.node");
+    if (g) select(g);
   });
+  if (openTask.run === run.id && nodes.has(openTask.task)) select(nodes.get(openTask.task));
   // Milliseconds from navigation to a drawn run page (read by bench/server_list.py).
   window.maestroRenderedMs = performance.now();
   document.body.dataset.rendered = run.id;
