@@ -227,7 +227,7 @@ class Engine:
             ctx = self._running_context(run, tasks[name], att, latest)
             executor = self.executors[tasks[name].kind]
             if att.job_name is not None and att.launched_at is None:
-                # Recorded Running, but its Job was never created (the process stopped in
+                # Recorded Running, but its pod was never created (the process stopped in
                 # between, or the API refused): create it now, once. Errors other than a
                 # rejection leave this pass; the caller retries it.
                 progressed |= await self._launch(run_id, executor, ctx)
@@ -256,7 +256,7 @@ class Engine:
             if not isinstance(action, Start):
                 progressed |= await self._apply(run, tasks, latest, action, decision)
         # Ready tasks are independent of each other: start them together, so the last of
-        # a wide fan-out does not wait for every Job before it to be created.
+        # a wide fan-out does not wait for every pod before it to be created.
         started = await asyncio.gather(
             *(self._apply(run, tasks, latest, a, decision) for a in starts)
         )

@@ -205,7 +205,6 @@ class Kube:
     def __init__(self, api: client.ApiClient) -> None:
         """Wrap an API client (closed by its owner)."""
         self.api = api
-        self.batch = client.BatchV1Api(api)
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.authz = client.AuthorizationV1Api(api)
@@ -217,14 +216,14 @@ class Kube:
         """Close the underlying HTTP session."""
         await self.api.close()
 
-    # Jobs and pods -------------------------------------------------------------------
+    # Pods ----------------------------------------------------------------------------
 
-    async def create_job(self, namespace: str, job: dict[str, Any]) -> bool:
-        """Create a Job; False when one of that name already exists."""
+    async def create_pod(self, namespace: str, pod: dict[str, Any]) -> bool:
+        """Create a pod; False when one of that name already exists."""
         self.writes += 1
         try:
-            with api_errors(f"create job {namespace}/{job['metadata']['name']}"):
-                await self.batch.create_namespaced_job(namespace, cast(Any, job))
+            with api_errors(f"create pod {namespace}/{pod['metadata']['name']}"):
+                await self.core.create_namespaced_pod(namespace, cast(Any, pod))
         except Conflict:
             return False
         return True
@@ -240,30 +239,19 @@ class Kube:
             raise
         return True
 
-    async def get_job(self, namespace: str, name: str) -> dict[str, Any]:
-        """A Job as a plain dict."""
+    async def get_pod(self, namespace: str, name: str) -> dict[str, Any]:
+        """A pod as a plain dict."""
         self.reads += 1
-        with api_errors(f"job {namespace}/{name}"):
-            job = await self.batch.read_namespaced_job(name, namespace)
-        result: dict[str, Any] = self.api.sanitize_for_serialization(job)
+        with api_errors(f"pod {namespace}/{name}"):
+            pod = await self.core.read_namespaced_pod(name, namespace)
+        result: dict[str, Any] = self.api.sanitize_for_serialization(pod)
         return result
 
-    async def delete_job(self, namespace: str, name: str) -> None:
-        """Delete a Job and, in the background, its pods; a missing Job is fine."""
+    async def delete_pod(self, namespace: str, name: str) -> None:
+        """Delete a pod; a missing pod is fine."""
         self.writes += 1
-        with contextlib.suppress(NotFound), api_errors(f"delete job {namespace}/{name}"):
-            await self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
-
-    async def job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
-        """The pods a Job created, newest first."""
-        self.reads += 1
-        with api_errors(f"pods of job {namespace}/{job_name}"):
-            pods = await self.core.list_namespaced_pod(
-                namespace, label_selector=f"job-name={job_name}"
-            )
-        items: list[dict[str, Any]] = [self.api.sanitize_for_serialization(p) for p in pods.items]
-        items.sort(key=lambda p: p["metadata"].get("creationTimestamp", ""), reverse=True)
-        return items
+        with contextlib.suppress(NotFound), api_errors(f"delete pod {namespace}/{name}"):
+            await self.core.delete_namespaced_pod(name, namespace)
 
     async def pod_log_tail(self, namespace: str, pod: str, lines: int = 5) -> str:
         """The last lines of a pod's log, or '' when there is none (kwok has none)."""

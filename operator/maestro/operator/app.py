@@ -90,13 +90,9 @@ def build_registry(
     async def run_deleted(**kw: Any) -> None:
         await runs.on_delete(kw["body"])
 
-    @kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN_ID: kopf.PRESENT}, registry=registry)
-    async def job_event(**kw: Any) -> None:
-        container.observe(kw["event"]["object"], deleted=kw["type"] == "DELETED")
-
     @kopf.on.event("", "v1", "pods", labels={LABEL_RUN_ID: kopf.PRESENT}, registry=registry)
     async def pod_event(**kw: Any) -> None:
-        container.observe_pod(kw["event"]["object"], deleted=kw["type"] == "DELETED")
+        container.observe(kw["event"]["object"], deleted=kw["type"] == "DELETED")
 
     @kopf.daemon(GROUP, VERSION, "workflowschedules", registry=registry, cancellation_timeout=10)
     async def schedule_daemon(**kw: Any) -> None:

@@ -1,8 +1,8 @@
-"""WorkflowRun lifecycle: one driving loop per run, fed by Job events and timers.
+"""WorkflowRun lifecycle: one driving loop per run, fed by pod events and timers.
 
 Kopf starts :meth:`RunController.daemon` for every WorkflowRun (again after an
 operator restart), so every unfinished run is picked up from the store and the
-live Jobs. The loop owns nothing it could lose: each pass starts from the store.
+live pods. The loop owns nothing it could lose: each pass starts from the store.
 """
 
 from __future__ import annotations
@@ -422,7 +422,7 @@ class RunController:
     # Deletion --------------------------------------------------------------------------
 
     async def on_delete(self, body: Mapping[str, Any]) -> None:
-        """Stop the run's Jobs and record the cancellation before the object goes."""
+        """Stop the run's pods and record the cancellation before the object goes."""
         meta = body["metadata"]
         run = await self.engine.store.find_run(meta["namespace"], meta["uid"])
         if run is not None and not run.phase.finished:

@@ -590,9 +590,9 @@ class Store:
             )
 
     async def mark_launched(self, run_id: str, task: str, attempt: int) -> None:
-        """Record that the attempt's executor object (a Job) now exists.
+        """Record that the attempt's executor object (a pod) now exists.
 
-        From then on a missing Job means it vanished (a failed attempt), never that it
+        From then on a missing pod means it vanished (a failed attempt), never that it
         still has to be created: the same attempt is never launched twice.
         """
         key = (AttemptRow.run_id == run_id, AttemptRow.task == task, AttemptRow.attempt == attempt)
