@@ -118,6 +118,16 @@ def api_errors(what: str) -> Iterator[None]:
         raise typed from err
 
 
+async def _body(rsp: Any) -> bytes:
+    """A raw (not preloaded) response's body; an error status raised as the client would."""
+    data: bytes = await rsp.read()
+    if not 200 <= rsp.status <= 299:
+        err = ApiException(status=rsp.status, reason=rsp.reason)
+        err.body = data  # the API's Status, which translate() reads
+        raise err
+    return data
+
+
 async def load_config(kubeconfig: str | None = None) -> client.ApiClient:
     """An API client from ``kubeconfig``, $KUBECONFIG, ~/.kube/config, or in-cluster."""
     if (
@@ -252,6 +262,52 @@ class Kube:
         self.writes += 1
         with contextlib.suppress(NotFound), api_errors(f"delete pod {namespace}/{name}"):
             await self.core.delete_namespaced_pod(name, namespace)
+
+    async def pods_raw(self, namespace: str | None, selector: str) -> bytes:
+        """The JSON of a pod list (all namespaces for None), undecoded: the caller's
+        decoder is faster than the client's models."""
+        self.reads += 1
+        with api_errors(f"pods in {namespace or 'all namespaces'}"):
+            rsp = await self._pods_request(namespace, label_selector=selector)
+            return await _body(rsp)
+
+    async def watch_pods_raw(
+        self, namespace: str | None, selector: str, version: str, seconds: int
+    ) -> AsyncIterator[bytes]:
+        """The lines (one JSON watch event each) of a pod watch from ``version``."""
+        self.reads += 1
+        what = f"watch pods in {namespace or 'all namespaces'}"
+        with api_errors(what):
+            rsp = await self._pods_request(
+                namespace,
+                label_selector=selector,
+                watch=True,
+                resource_version=version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=seconds,
+                # No read timeout beyond the watch's own, but a dead connection ends it.
+                _request_timeout=aiohttp.ClientTimeout(connect=30, sock_read=seconds + 30),
+            )
+            if rsp.status != 200:
+                await _body(rsp)  # raises the typed error
+        try:
+            buffer = b""
+            with api_errors(what):
+                # Not line iteration: aiohttp refuses lines over 64 KiB, and a pod may be larger.
+                async for chunk in rsp.content.iter_any():
+                    buffer += chunk
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            yield line
+        finally:
+            rsp.release()
+
+    async def _pods_request(self, namespace: str | None, **kw: Any) -> Any:
+        # Without preloading, the generated client returns the aiohttp response as it is.
+        if namespace is None:
+            return await self.core.list_pod_for_all_namespaces(_preload_content=False, **kw)
+        return await self.core.list_namespaced_pod(namespace, _preload_content=False, **kw)
 
     async def pod_log_tail(self, namespace: str, pod: str, lines: int = 5) -> str:
         """The last lines of a pod's log, or '' when there is none (kwok has none)."""
