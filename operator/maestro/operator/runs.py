@@ -393,11 +393,11 @@ class RunController:
         for task in new:
             note = notes.get(task) or {}
             by = note.get("by") or editor_of(meta, "approvals")
-            await store.approve(run_id, task, actor=by, comment=note.get("comment"))
+            await self.engine.approve(run_id, task, actor=by, comment=note.get("comment"))
         changes = dict(wanted)
         if wanted["cancel"] and not known.get("cancel"):
             changes["cancelledBy"] = editor_of(meta, "cancel")
-        run = await store.update_controls(run_id, generation=generation, **changes)
+        run = await self.engine.update_controls(run_id, generation=generation, **changes)
         self._controls[run_id] = dict(run.controls)
         self._generations[run_id] = generation
         self.waker(run_id)
@@ -502,6 +502,9 @@ class RunController:
             await self._drive(run, body, writer, previous, stopped)
         finally:
             self.active.discard(run.id)
+            # Held only while this daemon drives it: a daemon started again (a peering
+            # pause, an operator restart) loads it from the store.
+            self.engine.forget(run.id)
 
     @staticmethod
     def _log_trouble(namespace: str, name: str, err: Exception) -> None:
@@ -640,7 +643,7 @@ class RunController:
         """
         done: list[int] = []
         try:
-            for e in await self.engine.store.unposted_events(run.id):
+            for e in await self.engine.pending_events(run.id):
                 self.metrics.observe_event(e, run, latest, spec)
                 self.tracer.observe_event(e, run, latest, spec)
                 text, extra = event_line(e)
@@ -653,7 +656,7 @@ class RunController:
         finally:
             # Also when a post failed for now: what was posted leaves the outbox, the rest
             # stays for the pass that is retried shortly.
-            await self.engine.store.mark_posted(done)
+            await self.engine.mark_posted(run.id, done)
 
     async def _wait(self, run_id: str, seconds: float, stopped: Any) -> None:
         """Until woken, ``seconds`` pass, or Kopf asks the daemon to stop."""
