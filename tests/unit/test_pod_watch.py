@@ -17,7 +17,12 @@ from maestro.k8s.watch import PodWatch
 
 
 def pod(name: str, version: str, phase: str = "Running") -> dict[str, Any]:
-    meta = {"namespace": "ns", "name": name, "resourceVersion": version}
+    meta = {
+        "namespace": "ns",
+        "name": name,
+        "resourceVersion": version,
+        "labels": {"maestro.dev/run-id": f"run-of-{name}"},
+    }
     return {"metadata": meta, "status": {"phase": phase}}
 
 
@@ -45,6 +50,9 @@ def run_until(api: ScriptedAPI, seen: list[tuple[str, str, bool]]) -> None:
     def on_pod(obj: dict[str, Any], deleted: bool) -> None:
         phase = (obj.get("status") or {}).get("phase", "")
         seen.append((obj["metadata"]["name"], phase, deleted))
+        # Whose pod it was, also for one reported gone by a relist (the run to wake).
+        name = obj["metadata"]["name"]
+        assert obj["metadata"]["labels"] == {"maestro.dev/run-id": f"run-of-{name}"}
 
     async def main() -> None:
         watch = PodWatch(api, "maestro.dev/run-id", on_pod, None)  # type: ignore[arg-type]

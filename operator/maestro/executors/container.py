@@ -107,6 +107,7 @@ class ContainerExecutor:
         self.wake = wake
         # (namespace, name) -> (pod, monotonic time seen) from the operator's pod watch.
         self._pods: dict[tuple[str, str], tuple[dict[str, Any], float]] = {}
+        self._swept = time.monotonic()
 
     def observe(self, pod: dict[str, Any], deleted: bool = False) -> None:
         """Feed a task pod from the operator's watch, so polls need no API request.
@@ -116,10 +117,17 @@ class ContainerExecutor:
         """
         meta = pod["metadata"]
         key = (meta["namespace"], meta["name"])
+        now = time.monotonic()
         if deleted:
             self._pods.pop(key, None)
         else:
-            self._pods[key] = (pod, time.monotonic())
+            self._pods[key] = (pod, now)
+        if now - self._swept > CACHE_TRUST_SECONDS:
+            # Pods no attempt polls (those of finished runs, listed at start) would stay
+            # forever; a polled pod whose copy is dropped costs one GET.
+            self._swept = now
+            old = now - 2 * CACHE_TRUST_SECONDS
+            self._pods = {k: v for k, v in self._pods.items() if v[1] >= old}
         run_id = (meta.get("labels") or {}).get(LABEL_RUN_ID)
         if run_id and (deleted or _ended(pod) or _vanishing(pod)):
             self.wake(run_id)

@@ -38,7 +38,9 @@ class PodWatch:
         """Watch pods matching ``selector``; nothing happens before :meth:`run`."""
         self.kube, self.selector, self.on_pod, self.namespace = kube, selector, on_pod, namespace
         self.ready = False  # listed once, and watching (readiness)
-        self._known: set[tuple[str, str]] = set()
+        # (namespace, name) -> labels of every pod seen, so one that went while the watch
+        # was down is reported with the labels that say whose it was.
+        self._known: dict[tuple[str, str], dict[str, str]] = {}
         self.events = 0  # watch events decoded (a metric of how busy it is)
 
     async def run(self) -> None:
@@ -62,14 +64,16 @@ class PodWatch:
 
     async def _list(self) -> str:
         body = orjson.loads(await self.kube.pods_raw(self.namespace, self.selector))
-        seen: set[tuple[str, str]] = set()
+        seen: dict[tuple[str, str], dict[str, str]] = {}
         for pod in body.get("items") or []:
             meta = pod["metadata"]
-            seen.add((meta["namespace"], meta["name"]))
+            seen[(meta["namespace"], meta["name"])] = meta.get("labels") or {}
             self.on_pod(pod, False)
-        for namespace, name in self._known - seen:
-            # Gone while not watched: the same news as a DELETED event.
-            self.on_pod({"metadata": {"namespace": namespace, "name": name}}, True)
+        for (namespace, name), labels in self._known.items():
+            if (namespace, name) not in seen:
+                # Gone while not watched: the same news as a DELETED event.
+                meta = {"namespace": namespace, "name": name, "labels": labels}
+                self.on_pod({"metadata": meta}, True)
         self._known = seen
         return str((body.get("metadata") or {}).get("resourceVersion") or "")
 
@@ -92,8 +96,8 @@ class PodWatch:
             key = (meta["namespace"], meta["name"])
             deleted = kind == "DELETED"
             if deleted:
-                self._known.discard(key)
+                self._known.pop(key, None)
             else:
-                self._known.add(key)
+                self._known[key] = meta.get("labels") or {}
             self.on_pod(obj, deleted)
         return version
