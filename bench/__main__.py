@@ -91,13 +91,13 @@ def overhead(quick: bool) -> Outcome:
     return out
 
 
-def run_one(name: str, quick: bool, runs: int) -> Outcome:
+def run_one(name: str, quick: bool, runs: int, passes: list[str] | None = None) -> Outcome:
     """One benchmark by name."""
     if name == "overhead":
         return overhead(quick)
     module = importlib.import_module(MODULES[name])
     if name == "operator":
-        result: Outcome = module.run(quick=quick, runs=runs)
+        result: Outcome = module.run(quick=quick, runs=runs, passes=passes)
         return result
     result = module.run(quick=quick)
     return result
@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="+", choices=("all", *NAMES))
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     parser.add_argument("--runs", type=int, default=100, help="WorkflowRuns in the operator pass")
+    parser.add_argument(
+        "--passes", nargs="*", help="operator passes: ten, wide, chain, recovery (default all)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
     names = list(NAMES) if "all" in args.names else list(dict.fromkeys(args.names))
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         t0 = time.monotonic()
         try:
-            outcome = run_one(name, args.quick, args.runs)
+            outcome = run_one(name, args.quick, args.runs, args.passes)
         except Exception as err:  # one broken benchmark must not hide the others' figures
             failures[name] = f"{type(err).__name__}: {err}"
             print(f"bench: {name} FAILED: {failures[name]}", file=sys.stderr, flush=True)

@@ -157,11 +157,17 @@ TEN_TASKS: list[tuple[str, list[str]]] = [
 ]
 
 
-def ten_task_spec(pod_annotations: dict[str, str] | None = None) -> dict[str, Any]:
-    """The wire-format spec of the 10-task DAG used by the operator and database benches."""
+Shape = list[tuple[str, list[str]]]  # (task, its dependencies), in order
+
+
+def dag_spec(shape: Shape, pod_annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """The wire-format spec of a DAG of container tasks."""
     container: dict[str, Any] = {"image": "busybox", "command": ["true"]}
     if pod_annotations:
         container["podMetadata"] = {"annotations": dict(pod_annotations)}
-    return {
-        "tasks": [{"name": n, "dependsOn": deps, "container": container} for n, deps in TEN_TASKS]
-    }
+    return {"tasks": [{"name": n, "dependsOn": d, "container": container} for n, d in shape]}
+
+
+def ten_task_spec(pod_annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """The wire-format spec of the 10-task DAG used by the operator and database benches."""
+    return dag_spec(TEN_TASKS, pod_annotations)

@@ -127,7 +127,7 @@ def test_retry_reuses_succeeded_tasks(
     assert status["tasks"]["ok"]["reason"] == "Reused"
     assert status["tasks"]["ok"]["outputs"] == {"v": 7}
     assert status["tasks"]["flaky"]["phase"] == "Failed"
-    jobs = control_plane.kubectl("get", "jobs", "-n", namespace, "-o", "name").stdout.split()
-    assert sorted(jobs) == sorted(
-        ["job.batch/r1-ok-1", "job.batch/r1-flaky-1", f"job.batch/{name}-flaky-1"]
-    )
+    pods = control_plane.kubectl(
+        "get", "pods", "-n", namespace, "-l", "maestro.dev/run-id", "-o", "name"
+    ).stdout.split()
+    assert sorted(pods) == sorted(["pod/r1-ok-1", "pod/r1-flaky-1", f"pod/{name}-flaky-1"])

@@ -113,49 +113,32 @@ def test_schema_violations_are_rejected_with_the_field_named(
     assert "spec.params" in str(excinfo.value.body), excinfo.value.body
 
 
-def _job(name: str, annotations: dict[str, str], **spec: Any) -> dict[str, Any]:
+def _task_pod(name: str, annotations: dict[str, str], run: str = "r1") -> dict[str, Any]:
+    """A pod as the operator makes one: labelled with its run, which the kwok stages select."""
     return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": name},
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"maestro.dev/run": run}, "annotations": annotations},
         "spec": {
-            "backoffLimit": 0,
-            "template": {
-                "metadata": {"annotations": annotations},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "containers": [{"name": "main", "image": "busybox", "command": ["true"]}],
-                },
-            },
-            **spec,
+            "restartPolicy": "Never",
+            "containers": [{"name": "main", "image": "busybox", "command": ["true"]}],
         },
     }
 
 
-def _job_condition(batch: client.BatchV1Api, name: str, ns: str) -> client.V1JobCondition | None:
-    job = batch.read_namespaced_job_status(name, ns)
-    for cond in job.status.conditions or []:
-        if cond.type in ("Complete", "Failed") and cond.status == "True":
-            return cond
-    return None
+def _ended(core: client.CoreV1Api, name: str, ns: str) -> client.V1Pod | None:
+    pod = core.read_namespaced_pod(name, ns)
+    return pod if pod.status.phase in ("Succeeded", "Failed") else None
 
 
-def _only_pod(core: client.CoreV1Api, job: str, ns: str) -> client.V1Pod:
-    pods = core.list_namespaced_pod(ns, label_selector=f"job-name={job}").items
-    assert len(pods) == 1, [p.metadata.name for p in pods]
-    return pods[0]
-
-
-def test_job_pod_succeeds_through_kwok_with_termination_message(
+def test_task_pod_succeeds_through_kwok_with_termination_message(
     namespace: str, api: client.ApiClient
 ) -> None:
-    batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
+    core = client.CoreV1Api(api)
     outputs = json.dumps({"version": "1.2.3", "quoted": 'a "b" \\ c'})
-    batch.create_namespaced_job(namespace, _job("ok", {"maestro.dev/kwok-message": outputs}))
+    core.create_namespaced_pod(namespace, _task_pod("ok", {"maestro.dev/kwok-message": outputs}))
 
-    cond = wait_for("Job ok to finish", lambda: _job_condition(batch, "ok", namespace))
-    assert cond.type == "Complete", cond
-    pod = _only_pod(core, "ok", namespace)
+    pod = wait_for("pod ok to finish", lambda: _ended(core, "ok", namespace))
     assert pod.status.phase == "Succeeded"
     assert pod.spec.node_name == "kwok-node-0"  # bound by the real scheduler
     terminated = pod.status.container_statuses[0].state.terminated
@@ -164,51 +147,35 @@ def test_job_pod_succeeds_through_kwok_with_termination_message(
     assert json.loads(terminated.message) == json.loads(outputs)
 
 
-@pytest.mark.parametrize(
-    ("extra_spec", "reason"),
-    [
-        ({}, "BackoffLimitExceeded"),
-        (
-            {
-                "podFailurePolicy": {
-                    "rules": [
-                        {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [1]}}
-                    ]
-                }
-            },
-            "PodFailurePolicy",
-        ),
-    ],
-    ids=["backoff-limit", "pod-failure-policy"],
-)
-def test_job_pod_annotated_to_fail_fails_the_job(
-    namespace: str, api: client.ApiClient, extra_spec: dict[str, Any], reason: str
-) -> None:
-    batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
+def test_task_pod_annotated_to_fail_fails(namespace: str, api: client.ApiClient) -> None:
+    core = client.CoreV1Api(api)
     annotations = {"maestro.dev/kwok-result": "Failed", "maestro.dev/kwok-message": "boom"}
-    batch.create_namespaced_job(namespace, _job("bad", annotations, **extra_spec))
+    core.create_namespaced_pod(namespace, _task_pod("bad", annotations))
 
-    cond = wait_for("Job bad to finish", lambda: _job_condition(batch, "bad", namespace))
-    assert (cond.type, cond.reason) == ("Failed", reason), cond
-    pod = _only_pod(core, "bad", namespace)
+    pod = wait_for("pod bad to finish", lambda: _ended(core, "bad", namespace))
     assert pod.status.phase == "Failed"
     terminated = pod.status.container_statuses[0].state.terminated
     assert (terminated.exit_code, terminated.reason, terminated.message) == (1, "Error", "boom")
 
 
-def test_kwok_delay_annotation_holds_the_pod_running(namespace: str, api: client.ApiClient) -> None:
-    batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
+def test_kwok_delay_holds_a_task_pod_running_and_other_pods_run_on(
+    namespace: str, api: client.ApiClient
+) -> None:
+    core = client.CoreV1Api(api)
     started = time.monotonic()
-    batch.create_namespaced_job(namespace, _job("slow", {"maestro.dev/kwok-delay": "2s"}))
+    core.create_namespaced_pod(namespace, _task_pod("slow", {"maestro.dev/kwok-delay": "2s"}))
+    server = _task_pod("server", {})
+    del server["metadata"]["labels"]  # not a task pod: a long-running process
+    core.create_namespaced_pod(namespace, server)
 
-    def running() -> bool:
-        pods = core.list_namespaced_pod(namespace, label_selector="job-name=slow").items
-        return bool(pods) and pods[0].status.phase == "Running"
+    def running(name: str) -> bool:
+        return bool(core.read_namespaced_pod(name, namespace).status.phase == "Running")
 
-    wait_for("pod of Job slow to run", running)
-    cond = wait_for("Job slow to finish", lambda: _job_condition(batch, "slow", namespace))
-    assert cond.type == "Complete"
+    wait_for("pod slow to run", lambda: running("slow"))
+    pod = wait_for("pod slow to finish", lambda: _ended(core, "slow", namespace))
+    assert pod.status.phase == "Succeeded"
     assert time.monotonic() - started >= 2.0
+    assert running("server")
 
 
 def _token_kubeconfig(control_plane: ControlPlane, token: str, path: Path) -> Path:

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_operator import events, fails, jobs, run, slow, store_history, workflow
+from test_operator import events, fails, run, slow, store_history, task_pods, workflow
 
 from fixtures.control_plane import ControlPlane, KubectlError, apiserver_down
 from fixtures.operator import REPO, OperatorProcess, apply, get, running_operator, wait_phase
-from maestro.executors.container import job_name
+from maestro.executors.container import pod_name
 from maestro.store import Store
 
 pytestmark = pytest.mark.e2e
@@ -45,7 +45,7 @@ def templated(params: dict[str, str]) -> dict[str, Any]:
 
 
 DASH_AT_63 = "a" * 62 + "-" + "b" * 8  # '-' at position 63 of the run name
-DOT_AT_CUT = "r" * 51 + "." + "s" * 20  # '.' where the hashed Job name is cut
+DOT_AT_CUT = "r" * 51 + "." + "s" * 20  # '.' where the hashed pod name is cut
 BAD_ANNOTATION = {"podMetadata": {"annotations": {"not a valid key!": "x"}}}
 
 POISON: dict[str, tuple[dict[str, Any], str, str]] = {
@@ -115,7 +115,7 @@ def test_poison_run_ends_with_a_message_while_a_canary_finishes(
     ])  # fmt: skip
     assert message in shown, status
     if phase == "Succeeded":
-        assert status["tasks"]["t"]["jobName"] == job_name(name, "t", 1)
+        assert status["tasks"]["t"]["podName"] == pod_name(name, "t", 1)
     canary = wait_phase(control_plane, namespace, "canary", timeout=60)["status"]
     assert canary["phase"] == "Succeeded", canary
     assert "Traceback" not in operator.log()
@@ -184,8 +184,8 @@ def test_runs_finish_soon_after_a_15s_apiserver_outage(
         pytest.skip("kills the API server of the local control plane")
     operator = loopback_operator
     # HTTP tasks answer while the API server is down: what is measured is how soon the
-    # operator writes their runs' status once it is back. (Job pods need the cluster's
-    # own controllers, which took a further ~20 s to recover here: not Maestro's time.)
+    # operator writes their runs' status once it is back. (Task pods also need the
+    # scheduler and kwok to reconnect, which is not Maestro's time.)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowOk)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -208,18 +208,27 @@ def test_runs_finish_soon_after_a_15s_apiserver_outage(
     assert "Traceback" not in operator.log()
 
 
-def test_job_deleted_while_operator_is_down_is_a_failed_attempt(
-    control_plane: ControlPlane, namespace: str, operator: OperatorProcess, postgres_url: str
+@pytest.mark.parametrize("operator_down", [True, False], ids=["operator-down", "operator-up"])
+def test_deleted_pod_is_a_failed_attempt_never_created_again(
+    control_plane: ControlPlane,
+    namespace: str,
+    operator: OperatorProcess,
+    postgres_url: str,
+    operator_down: bool,
 ) -> None:
+    # Down: the restarted operator finds the pod missing (a GET says 404). Up: the pod
+    # watch sees it deleted while it runs.
     task = slow({"name": "a", "retries": {"limit": 1, "backoffSeconds": 0}}, "5s")
     apply(control_plane, namespace, workflow("vanish", [task]), run("r1", "vanish"))
     deadline = time.monotonic() + 60
-    while not jobs(control_plane, namespace):
+    while not task_pods(control_plane, namespace):
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    operator.kill(signal.SIGKILL)
-    control_plane.kubectl("delete", "job", "-n", namespace, "r1-a-1", "--wait=true")
-    operator.start()
+    if operator_down:
+        operator.kill(signal.SIGKILL)
+    control_plane.kubectl("delete", "pod", "-n", namespace, "r1-a-1", "--wait=true")
+    if operator_down:
+        operator.start()
     status = wait_phase(control_plane, namespace, "r1", timeout=60)["status"]
     assert status["phase"] == "Succeeded", status
     uid = get(control_plane, namespace, "workflowrun", "r1")["metadata"]["uid"]
@@ -229,8 +238,9 @@ def test_job_deleted_while_operator_is_down_is_a_failed_attempt(
         (2, "Succeeded", "Succeeded"),
     ]
     assert [a.job_name for a in attempts] == ["r1-a-1", "r1-a-2"]
-    assert [j["metadata"]["name"] for j in jobs(control_plane, namespace)] == ["r1-a-2"]
+    assert [p["metadata"]["name"] for p in task_pods(control_plane, namespace)] == ["r1-a-2"]
     assert status["tasks"]["a"]["attempts"] == 2
+    assert status["tasks"]["a"]["podName"] == "r1-a-2"
 
 
 def _failed_in_store(url: str, namespace: str, uid: str) -> int:
@@ -296,7 +306,7 @@ def test_namespace_deletion_records_runs_as_cancelled(
         apply(control_plane, namespace, workflow("long", [slow({"name": "a"}, "120s")]))
         apply(control_plane, namespace, run("r1", "long"), run("r2", "long"))
         deadline = time.monotonic() + 60
-        while len(jobs(control_plane, namespace)) < 2:
+        while len(task_pods(control_plane, namespace)) < 2:
             assert time.monotonic() < deadline
             time.sleep(0.2)
         uids = [

@@ -86,10 +86,10 @@ def slow(task: dict[str, Any], delay: str = "2s") -> dict[str, Any]:
     return task
 
 
-def jobs(cp: ControlPlane, namespace: str) -> list[dict[str, Any]]:
-    """Jobs Maestro created in ``namespace``."""
+def task_pods(cp: ControlPlane, namespace: str) -> list[dict[str, Any]]:
+    """Task pods Maestro created in ``namespace``."""
     out = cp.kubectl(
-        "get", "jobs", "-n", namespace, "-l", "maestro.dev/run-id", "-o", "json"
+        "get", "pods", "-n", namespace, "-l", "maestro.dev/run-id", "-o", "json"
     ).stdout
     items: list[dict[str, Any]] = json.loads(out)["items"]
     return items
@@ -171,7 +171,7 @@ def test_examples_run_to_success(
         t for t in wf["spec"]["tasks"] + wf["spec"].get("finally", []) if "container" in t
     ]
     ran = [t for t in container_tasks if status["tasks"][t["name"]]["phase"] == "Succeeded"]
-    assert len(jobs(control_plane, namespace)) == len(ran)
+    assert len(task_pods(control_plane, namespace)) == len(ran)
 
 
 def test_failing_task_retries_then_fails_the_run(
@@ -190,7 +190,7 @@ def test_failing_task_retries_then_fails_the_run(
     assert status["tasks"]["build"]["attempts"] == 3
     assert status["tasks"]["after"]["phase"] == "Skipped"
     assert status["tasks"]["after"]["reason"] == "UpstreamFailed"
-    assert sorted(j["metadata"]["name"] for j in jobs(control_plane, namespace)) == [
+    assert sorted(j["metadata"]["name"] for j in task_pods(control_plane, namespace)) == [
         "r1-build-1",
         "r1-build-2",
         "r1-build-3",
@@ -237,15 +237,15 @@ def test_operator_killed_mid_run_resumes_without_duplicates(
     chain.append({"name": "e", "dependsOn": ["d"]})
     apply(control_plane, namespace, workflow("chain", chain), run("r1", "chain"))
     deadline = time.monotonic() + 60
-    while len(jobs(control_plane, namespace)) < 2:
+    while len(task_pods(control_plane, namespace)) < 2:
         assert time.monotonic() < deadline
         time.sleep(0.2)
     operator.kill(signal.SIGKILL)
-    time.sleep(3)  # Jobs go on finishing while no operator runs
+    time.sleep(3)  # pods go on finishing while no operator runs
     operator.start()
     status = wait_phase(control_plane, namespace, "r1")["status"]
     assert status["phase"] == "Succeeded", status
-    names = sorted(j["metadata"]["name"] for j in jobs(control_plane, namespace))
+    names = sorted(j["metadata"]["name"] for j in task_pods(control_plane, namespace))
     assert names == ["r1-a-1", "r1-b-1", "r1-c-1", "r1-d-1", "r1-e-1"]
     assert all(t["attempts"] == 1 for t in status["tasks"].values())
 
@@ -302,19 +302,19 @@ def test_operator_without_database_exits_with_one_line(control_plane: ControlPla
     assert time.monotonic() - started < 30  # bounded by the connect timeout, not hanging
 
 
-def test_deleting_a_running_run_stops_jobs_and_records_cancel(
+def test_deleting_a_running_run_stops_its_pods_and_records_cancel(
     control_plane: ControlPlane, namespace: str, operator: OperatorProcess, postgres_url: str
 ) -> None:
     apply(control_plane, namespace, workflow("del", [slow({"name": "a"}, "60s")]), run("r1", "del"))
     deadline = time.monotonic() + 60
-    while not jobs(control_plane, namespace):
+    while not task_pods(control_plane, namespace):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     uid = get(control_plane, namespace, "workflowrun", "r1")["metadata"]["uid"]
     control_plane.kubectl("delete", "-n", namespace, "workflowrun", "r1", "--timeout=60s")
     deadline = time.monotonic() + 60
-    while jobs(control_plane, namespace):
-        assert time.monotonic() < deadline, "the run's Job outlived it"
+    while task_pods(control_plane, namespace):
+        assert time.monotonic() < deadline, "the run's pod outlived it"
         time.sleep(0.3)
     found, attempts, _ = store_history(postgres_url, namespace, uid)
     assert found.phase.value == "Cancelled"
@@ -383,7 +383,7 @@ def test_many_concurrent_runs_complete(
         assert time.monotonic() < deadline, f"not finished: {phases}"
         time.sleep(2)
     assert phases == ["Succeeded"] * runs_count
-    assert len(jobs(control_plane, namespace)) == runs_count * width
+    assert len(task_pods(control_plane, namespace)) == runs_count * width
     patches = operator.metric("maestro_status_patches_total")
     print(f"\n{runs_count} runs x {width} tasks: {patches / runs_count:.1f} status patches per run")
     assert patches > 0
@@ -439,7 +439,7 @@ def test_metrics_and_probes(
     assert 'maestro_runs{phase="Failed"} 1.0' in text
     assert operator.metric("maestro_status_patches_total") >= 1
     assert operator.metric("maestro_reconcile_seconds_count") >= 1
-    assert operator.metric("maestro_api_writes") >= 3  # two Jobs and a status patch at least
+    assert operator.metric("maestro_api_writes") >= 3  # two pods and a status patch at least
 
 
 def test_peering_one_active_replica_and_failover(
@@ -480,7 +480,7 @@ def test_peering_one_active_replica_and_failover(
         status = wait_phase(control_plane, namespace, "r2", timeout=180)["status"]
         assert status["phase"] == "Succeeded"
         assert standby.metric("maestro_reconcile_seconds_count") > 0
-        assert len(jobs(control_plane, namespace)) == 4  # two runs, two tasks, each once
+        assert len(task_pods(control_plane, namespace)) == 4  # two runs, two tasks, each once
     finally:
         for op in replicas:
             op.kill(signal.SIGTERM)

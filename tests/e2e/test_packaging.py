@@ -685,7 +685,7 @@ def test_chart_rbac_is_sufficient(
             tasks = done["status"]["tasks"]
             # The Secret was read and sent; its echo is kept out of status.
             assert tasks["notify"]["outputs"] == {"token": "[redacted]"}
-            assert tasks["build"]["jobName"]
+            assert tasks["build"]["podName"]
             events = json.loads(
                 control_plane.kubectl(
                     "get",

@@ -224,8 +224,7 @@ def test_pods_run_as_the_runs_service_account_with_secure_defaults(
     status = wait_phase(control_plane, namespace, "pods-1")["status"]
     assert status["phase"] == "Succeeded", status
     assert status["workflowSpec"]["serviceAccountName"] == "builder"
-    job = get(control_plane, namespace, "job", status["tasks"]["build"]["jobName"])
-    pod = job["spec"]["template"]["spec"]
+    pod = get(control_plane, namespace, "pod", status["tasks"]["build"]["podName"])["spec"]
     assert pod["serviceAccountName"] == "builder"
     assert pod["automountServiceAccountToken"] is False
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}

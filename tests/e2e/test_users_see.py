@@ -228,7 +228,7 @@ def test_retry_reruns_finally_tasks_and_reuses_only_succeeded_main_tasks(
     assert status["tasks"]["ok"]["reason"] == "Reused"
     for task in ("flaky", "cleanup", "notify"):
         assert status["tasks"][task].get("reason") != "Reused", status["tasks"][task]
-        assert status["tasks"][task]["jobName"].startswith(name), status["tasks"][task]
+        assert status["tasks"][task]["podName"].startswith(name), status["tasks"][task]
     assert status["tasks"]["cleanup"]["phase"] == "Succeeded"
 
 

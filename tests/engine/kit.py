@@ -123,7 +123,7 @@ class Harness:
 
     async def control(self, run_id: str, **changes: Any) -> None:
         """Change the run's controls, as the operator or CLI would, and wake the driver."""
-        await self.store.update_controls(run_id, **changes)
+        await self.engine.update_controls(run_id, **changes)
         self.waker(run_id)
 
 

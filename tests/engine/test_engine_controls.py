@@ -176,7 +176,7 @@ async def test_approval_gate_waits_then_opens(h: Harness) -> None:
     # A pass of a second engine on the same store: the driver's CAS writes keep it safe.
     assert "waiting for approval of ship-it" in (await h.engine.reconcile(run.id)).decision.message
 
-    assert await h.store.approve(run.id, "ship-it", actor="alice")
+    assert await h.engine.approve(run.id, "ship-it", actor="alice")
     h.waker(run.id)
     final = await asyncio.wait_for(driving, HANG_GUARD)
     assert final.phase is RunPhase.SUCCEEDED

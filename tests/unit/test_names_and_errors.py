@@ -12,7 +12,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from maestro.api.models import WorkflowSpec
 from maestro.dag.validate import validate
-from maestro.executors.container import job_name, run_label
+from maestro.executors.container import pod_name, run_label
 from maestro.k8s.client import (
     Conflict,
     NamespaceTerminating,
@@ -38,12 +38,12 @@ def run_names() -> list[str]:
     return [n for n in names if DNS_SUBDOMAIN.match(n) and len(n) <= 253]
 
 
-def test_job_names_are_dns_labels_and_unique() -> None:
+def test_pod_names_are_dns_labels_and_unique() -> None:
     tasks = ["t", "a" * 63, "build-", "x-1"]
     tasks = [t for t in tasks if DNS_LABEL.match(t)]
     seen: dict[str, tuple[str, str, int]] = {}
     for run, task, attempt in itertools.product(run_names(), tasks, (1, 2, 100)):
-        name = job_name(run, task, attempt)
+        name = pod_name(run, task, attempt)
         assert DNS_LABEL.match(name), (run, task, name)
         assert len(name) <= 63, (run, task, name)
         assert seen.setdefault(name, (run, task, attempt)) == (run, task, attempt)
@@ -53,10 +53,10 @@ def test_the_issue_cases_give_valid_names() -> None:
     dash_at_63 = "a" * 62 + "-" + "b" * 5
     dot_at_cut = "a" * 51 + "." + "b" * 30
     for run in (dash_at_63, dot_at_cut):
-        assert DNS_LABEL.match(job_name(run, "t", 1))
+        assert DNS_LABEL.match(pod_name(run, "t", 1))
         assert LABEL_VALUE.match(run_label(run))
         assert len(run_label(run)) <= 63
-    assert job_name("short", "t", 1) == "short-t-1"  # readable when it fits
+    assert pod_name("short", "t", 1) == "short-t-1"  # readable when it fits
 
 
 def test_run_labels_are_valid_label_values() -> None:

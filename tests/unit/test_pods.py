@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from typing import Any
 
@@ -36,8 +35,8 @@ def pod_of(task: dict[str, Any], **workflow: Any) -> dict[str, Any]:
         ctx.run, spec=snapshot.model_dump(mode="json", by_alias=True, exclude_none=True)
     )
     ctx = dataclasses.replace(ctx, run=run)
-    job = ContainerExecutor(kube=None, wake=lambda _: None).manifest(ctx)  # type: ignore[arg-type]
-    pod: dict[str, Any] = job["spec"]["template"]["spec"]
+    manifest = ContainerExecutor(kube=None, wake=lambda _: None).manifest(ctx)  # type: ignore[arg-type]
+    pod: dict[str, Any] = manifest["spec"]
     return pod
 
 
@@ -307,9 +306,17 @@ def test_declared_output_files_add_their_paths_to_the_outputs() -> None:
     }
     ctx = attempt(task)
     executor = ContainerExecutor(kube=None, wake=lambda _: None)  # type: ignore[arg-type]
-    # The pod watch already saw the container end (no API request needed).
-    executor._terminated[("team-a", "r1-t-1")] = {"message": '{"passed": 12}'}
-    result = asyncio.run(executor._succeeded(ctx, "r1-t-1"))
+    # The pod as the watch saw it end (no API request needed).
+    pod = {
+        "metadata": {"name": "r1-t-1", "namespace": "team-a"},
+        "status": {
+            "phase": "Succeeded",
+            "containerStatuses": [
+                {"name": "main", "state": {"terminated": {"message": '{"passed": 12}'}}}
+            ],
+        },
+    }
+    result = executor._succeeded(ctx, pod)
     assert result.outputs == {"report": "out/junit.xml", "passed": 12}
 
 

@@ -17,8 +17,8 @@ from maestro.k8s.client import AccessCheckFailed
 
 def pod_of(container: dict[str, Any], service_account: str | None = "robot") -> dict[str, Any]:
     ctx = attempt({"name": "t", "container": container}, service_account=service_account)
-    job = ContainerExecutor(kube=None, wake=lambda _: None).manifest(ctx)  # type: ignore[arg-type]
-    pod: dict[str, Any] = job["spec"]["template"]["spec"]
+    manifest = ContainerExecutor(kube=None, wake=lambda _: None).manifest(ctx)  # type: ignore[arg-type]
+    pod: dict[str, Any] = manifest["spec"]
     return pod
 
 

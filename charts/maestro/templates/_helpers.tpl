@@ -108,14 +108,11 @@ per-namespace Roles. Each rule names the call that needs it.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
   verbs: [create]
-# One Job per container task attempt; deleted on cancel.
-- apiGroups: [batch]
-  resources: [jobs]
-  verbs: [create, get, list, watch, delete]
-# Termination messages (outputs and failure messages) of Jobs' pods, watched and cached.
+# One pod per container task attempt, watched (its phase and termination message are
+# the attempt's result) and deleted on cancel or timeout.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
+  verbs: [create, get, list, watch, delete]
 - apiGroups: [""]
   resources: [pods/log]
   verbs: [get]

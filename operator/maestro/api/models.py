@@ -138,8 +138,8 @@ class Resources(Model):
     limits: dict[str, Quantity] = Field(default_factory=dict)
 
 
-# Pod labels the operator or the Job controller sets (see maestro.dag.validate, which
-# checks the same at `maestro validate` and when a run starts).
+# Pod labels Maestro sets, or that mark a Job's pods to Kubernetes and its tools (see
+# maestro.dag.validate, which checks the same at `maestro validate` and when a run starts).
 _RESERVED_LABELS_RULE = (
     "!has(self.labels) || self.labels.all(k, !(k == 'job-name' || k == 'controller-uid'"
     " || k == 'app.kubernetes.io/managed-by' || k.startsWith('maestro.dev/')"
@@ -362,7 +362,7 @@ class PodTemplate(Model):
 
 
 class ContainerTask(Model):
-    """Run an image as a Kubernetes Job (one Job per attempt).
+    """Run an image as a Kubernetes pod (one pod per attempt, created by the operator).
 
     Outputs: the container writes a JSON object to its termination message
     (``/dev/termination-log``); it becomes the task's outputs.
@@ -637,7 +637,9 @@ class TaskStatus(Model):
     finished_at: datetime | None = None
     reason: str | None = None
     message: str | None = None
-    job_name: str | None = None
+    pod_name: str | None = Field(
+        None, description="The pod of the newest attempt (container tasks)."
+    )
     outputs: dict[str, Any] | None = Field(
         None, description="Outputs, shortened when large; the store keeps them whole."
     )

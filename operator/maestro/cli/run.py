@@ -195,7 +195,7 @@ async def _drive_with_display(
         interrupts += 1
         if interrupts == 1:
             console.print("[yellow]cancelling (Ctrl-C again to stop at once)[/]")
-            loop.create_task(engine.store.update_controls(run.id, cancel=True)).add_done_callback(
+            loop.create_task(engine.update_controls(run.id, cancel=True)).add_done_callback(
                 lambda _: waker(run.id)
             )
         else:

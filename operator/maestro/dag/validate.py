@@ -164,8 +164,8 @@ def shell_warnings(spec: WorkflowSpec) -> list[Problem]:
     return found
 
 
-# Pod labels the operator or the Job controller sets: an author's value would break the
-# Job's selector (a 422 at create) or mislead Maestro about which run a pod belongs to.
+# Pod labels Maestro sets, or that mark a Job's pods: an author's value would mislead
+# Maestro about which run a pod belongs to, or Kubernetes tools about which Job owns it.
 RESERVED_LABEL_PREFIXES = ("maestro.dev/", "batch.kubernetes.io/", "controller.kubernetes.io/")
 RESERVED_LABELS = frozenset({"job-name", "controller-uid", "app.kubernetes.io/managed-by"})
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")

@@ -51,6 +51,7 @@ async def drive(
         if on_pass is not None:
             await on_pass(step)
         if step.run.phase.finished:
+            engine.forget(run_id)
             return step.run
         if step.progressed:
             continue

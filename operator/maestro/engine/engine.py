@@ -1,7 +1,10 @@
 """Drive runs from the store: collect executor results, decide, apply with CAS writes.
 
-Every pass starts from what is stored, so the process may die at any instruction:
-the next pass (in this process or a new one) sees the same state and goes on.
+A run's state is loaded from the store when a process starts driving it and then held
+in memory, kept current from what its own writes return (one transaction per pass).
+Every write is a compare-and-set and commits before anything it implies happens, so
+the process may die at any instruction: the next process loads the same state from the
+store and goes on; a writer that lost a compare-and-set reloads.
 Starting an attempt is ``create (idempotent) -> CAS Pending->Running -> start``;
 only the writer that wins the CAS starts it, and executors' ``start`` is itself
 idempotent for the crash between the CAS and the start.
@@ -11,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -37,7 +41,15 @@ from maestro.dag.scheduler import (
 )
 from maestro.dag.validate import Plan, field_problems, plan, resolve_params, validate
 from maestro.engine.executor import AttemptContext, Executor, Result, StartRejected
-from maestro.store import AttemptRecord, InvalidOutputs, OutputsTooLarge, RunRecord, Store
+from maestro.store import (
+    AttemptRecord,
+    Batch,
+    EventRecord,
+    InvalidOutputs,
+    OutputsTooLarge,
+    RunRecord,
+    Store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +101,16 @@ def _state(a: AttemptRecord) -> TaskState:
     )
 
 
+@dataclass
+class _Held:
+    """One run as this process drives it (like Kopf's per-object memory: recalled on
+    first use, forgotten when the run finishes or goes, or its driver stops)."""
+
+    run: RunRecord
+    latest: dict[str, AttemptRecord]  # each task's newest attempt
+    outbox: list[EventRecord]  # store events whose Kubernetes Events are not posted yet
+
+
 class Engine:
     """Moves runs forward. The store is required; executors are keyed by task kind."""
 
@@ -104,6 +126,7 @@ class Engine:
         self.executors = executors
         self.clock = clock
         self._plans: dict[str, tuple[WorkflowSpec, Plan]] = {}
+        self._held: dict[str, _Held] = {}  # run id -> the run while this process drives it
 
     async def create_run(
         self,
@@ -181,8 +204,9 @@ class Engine:
         return cached
 
     def forget(self, run_id: str) -> None:
-        """Drop cached data of a finished or deleted run."""
+        """Drop what is held of a run: it finished, was deleted, or its driver stopped."""
         self._plans.pop(run_id, None)
+        self._held.pop(run_id, None)
 
     def _running_context(
         self, run: RunRecord, task: Task, att: AttemptRecord, latest: Mapping[str, AttemptRecord]
@@ -211,33 +235,106 @@ class Engine:
             started_at=att.started_at,
         )
 
+    async def _recall(self, run_id: str) -> _Held:
+        """The run as this process holds it, loaded from the store on first use."""
+        held = self._held.get(run_id)
+        if held is None:
+            run, latest = await self.store.snapshot(run_id)
+            outbox = await self.store.unposted_events(run_id)
+            held = self._held[run_id] = _Held(run, dict(latest), outbox)
+        return held
+
+    @asynccontextmanager
+    async def _writes(self, held: _Held) -> AsyncIterator[Batch]:
+        """One transaction; the held copy takes in what it wrote (or is dropped on a lost
+        compare-and-set, so the next look starts from the store again)."""
+        async with self.store.batch(held.run.id) as writes:
+            yield writes
+        if writes.lost:
+            self._held.pop(held.run.id, None)
+            return
+        held.run = writes.run or held.run
+        for task, att in writes.attempts.items():
+            if task not in held.latest or held.latest[task].attempt <= att.attempt:
+                held.latest[task] = att
+        held.outbox.extend(writes.events)
+
+    async def pending_events(self, run_id: str) -> list[EventRecord]:
+        """The run's store events not yet marked posted, oldest first (the outbox): from
+        memory while the run is held, else from the store."""
+        held = self._held.get(run_id)
+        if held is None:
+            return await self.store.unposted_events(run_id)
+        return list(held.outbox)
+
+    async def mark_posted(self, run_id: str, event_ids: Collection[int]) -> None:
+        """Take events out of the outbox, in the store and in memory."""
+        await self.store.mark_posted(event_ids)
+        held = self._held.get(run_id)
+        if held is not None:
+            done = set(event_ids)
+            held.outbox = [e for e in held.outbox if e.id not in done]
+
+    async def update_controls(self, run_id: str, **changes: Any) -> RunRecord:
+        """Change a run's controls (suspend, cancel, approvals; see Store.update_controls).
+
+        Writes the store and lets the next pass load the run again: what a person changes
+        reaches the held copy only through here.
+        """
+        run = await self.store.update_controls(run_id, **changes)
+        self._held.pop(run_id, None)
+        return run
+
+    async def approve(
+        self, run_id: str, task: str, *, actor: str, comment: str | None = None
+    ) -> bool:
+        """Approve a gate (see Store.approve); the next pass loads the run again."""
+        approved = await self.store.approve(run_id, task, actor=actor, comment=comment)
+        self._held.pop(run_id, None)
+        return approved
+
     async def reconcile(self, run_id: str) -> Pass:
-        """One level-triggered pass over a run."""
-        run, latest = await self.store.snapshot(run_id)
+        """One level-triggered pass over a run.
+
+        The run's state is read from the store once and then held: each pass polls the
+        running attempts, decides on the held state, writes every transition in one
+        transaction and only then creates what it started (a pod exists only for an
+        attempt whose move to Running committed), marking those in a second one.
+        """
+        held = await self._recall(run_id)
+        run = held.run
         if run.phase.finished:
-            self.forget(run_id)
-            return Pass(run, Decision(), False, latest)
+            return Pass(run, Decision(), False, dict(held.latest))
         spec, the_plan = self.spec_of(run)
         tasks = {t.name: t for t in spec.all_tasks()}
         progressed = False
 
-        for name, att in list(latest.items()):
+        results: list[tuple[str, int, Result]] = []
+        unlaunched: list[tuple[Executor, AttemptContext]] = []
+        for name, att in list(held.latest.items()):
             if att.phase is not TaskPhase.RUNNING:
                 continue
-            ctx = self._running_context(run, tasks[name], att, latest)
+            ctx = self._running_context(run, tasks[name], att, held.latest)
             executor = self.executors[tasks[name].kind]
             if att.job_name is not None and att.launched_at is None:
-                # Recorded Running, but its Job was never created (the process stopped in
+                # Recorded Running, but its pod was never created (the process stopped in
                 # between, or the API refused): create it now, once. Errors other than a
                 # rejection leave this pass; the caller retries it.
-                progressed |= await self._launch(run_id, executor, ctx)
+                unlaunched.append((executor, ctx))
                 continue
             result = await executor.poll(ctx)
             if result is not None:
-                progressed |= await self._record_result(run_id, name, att.attempt, result)
-        if progressed:
-            latest = await self.store.latest_attempts(run_id)
+                results.append((name, att.attempt, result))
+        if unlaunched:
+            progressed |= await self._launch(held, unlaunched, raise_errors=True)
+        if results:
+            async with self._writes(held) as writes:
+                for name, attempt, result in results:
+                    progressed |= await self._record_result(writes, name, attempt, result)
+        if run_id not in self._held:
+            return await self._lost(run_id)
 
+        latest = held.latest
         state = RunState(
             spec=spec,
             plan=the_plan,
@@ -251,36 +348,68 @@ class Engine:
         # Off the event loop: `when` expressions run inside, and although their budgets
         # bound them (time, integer size, length), the probes and other runs never wait.
         decision = await asyncio.to_thread(decide, state, self.clock())
-        starts = [a for a in decision.actions if isinstance(a, Start)]
+        # Stops touch the API before the transaction: no row stays locked over a request.
         for action in decision.actions:
-            if not isinstance(action, Start):
-                progressed |= await self._apply(run, tasks, latest, action, decision)
-        # Ready tasks are independent of each other: start them together, so the last of
-        # a wide fan-out does not wait for every Job before it to be created.
-        started = await asyncio.gather(
-            *(self._apply(run, tasks, latest, a, decision) for a in starts)
-        )
-        progressed |= any(started)
-        phase = run.phase
-        for move in decision.run:
-            if await self.store.set_run_phase(
-                run_id, move.phase, expected=phase, message=move.message, reason=move.reason
-            ):
-                phase = move.phase
-                progressed = True
-        if progressed:
-            run, latest = await self.store.snapshot(run_id)
-        return Pass(run, decision, progressed, latest)
+            if isinstance(action, Stop):
+                task = tasks[action.task]
+                ctx = self._running_context(run, task, latest[action.task], latest)
+                await self.executors[task.kind].stop(ctx)
+        starts = [
+            self._prepare(run, tasks[a.task], latest, a, decision)
+            for a in decision.actions
+            if isinstance(a, Start)
+        ]
+        launch: list[tuple[Executor, AttemptContext]] = []
+        async with self._writes(held) as writes:
+            for action in decision.actions:
+                if not isinstance(action, Start):
+                    progressed |= await self._apply(writes, action)
+            for start in starts:
+                if isinstance(start, Settle):  # it cannot start (a template failed)
+                    progressed |= await self._settle(writes, start)
+                    continue
+                executor, ctx, create = start
+                won = await writes.start_attempt(
+                    ctx.task.name,
+                    ctx.attempt,
+                    create=create,
+                    reason=Reason.STARTED,
+                    message=_start_message(ctx.task),
+                    job_name=ctx.handle,
+                )
+                if won:  # else another writer started it (or it moved on): never twice
+                    progressed = True
+                    launch.append((executor, ctx))
+            phase = run.phase
+            for move in decision.run:
+                if await writes.set_run_phase(
+                    move.phase, expected=phase, message=move.message, reason=move.reason
+                ):
+                    phase = move.phase
+                    progressed = True
+        if launch:
+            # Ready tasks are independent of each other: created together, so the last of
+            # a wide fan-out does not wait for every pod before it.
+            await self._launch(self._held.get(run_id) or held, launch, raise_errors=False)
+        if run_id not in self._held:
+            return await self._lost(run_id, decision)
+        return Pass(held.run, decision, progressed, dict(held.latest))
 
-    async def _record_result(self, run_id: str, task: str, attempt: int, result: Result) -> bool:
+    async def _lost(self, run_id: str, decision: Decision | None = None) -> Pass:
+        """Another writer moved the run: start again from the store."""
+        held = await self._recall(run_id)
+        return Pass(held.run, decision or Decision(), True, dict(held.latest))
+
+    async def _record_result(self, writes: Batch, task: str, attempt: int, result: Result) -> bool:
         try:
-            return await self._finish(run_id, task, attempt, result)
+            return await self._finish(writes, task, attempt, result)
         except (OutputsTooLarge, InvalidOutputs) as err:
-            return await self._finish(run_id, task, attempt, Result.failed(str(err)))
+            # Refused before anything was written: the batch goes on.
+            return await self._finish(writes, task, attempt, Result.failed(str(err)))
 
-    async def _finish(self, run_id: str, task: str, attempt: int, result: Result) -> bool:
-        return await self.store.transition_attempt(
-            run_id,
+    @staticmethod
+    async def _finish(writes: Batch, task: str, attempt: int, result: Result) -> bool:
+        return await writes.transition_attempt(
             task,
             attempt,
             result.phase,
@@ -300,43 +429,29 @@ class Engine:
             if n in wanted and a.phase is TaskPhase.SUCCEEDED
         }
 
-    async def _apply(
-        self,
-        run: RunRecord,
-        tasks: Mapping[str, Task],
-        latest: Mapping[str, AttemptRecord],
-        action: Start | Settle | Stop | Retry,
-        decision: Decision,
-    ) -> bool:
-        store = self.store
+    async def _apply(self, writes: Batch, action: Settle | Stop | Retry) -> bool:
         if isinstance(action, Retry):
-            created = await store.create_attempt(
-                run.id, action.task, action.attempt, not_before=action.not_before
+            created = await writes.create_attempt(
+                action.task, action.attempt, not_before=action.not_before
             )
             return created is not None
         if isinstance(action, Settle):
-            return await self._settle(run.id, action)
-        task = tasks[action.task]
-        executor = self.executors[task.kind]
-        if isinstance(action, Stop):
-            await executor.stop(self._running_context(run, task, latest[action.task], latest))
-            return await store.transition_attempt(
-                run.id,
-                action.task,
-                action.attempt,
-                action.phase,
-                expected=TaskPhase.RUNNING,
-                reason=action.reason,
-                message=action.message,
-            )
-        return await self._start(run, task, latest, action, executor, decision)
+            return await self._settle(writes, action)
+        return await writes.transition_attempt(  # a Stop: its executor was stopped first
+            action.task,
+            action.attempt,
+            action.phase,
+            expected=TaskPhase.RUNNING,
+            reason=action.reason,
+            message=action.message,
+        )
 
-    async def _settle(self, run_id: str, action: Settle) -> bool:
+    @staticmethod
+    async def _settle(writes: Batch, action: Settle) -> bool:
         """Move a not-started attempt (created first when needed) to its final phase."""
         if action.create:
-            await self.store.create_attempt(run_id, action.task, action.attempt)
-        return await self.store.transition_attempt(
-            run_id,
+            await writes.create_attempt(action.task, action.attempt)
+        return await writes.transition_attempt(
             action.task,
             action.attempt,
             action.phase,
@@ -345,25 +460,24 @@ class Engine:
             message=action.message,
         )
 
-    async def _start(
+    def _prepare(
         self,
         run: RunRecord,
         task: Task,
         latest: Mapping[str, AttemptRecord],
         action: Start,
-        executor: Executor,
         decision: Decision,
-    ) -> bool:
-        store = self.store
+    ) -> tuple[Executor, AttemptContext, bool] | Settle:
+        """The rendered context of an attempt to start, or the Settle that fails it."""
+        executor = self.executors[task.kind]
         outputs = self._inputs(run, task, latest)
         run_info = _run_info(run)
         if decision.outcome is not None:
             run_info["outcome"] = decision.outcome  # only finally tasks start once it is known
-        ctx_values = templates.Context(run.params, outputs, run_info)
         try:
-            rendered = _render_task(task, ctx_values)
+            rendered = _render_task(task, templates.Context(run.params, outputs, run_info))
         except templates.TemplateError as err:
-            failed = Settle(
+            return Settle(
                 task.name,
                 action.attempt,
                 action.create,
@@ -371,7 +485,6 @@ class Engine:
                 Reason.INPUT_ERROR,
                 f"task {task.name!r} cannot start: {err}",
             )
-            return await self._settle(run.id, failed)
         ctx = AttemptContext(
             run=run,
             task=rendered,
@@ -380,43 +493,53 @@ class Engine:
             inputs={"params": dict(run.params), "tasks": outputs, "run": run_info},
             controls=controls_of(run),
         )
-        handle = executor.handle(ctx)
-        won = await store.start_attempt(
-            run.id,
-            task.name,
-            action.attempt,
-            create=action.create,
-            reason=Reason.STARTED,
-            message=_start_message(rendered),
-            job_name=handle,
-        )
-        if not won:
-            return False  # another writer started it (or it moved on): never start twice
-        try:
-            await self._launch(run.id, executor, replace(ctx, handle=handle))
-        except Exception as err:  # any trouble: retried
-            # The attempt stays Running and unlaunched; the next pass creates it again
-            # (start is idempotent) and its caller backs off while the trouble lasts.
-            log.warning(
-                "starting %s/%s attempt %d failed, retried: %s",
-                run.name, task.name, action.attempt, err,
-                extra={"task": task.name, "attempt": action.attempt},
-            )  # fmt: skip
-        return True
+        return executor, replace(ctx, handle=executor.handle(ctx)), action.create
 
-    async def _launch(self, run_id: str, executor: Executor, ctx: AttemptContext) -> bool:
-        """Start an attempt's executor and record that its object exists.
+    async def _launch(
+        self,
+        held: _Held,
+        items: list[tuple[Executor, AttemptContext]],
+        *,
+        raise_errors: bool,
+    ) -> bool:
+        """Start the attempts' executors together and record, in one transaction, which
+        objects now exist and which starts were refused for good (failed attempts).
 
-        True when the attempt was failed instead (the start was refused for good).
+        Any other trouble leaves an attempt Running and unlaunched: the next pass creates
+        it again (start is idempotent). With ``raise_errors`` the first such error is
+        raised after the rest is recorded, so the caller backs off while it lasts.
+        True when an attempt was failed.
         """
-        try:
-            await executor.start(ctx)
-        except StartRejected as err:
-            result = Result.failed(err.message, err.reason)
-            return await self._finish(run_id, ctx.task.name, ctx.attempt, result)
-        if ctx.handle is not None:
-            await self.store.mark_launched(run_id, ctx.task.name, ctx.attempt)
-        return False
+
+        async def start(executor: Executor, ctx: AttemptContext) -> Result | None:
+            try:
+                await executor.start(ctx)
+            except StartRejected as err:
+                return Result.failed(err.message, err.reason)
+            return None
+
+        outcomes = await asyncio.gather(*(start(e, c) for e, c in items), return_exceptions=True)
+        trouble: Exception | None = None
+        progressed = False
+        async with self._writes(held) as writes:
+            for (_, ctx), outcome in zip(items, outcomes, strict=True):
+                name = ctx.task.name
+                if isinstance(outcome, Result):
+                    progressed |= await self._finish(writes, name, ctx.attempt, outcome)
+                elif isinstance(outcome, Exception):
+                    log.warning(
+                        "starting %s/%s attempt %d failed, retried: %s",
+                        ctx.run.name, name, ctx.attempt, outcome,
+                        extra={"task": name, "attempt": ctx.attempt},
+                    )  # fmt: skip
+                    trouble = trouble or outcome
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                elif ctx.handle is not None:
+                    await writes.mark_launched(name, ctx.attempt)
+        if trouble is not None and raise_errors:
+            raise trouble
+        return progressed
 
     async def abort(self, run_id: str, message: str) -> RunRecord:
         """Stop every running attempt and cancel the run now, without finally tasks.

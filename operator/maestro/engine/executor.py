@@ -27,7 +27,7 @@ class AttemptContext:
     run: RunRecord
     task: Task  # templates already expanded when passed to start()
     attempt: int
-    handle: str | None  # the executor's own name for the attempt (a Job name), if any
+    handle: str | None  # the executor's own name for the attempt (a pod name), if any
     inputs: Mapping[str, Any]  # {"params": {...}, "tasks": {upstream: outputs}}
     controls: Controls
     started_at: datetime | None = None
@@ -74,7 +74,7 @@ class Executor(Protocol):
     ``start`` raises :class:`StartRejected` when the attempt can never start, anything
     else only for infrastructure trouble (retried on the next pass); whatever goes
     wrong with the task itself once started is reported by ``poll``. An executor with
-    a handle (a Job) is started again until its start succeeded once, never after:
+    a handle (a pod) is started again until its start succeeded once, never after:
     its object missing later means it vanished.
     """
 

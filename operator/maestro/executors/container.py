@@ -1,13 +1,15 @@
-"""Container tasks on a cluster: one Kubernetes Job per attempt.
+"""Container tasks on a cluster: one pod per attempt, created by the operator.
 
-Jobs are named deterministically from run, task and attempt (hashed when too
-long or not a DNS-1123 label), so a start repeated after a crash finds the Job
-already there (AlreadyExists is success when the Job's labels say it is this
-attempt's) and an attempt never runs twice. The engine records when the Job was
-created: a Job missing after that vanished (a failed attempt, reason ``Deleted``)
-and is never created again under its name. ``backoffLimit: 0``:
-the engine owns retries. Outputs are the JSON object the container writes to its
-termination message.
+No Job in between (as Argo and Tekton): a Job's status follows its pod at most once
+per second, a floor of about a second on every dependency edge, and costs the Job
+controller requests of its own. Pods are named deterministically from run, task and
+attempt (hashed when too long or not a DNS-1123 label), so a start repeated after a
+crash finds the pod already there (AlreadyExists is success when the pod's labels say
+it is this attempt's) and an attempt never runs twice. The engine records when the pod
+was created: a pod missing after that vanished (a failed attempt, reason ``Deleted``)
+and is never created again under its name. ``restartPolicy: Never``: the engine owns
+retries. The WorkflowRun owns its pods, so they go with it. Outputs are the JSON object
+the container writes to its termination message.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from maestro.executors.secrets import run_service_account
 from maestro.k8s.client import Kube, NamespaceTerminating, NotFound, PermanentAPIError
 
 MAX_NAME = 63
-# How long a running Job's state from the watch is trusted before a poll asks the API.
+# How long a running pod's state from the watch is trusted before a poll asks the API.
 CACHE_TRUST_SECONDS = 30.0
 LABEL_RUN = "maestro.dev/run"
 LABEL_RUN_ID = "maestro.dev/run-id"
@@ -54,11 +56,11 @@ def _hashed(full: str, keep: str) -> str:
     return f"{prefix}-{digest}" if prefix else digest
 
 
-def job_name(run_name: str, task: str, attempt: int) -> str:
+def pod_name(run_name: str, task: str, attempt: int) -> str:
     """``<run>-<task>-<attempt>``; a prefix plus a stable hash when that is no DNS-1123 label.
 
-    Run names may be 253 characters and hold dots; a Job name must be a label (it is
-    also the pods' ``job-name`` label value and their hostname prefix). Distinct inputs
+    Run names may be 253 characters and hold dots; the pod name is kept a label, as it
+    is also the pod's hostname. Distinct inputs
     give distinct names: a readable name is the input itself, a hashed one ends in a
     hash of the whole input.
     """
@@ -75,17 +77,6 @@ def run_label(run_name: str) -> str:
     return _hashed(run_name, r"[^a-z0-9.-]")
 
 
-def _condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
-    for cond in (job.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == kind and cond.get("status") == "True":
-            return dict(cond)
-    return None
-
-
-def _ended(job: dict[str, Any]) -> bool:
-    return _condition(job, "Complete") is not None or _condition(job, "Failed") is not None
-
-
 def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         if status.get("name") == "main":
@@ -94,58 +85,62 @@ def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _phase(pod: dict[str, Any]) -> str:
+    return str((pod.get("status") or {}).get("phase") or "")
+
+
+def _ended(pod: dict[str, Any]) -> bool:
+    return _phase(pod) in ("Succeeded", "Failed")
+
+
+def _vanishing(pod: dict[str, Any]) -> bool:
+    """Deleted before it ended: it can never succeed any more."""
+    return not _ended(pod) and bool((pod.get("metadata") or {}).get("deletionTimestamp"))
+
+
 class ContainerExecutor:
-    """Creates, watches and deletes the Jobs of container tasks."""
+    """Creates, watches and deletes the pods of container tasks."""
 
     def __init__(self, kube: Kube, wake: Wake) -> None:
-        """``wake`` is told about a run when one of its Jobs changes (see :meth:`observe`)."""
+        """``wake`` is told about a run when one of its pods ends (see :meth:`observe`)."""
         self.kube = kube
         self.wake = wake
-        # (namespace, name) -> (Job, monotonic time seen) from the operator's Job watch.
-        self._jobs: dict[tuple[str, str], tuple[dict[str, Any], float]] = {}
-        # (namespace, job name) -> the "main" container's terminated state, from a pod watch,
-        # so reading outputs of a finished Job usually needs no API request.
-        self._terminated: dict[tuple[str, str], dict[str, Any]] = {}
+        # (namespace, name) -> (pod, monotonic time seen) from the operator's pod watch.
+        self._pods: dict[tuple[str, str], tuple[dict[str, Any], float]] = {}
+        self._swept = time.monotonic()
 
-    def observe(self, job: dict[str, Any], deleted: bool = False) -> None:
-        """Feed a Job from the operator's watch, so polls need no API request.
+    def observe(self, pod: dict[str, Any], deleted: bool = False) -> None:
+        """Feed a task pod from the operator's watch, so polls need no API request.
 
-        Only an ending (or a deletion) wakes the run: the other updates of a Job
-        (created, pod active, ready) change nothing the engine decides on.
+        Only an ending or a deletion wakes the run: the other updates of a pod
+        (scheduled, running, ready) change nothing the engine decides on.
         """
-        meta = job["metadata"]
+        meta = pod["metadata"]
         key = (meta["namespace"], meta["name"])
+        now = time.monotonic()
         if deleted:
-            self._jobs.pop(key, None)
-            self._terminated.pop(key, None)
+            self._pods.pop(key, None)
         else:
-            self._jobs[key] = (job, time.monotonic())
+            self._pods[key] = (pod, now)
+        if now - self._swept > CACHE_TRUST_SECONDS:
+            # Pods no attempt polls (those of finished runs, listed at start) would stay
+            # forever; a polled pod whose copy is dropped costs one GET.
+            self._swept = now
+            old = now - 2 * CACHE_TRUST_SECONDS
+            self._pods = {k: v for k, v in self._pods.items() if v[1] >= old}
         run_id = (meta.get("labels") or {}).get(LABEL_RUN_ID)
-        if run_id and (deleted or _ended(job)):
+        if run_id and (deleted or _ended(pod) or _vanishing(pod)):
             self.wake(run_id)
 
-    def observe_pod(self, pod: dict[str, Any], deleted: bool = False) -> None:
-        """Feed a pod of one of our Jobs from the operator's watch."""
-        meta = pod["metadata"]
-        job = (meta.get("labels") or {}).get("job-name")
-        if not job:
-            return
-        key = (meta["namespace"], job)
-        state = _terminated(pod)
-        if deleted:
-            self._terminated.pop(key, None)
-        elif state is not None:
-            self._terminated[key] = state
-
     def handle(self, ctx: AttemptContext) -> str | None:
-        """The Job's name."""
-        return job_name(ctx.run.name, ctx.task.name, ctx.attempt)
+        """The pod's name."""
+        return pod_name(ctx.run.name, ctx.task.name, ctx.attempt)
 
     def manifest(self, ctx: AttemptContext) -> dict[str, Any]:
-        """The Job for one attempt."""
+        """The pod for one attempt, owned by its WorkflowRun (deleted with it)."""
         spec = ctx.task.container
         assert spec is not None
-        name = job_name(ctx.run.name, ctx.task.name, ctx.attempt)
+        name = pod_name(ctx.run.name, ctx.task.name, ctx.attempt)
         labels = {
             "app.kubernetes.io/managed-by": "maestro",
             LABEL_RUN: run_label(ctx.run.name),
@@ -186,6 +181,7 @@ class ContainerExecutor:
         container.update(podspec.container_fields(ctx.task))
         pod_meta = spec.pod_metadata
         pod_spec: dict[str, Any] = {
+            # The engine owns retries: a failed container is a failed attempt.
             "restartPolicy": "Never",
             "containers": [container],
             # The run's identity, never one a task picks (docs/security.md).
@@ -194,18 +190,10 @@ class ContainerExecutor:
             "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
             **podspec.pod_fields(ctx.run.spec, ctx.task, ctx.run.name),
         }
-        job_spec: dict[str, Any] = {
-            "backoffLimit": 0,
-            "template": {
-                "metadata": {
-                    "labels": {**(pod_meta.labels if pod_meta else {}), **labels},
-                    "annotations": dict(pod_meta.annotations) if pod_meta else {},
-                },
-                "spec": pod_spec,
-            },
-        }
         if ctx.task.timeout_seconds is not None:
-            job_spec["activeDeadlineSeconds"] = ctx.task.timeout_seconds
+            # The kubelet ends the pod at the deadline even while the operator is down;
+            # the engine's own timer stops it too (a kubelet that ignores it, kwok).
+            pod_spec["activeDeadlineSeconds"] = ctx.task.timeout_seconds
         owner = []
         if ctx.run.uid:
             owner.append(
@@ -219,124 +207,127 @@ class ContainerExecutor:
                 }
             )
         return {
-            "apiVersion": "batch/v1",
-            "kind": "Job",
+            "apiVersion": "v1",
+            "kind": "Pod",
             "metadata": {
                 "name": name,
                 "namespace": ctx.run.namespace,
-                "labels": labels,
+                "labels": {**(pod_meta.labels if pod_meta else {}), **labels},
+                "annotations": dict(pod_meta.annotations) if pod_meta else {},
                 "ownerReferences": owner,
             },
-            "spec": job_spec,
+            "spec": pod_spec,
         }
 
     async def start(self, ctx: AttemptContext) -> None:
-        """Create the Job; one that already exists is this attempt's (idempotent).
+        """Create the pod; one that already exists is this attempt's (idempotent).
 
         The API refusing it for good (422 Invalid, 403 Forbidden) is
-        :class:`StartRejected` with the API's own message; a Job of that name that
+        :class:`StartRejected` with the API's own message; a pod of that name that
         belongs to something else is refused too, never adopted.
         """
         manifest = self.manifest(ctx)
         name = manifest["metadata"]["name"]
         try:
-            if await self.kube.create_job(ctx.run.namespace, manifest):
+            if await self.kube.create_pod(ctx.run.namespace, manifest):
                 return
-            existing = await self.kube.get_job(ctx.run.namespace, name)
+            existing = await self.kube.get_pod(ctx.run.namespace, name)
         except NamespaceTerminating:
             raise
         except PermanentAPIError as err:
             reason = "InputError" if err.status in (400, 422) else "Rejected"
-            raise StartRejected(f"cannot create job {name}: {err.message}", reason) from None
+            raise StartRejected(f"cannot create pod {name}: {err.message}", reason) from None
         labels = (existing.get("metadata") or {}).get("labels") or {}
         ours = manifest["metadata"]["labels"]
         if any(labels.get(k) != ours[k] for k in (LABEL_RUN_ID, LABEL_TASK, LABEL_ATTEMPT)):
             raise StartRejected(
-                f"cannot create job {name}: a Job of that name exists and belongs to "
+                f"cannot create pod {name}: a pod of that name exists and belongs to "
                 f"run {labels.get(LABEL_RUN_ID)!r}, task {labels.get(LABEL_TASK)!r}",
                 "NameTaken",
             )
 
     async def poll(self, ctx: AttemptContext) -> Result | None:
-        """Read the Job (from the watch cache when possible) and, once it ended, its pod."""
-        name = ctx.handle or job_name(ctx.run.name, ctx.task.name, ctx.attempt)
-        key = (ctx.run.namespace, name)
-        cached = self._jobs.get(key)
-        job = cached[0] if cached else None
+        """Read the pod (from the watch cache when possible); its result once it ended."""
+        name = ctx.handle or pod_name(ctx.run.name, ctx.task.name, ctx.attempt)
+        namespace = ctx.run.namespace
+        key = (namespace, name)
+        cached = self._pods.get(key)
+        pod = cached[0] if cached else None
         fresh = cached is not None and time.monotonic() - cached[1] < CACHE_TRUST_SECONDS
-        if job is None or not (_ended(job) or fresh):
+        if pod is None or not (_ended(pod) or fresh):
             # Unknown to the watch (just created, or the operator restarted), or not heard
             # of for a while: ask the API server, in case a watch event was missed.
             try:
-                job = await self.kube.get_job(ctx.run.namespace, name)
+                pod = await self.kube.get_pod(namespace, name)
             except NotFound:
-                # The engine polls only attempts whose Job was created: it vanished.
-                if await self.kube.namespace_terminating(ctx.run.namespace):
-                    raise NamespaceTerminating(
-                        f"job {ctx.run.namespace}/{name}",
-                        f"namespace {ctx.run.namespace} is being deleted",
-                    ) from None
-                return Result.failed(
-                    f"job {name} was deleted before it finished; it is not created again "
-                    "under its name (a retry, if any, is a new attempt)",
-                    "Deleted",
-                )
-            self._jobs[key] = (job, time.monotonic())
-        if _condition(job, "Complete"):
-            return await self._succeeded(ctx, name)
-        failed = _condition(job, "Failed")
-        if failed:
-            if await self.kube.namespace_terminating(ctx.run.namespace):
-                # Its pods were removed with the namespace: no failure of the task's own.
-                raise NamespaceTerminating(
-                    f"job {ctx.run.namespace}/{name}",
-                    f"namespace {ctx.run.namespace} is being deleted",
-                )
-            return await self._failed(ctx, name, failed)
-        return None
+                # The engine polls only attempts whose pod was created: it vanished.
+                return await self._vanished(namespace, name)
+            self._pods[key] = (pod, time.monotonic())
+        phase = _phase(pod)
+        if phase == "Succeeded":
+            result = self._succeeded(ctx, pod)
+        elif phase == "Failed":
+            if await self.kube.namespace_terminating(namespace):
+                # Killed with its namespace: no failure of the task's own.
+                raise _namespace_gone(namespace, name)
+            result = await self._failed(ctx, pod)
+        elif _vanishing(pod):
+            return await self._vanished(namespace, name)
+        else:
+            return None
+        self._pods.pop(key, None)  # ended: never polled again
+        return result
 
-    async def _final_state(self, namespace: str, name: str) -> tuple[dict[str, Any] | None, str]:
-        """The container's terminated state and its pod's name ('' when from the cache)."""
-        cached = self._terminated.get((namespace, name))
-        if cached is not None:
-            return cached, ""
-        for pod in await self.kube.job_pods(namespace, name):
-            state = _terminated(pod)
-            if state is not None:
-                return state, str(pod["metadata"]["name"])
-        return None, ""
+    async def _vanished(self, namespace: str, name: str) -> Result:
+        if await self.kube.namespace_terminating(namespace):
+            raise _namespace_gone(namespace, name)
+        self._pods.pop((namespace, name), None)
+        return Result.failed(
+            f"pod {name} was deleted before it finished; it is not created again "
+            "under its name (a retry, if any, is a new attempt)",
+            "Deleted",
+        )
 
-    async def _succeeded(self, ctx: AttemptContext, name: str) -> Result:
-        state, _ = await self._final_state(ctx.run.namespace, name)
-        text = (state or {}).get("message") or ""
+    def _succeeded(self, ctx: AttemptContext, pod: dict[str, Any]) -> Result:
+        name = pod["metadata"]["name"]
+        text = (_terminated(pod) or {}).get("message") or ""
         outputs, problem = parse_outputs(text, source="the termination message")
         if problem is not None:
             return Result.failed(problem, "InvalidOutputs")
         # Declared output files add their paths; the container's own values win.
         declared = podspec.declared_outputs(ctx.task)
-        return Result.succeeded({**declared, **(outputs or {})}, f"job {name} completed")
+        return Result.succeeded({**declared, **(outputs or {})}, f"pod {name} succeeded")
 
-    async def _failed(self, ctx: AttemptContext, name: str, cond: dict[str, Any]) -> Result:
-        if cond.get("reason") == "DeadlineExceeded":
+    async def _failed(self, ctx: AttemptContext, pod: dict[str, Any]) -> Result:
+        name = pod["metadata"]["name"]
+        status = pod.get("status") or {}
+        why = str(status.get("reason") or "")
+        if why == "DeadlineExceeded":
             return Result.failed(
-                f"job {name} exceeded activeDeadlineSeconds={ctx.task.timeout_seconds}",
+                f"pod {name} exceeded activeDeadlineSeconds={ctx.task.timeout_seconds}",
                 "TimedOut",
             )
-        state, pod_name = await self._final_state(ctx.run.namespace, name)
-        if state is not None:
-            detail = (state.get("message") or "").strip()
-            if not detail and pod_name:
-                detail = (await self.kube.pod_log_tail(ctx.run.namespace, pod_name)).strip()
-            detail = " | ".join(detail.splitlines()[-5:])
-            why = state.get("reason") or "Error"
-            msg = f"exit code {state.get('exitCode')} ({why})"
-            return Result.failed(f"{msg}: {detail}" if detail else msg)
-        return Result.failed(
-            f"job {name} failed: {cond.get('reason') or ''} {cond.get('message') or ''}".strip()
-        )
+        state = _terminated(pod)
+        if state is None or why == "Evicted":
+            # Ended by the node (eviction, a lost node), not by its own container.
+            detail = str(status.get("message") or "").strip()
+            text = f"pod {name} failed: {why or 'no container ran'}"
+            return Result.failed(f"{text}: {detail}" if detail else text, why or "Error")
+        detail = (state.get("message") or "").strip()
+        if not detail:
+            detail = (await self.kube.pod_log_tail(ctx.run.namespace, name)).strip()
+        detail = " | ".join(detail.splitlines()[-5:])
+        msg = f"exit code {state.get('exitCode')} ({state.get('reason') or 'Error'})"
+        return Result.failed(f"{msg}: {detail}" if detail else msg)
 
     async def stop(self, ctx: AttemptContext) -> None:
-        """Delete the Job (and its pods)."""
-        name = ctx.handle or job_name(ctx.run.name, ctx.task.name, ctx.attempt)
-        await self.kube.delete_job(ctx.run.namespace, name)
-        self._jobs.pop((ctx.run.namespace, name), None)
+        """Delete the pod."""
+        name = ctx.handle or pod_name(ctx.run.name, ctx.task.name, ctx.attempt)
+        await self.kube.delete_pod(ctx.run.namespace, name)
+        self._pods.pop((ctx.run.namespace, name), None)
+
+
+def _namespace_gone(namespace: str, name: str) -> NamespaceTerminating:
+    return NamespaceTerminating(
+        f"pod {namespace}/{name}", f"namespace {namespace} is being deleted"
+    )

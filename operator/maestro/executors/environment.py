@@ -1,4 +1,4 @@
-"""The environment every container task sees, locally and in a Kubernetes Job."""
+"""The environment every container task sees, locally and in a Kubernetes pod."""
 
 from __future__ import annotations
 

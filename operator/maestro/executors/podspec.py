@@ -1,6 +1,6 @@
 """What a container task's pod gets from volumes, mounts and the pod template.
 
-Kept apart from :mod:`maestro.executors.container` (which owns the Job around the pod)
+Kept apart from :mod:`maestro.executors.container` (which owns the pod itself)
 so both can change without stepping on each other. Pure functions over the run's
 snapshot and the task: no I/O.
 

@@ -118,6 +118,16 @@ def api_errors(what: str) -> Iterator[None]:
         raise typed from err
 
 
+async def _body(rsp: Any) -> bytes:
+    """A raw (not preloaded) response's body; an error status raised as the client would."""
+    data: bytes = await rsp.read()
+    if not 200 <= rsp.status <= 299:
+        err = ApiException(status=rsp.status, reason=rsp.reason)
+        err.body = data  # the API's Status, which translate() reads
+        raise err
+    return data
+
+
 async def load_config(kubeconfig: str | None = None) -> client.ApiClient:
     """An API client from ``kubeconfig``, $KUBECONFIG, ~/.kube/config, or in-cluster."""
     if (
@@ -205,7 +215,6 @@ class Kube:
     def __init__(self, api: client.ApiClient) -> None:
         """Wrap an API client (closed by its owner)."""
         self.api = api
-        self.batch = client.BatchV1Api(api)
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.authz = client.AuthorizationV1Api(api)
@@ -217,14 +226,14 @@ class Kube:
         """Close the underlying HTTP session."""
         await self.api.close()
 
-    # Jobs and pods -------------------------------------------------------------------
+    # Pods ----------------------------------------------------------------------------
 
-    async def create_job(self, namespace: str, job: dict[str, Any]) -> bool:
-        """Create a Job; False when one of that name already exists."""
+    async def create_pod(self, namespace: str, pod: dict[str, Any]) -> bool:
+        """Create a pod; False when one of that name already exists."""
         self.writes += 1
         try:
-            with api_errors(f"create job {namespace}/{job['metadata']['name']}"):
-                await self.batch.create_namespaced_job(namespace, cast(Any, job))
+            with api_errors(f"create pod {namespace}/{pod['metadata']['name']}"):
+                await self.core.create_namespaced_pod(namespace, cast(Any, pod))
         except Conflict:
             return False
         return True
@@ -240,30 +249,65 @@ class Kube:
             raise
         return True
 
-    async def get_job(self, namespace: str, name: str) -> dict[str, Any]:
-        """A Job as a plain dict."""
+    async def get_pod(self, namespace: str, name: str) -> dict[str, Any]:
+        """A pod as a plain dict."""
         self.reads += 1
-        with api_errors(f"job {namespace}/{name}"):
-            job = await self.batch.read_namespaced_job(name, namespace)
-        result: dict[str, Any] = self.api.sanitize_for_serialization(job)
+        with api_errors(f"pod {namespace}/{name}"):
+            pod = await self.core.read_namespaced_pod(name, namespace)
+        result: dict[str, Any] = self.api.sanitize_for_serialization(pod)
         return result
 
-    async def delete_job(self, namespace: str, name: str) -> None:
-        """Delete a Job and, in the background, its pods; a missing Job is fine."""
+    async def delete_pod(self, namespace: str, name: str) -> None:
+        """Delete a pod; a missing pod is fine."""
         self.writes += 1
-        with contextlib.suppress(NotFound), api_errors(f"delete job {namespace}/{name}"):
-            await self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+        with contextlib.suppress(NotFound), api_errors(f"delete pod {namespace}/{name}"):
+            await self.core.delete_namespaced_pod(name, namespace)
 
-    async def job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
-        """The pods a Job created, newest first."""
+    async def pods_raw(self, namespace: str | None, selector: str) -> bytes:
+        """The JSON of a pod list (all namespaces for None), undecoded: the caller's
+        decoder is faster than the client's models."""
         self.reads += 1
-        with api_errors(f"pods of job {namespace}/{job_name}"):
-            pods = await self.core.list_namespaced_pod(
-                namespace, label_selector=f"job-name={job_name}"
+        with api_errors(f"pods in {namespace or 'all namespaces'}"):
+            rsp = await self._pods_request(namespace, label_selector=selector)
+            return await _body(rsp)
+
+    async def watch_pods_raw(
+        self, namespace: str | None, selector: str, version: str, seconds: int
+    ) -> AsyncIterator[bytes]:
+        """The lines (one JSON watch event each) of a pod watch from ``version``."""
+        self.reads += 1
+        what = f"watch pods in {namespace or 'all namespaces'}"
+        with api_errors(what):
+            rsp = await self._pods_request(
+                namespace,
+                label_selector=selector,
+                watch=True,
+                resource_version=version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=seconds,
+                # No read timeout beyond the watch's own, but a dead connection ends it.
+                _request_timeout=aiohttp.ClientTimeout(connect=30, sock_read=seconds + 30),
             )
-        items: list[dict[str, Any]] = [self.api.sanitize_for_serialization(p) for p in pods.items]
-        items.sort(key=lambda p: p["metadata"].get("creationTimestamp", ""), reverse=True)
-        return items
+            if rsp.status != 200:
+                await _body(rsp)  # raises the typed error
+        try:
+            buffer = b""
+            with api_errors(what):
+                # Not line iteration: aiohttp refuses lines over 64 KiB, and a pod may be larger.
+                async for chunk in rsp.content.iter_any():
+                    buffer += chunk
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            yield line
+        finally:
+            rsp.release()
+
+    async def _pods_request(self, namespace: str | None, **kw: Any) -> Any:
+        # Without preloading, the generated client returns the aiohttp response as it is.
+        if namespace is None:
+            return await self.core.list_pod_for_all_namespaces(_preload_content=False, **kw)
+        return await self.core.list_namespaced_pod(namespace, _preload_content=False, **kw)
 
     async def pod_log_tail(self, namespace: str, pod: str, lines: int = 5) -> str:
         """The last lines of a pod's log, or '' when there is none (kwok has none)."""

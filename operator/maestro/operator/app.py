@@ -18,6 +18,7 @@ from maestro.executors.container import LABEL_RUN_ID, ContainerExecutor
 from maestro.executors.http import EgressPolicy, HttpExecutor, egress_client, own_addresses
 from maestro.executors.secrets import KubeSecrets
 from maestro.k8s.client import Kube, load_config
+from maestro.k8s.watch import PodWatch
 from maestro.operator.health import Health
 from maestro.operator.metrics import Metrics
 from maestro.operator.runs import RunController, Settings
@@ -58,12 +59,12 @@ class OperatorConfig:
 
 
 def build_registry(
-    runs: RunController,
-    kube: Kube,
-    container: ContainerExecutor,
-    schedules: ScheduleController,
+    runs: RunController, kube: Kube, schedules: ScheduleController
 ) -> kopf.OperatorRegistry:
-    """Kopf handlers: thin calls into the controllers (Kopf passes everything by keyword)."""
+    """Kopf handlers: thin calls into the controllers (Kopf passes everything by keyword).
+
+    Task pods are not watched through Kopf: see :func:`pod_watches`.
+    """
     registry = kopf.OperatorRegistry()
 
     # A private registry has none of Kopf's default login handlers: in a pod the
@@ -90,19 +91,28 @@ def build_registry(
     async def run_deleted(**kw: Any) -> None:
         await runs.on_delete(kw["body"])
 
-    @kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN_ID: kopf.PRESENT}, registry=registry)
-    async def job_event(**kw: Any) -> None:
-        container.observe(kw["event"]["object"], deleted=kw["type"] == "DELETED")
-
-    @kopf.on.event("", "v1", "pods", labels={LABEL_RUN_ID: kopf.PRESENT}, registry=registry)
-    async def pod_event(**kw: Any) -> None:
-        container.observe_pod(kw["event"]["object"], deleted=kw["type"] == "DELETED")
-
     @kopf.daemon(GROUP, VERSION, "workflowschedules", registry=registry, cancellation_timeout=10)
     async def schedule_daemon(**kw: Any) -> None:
         await schedules.daemon(kw["body"], kw["stopped"])
 
     return registry
+
+
+def pod_watches(kube: Kube, container: ContainerExecutor, namespaces: list[str]) -> list[PodWatch]:
+    """One watch of task pods per watched namespace (one for all when none is named)."""
+    selector = LABEL_RUN_ID  # every pod the operator creates, and nothing else
+    scopes: list[str | None] = [*namespaces] or [None]
+    return [PodWatch(kube, selector, container.observe, scope) for scope in scopes]
+
+
+async def _ready_when(
+    kopf_ready: asyncio.Event, watches: list[PodWatch], watching: asyncio.Event
+) -> None:
+    """Set ``watching`` once Kopf is ready and every pod watch has listed its pods."""
+    await kopf_ready.wait()
+    while not all(w.ready for w in watches):
+        await asyncio.sleep(0.1)
+    watching.set()
 
 
 def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
@@ -139,7 +149,8 @@ async def run_operator(
     api = await load_config(config.kubeconfig)
     kube = Kube(api)
     waker = Waker()
-    watching = asyncio.Event()
+    watching = asyncio.Event()  # Kopf's watches and the pod watches all run
+    kopf_ready = asyncio.Event()
     metrics = Metrics(
         store,
         namespaces=config.namespaces,
@@ -178,7 +189,10 @@ async def run_operator(
         schedules = ScheduleController(
             kube, ScheduleSettings(allow_seconds=config.allow_seconds_schedules)
         )
-        registry = build_registry(runs, kube, container, schedules)
+        registry = build_registry(runs, kube, schedules)
+        watches = pod_watches(kube, container, config.namespaces)
+        tasks = [asyncio.create_task(w.run()) for w in watches]
+        tasks.append(asyncio.create_task(_ready_when(kopf_ready, watches, watching)))
         settings = kopf.OperatorSettings()
         configure_kopf(settings, config)
         try:
@@ -190,10 +204,13 @@ async def run_operator(
                 standalone=settings.peering.standalone,
                 peering_name=config.peering,
                 priority=config.priority,
-                ready_flag=watching,
+                ready_flag=kopf_ready,
                 stop_flag=stop,
             )
         finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             tracer.shutdown()
             await health.stop()
             await kube.close()

@@ -1,8 +1,8 @@
-"""WorkflowRun lifecycle: one driving loop per run, fed by Job events and timers.
+"""WorkflowRun lifecycle: one driving loop per run, fed by pod events and timers.
 
 Kopf starts :meth:`RunController.daemon` for every WorkflowRun (again after an
 operator restart), so every unfinished run is picked up from the store and the
-live Jobs. The loop owns nothing it could lose: each pass starts from the store.
+live pods. The loop owns nothing it could lose: each pass starts from the store.
 """
 
 from __future__ import annotations
@@ -393,11 +393,11 @@ class RunController:
         for task in new:
             note = notes.get(task) or {}
             by = note.get("by") or editor_of(meta, "approvals")
-            await store.approve(run_id, task, actor=by, comment=note.get("comment"))
+            await self.engine.approve(run_id, task, actor=by, comment=note.get("comment"))
         changes = dict(wanted)
         if wanted["cancel"] and not known.get("cancel"):
             changes["cancelledBy"] = editor_of(meta, "cancel")
-        run = await store.update_controls(run_id, generation=generation, **changes)
+        run = await self.engine.update_controls(run_id, generation=generation, **changes)
         self._controls[run_id] = dict(run.controls)
         self._generations[run_id] = generation
         self.waker(run_id)
@@ -422,7 +422,7 @@ class RunController:
     # Deletion --------------------------------------------------------------------------
 
     async def on_delete(self, body: Mapping[str, Any]) -> None:
-        """Stop the run's Jobs and record the cancellation before the object goes."""
+        """Stop the run's pods and record the cancellation before the object goes."""
         meta = body["metadata"]
         run = await self.engine.store.find_run(meta["namespace"], meta["uid"])
         if run is not None and not run.phase.finished:
@@ -502,6 +502,9 @@ class RunController:
             await self._drive(run, body, writer, previous, stopped)
         finally:
             self.active.discard(run.id)
+            # Held only while this daemon drives it: a daemon started again (a peering
+            # pause, an operator restart) loads it from the store.
+            self.engine.forget(run.id)
 
     @staticmethod
     def _log_trouble(namespace: str, name: str, err: Exception) -> None:
@@ -640,7 +643,7 @@ class RunController:
         """
         done: list[int] = []
         try:
-            for e in await self.engine.store.unposted_events(run.id):
+            for e in await self.engine.pending_events(run.id):
                 self.metrics.observe_event(e, run, latest, spec)
                 self.tracer.observe_event(e, run, latest, spec)
                 text, extra = event_line(e)
@@ -653,7 +656,7 @@ class RunController:
         finally:
             # Also when a post failed for now: what was posted leaves the outbox, the rest
             # stays for the pass that is retried shortly.
-            await self.engine.store.mark_posted(done)
+            await self.engine.mark_posted(run.id, done)
 
     async def _wait(self, run_id: str, seconds: float, stopped: Any) -> None:
         """Until woken, ``seconds`` pass, or Kopf asks the daemon to stop."""

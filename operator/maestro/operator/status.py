@@ -146,7 +146,7 @@ def run_status(
             "finishedAt": iso(att.finished_at),
             "reason": att.reason,
             "message": (att.message or "")[:message_limit] or None,
-            "jobName": att.job_name,
+            "podName": att.job_name,
             "outputs": summarize_outputs(att.outputs, output_limit),
         }
         tasks[name] = {k: v for k, v in entry.items() if v is not None}

@@ -150,7 +150,7 @@ def _attempt(a: AttemptRecord) -> dict[str, Any]:
         "reason": a.reason,
         "message": a.message,
         "outputs": a.outputs,
-        "jobName": a.job_name,
+        "podName": a.job_name,
         "createdAt": _time(a.created_at),
         "startedAt": _time(a.started_at),
         "finishedAt": _time(a.finished_at),

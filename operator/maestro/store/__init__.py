@@ -15,12 +15,13 @@ from maestro.store.errors import (
 )
 from maestro.store.migrate import current, head, upgrade
 from maestro.store.records import AttemptRecord, EventRecord, RunRecord
-from maestro.store.repository import DEFAULT_CONTROLS, Store
+from maestro.store.repository import DEFAULT_CONTROLS, Batch, Store
 
 __all__ = [
     "DEFAULT_CONTROLS",
     "AttemptNotFound",
     "AttemptRecord",
+    "Batch",
     "EventRecord",
     "InvalidDatabaseURL",
     "InvalidOutputs",

@@ -100,7 +100,7 @@ class AttemptRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    # When the executor's object (a Job) was created; see migration 0004_ends_outbox.
+    # When the executor's object (a pod) was created; see migration 0004_ends_outbox.
     launched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (CheckConstraint("attempt >= 1", name="attempt_positive"),)

@@ -72,7 +72,7 @@ class AttemptRecord:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    launched_at: datetime | None = None  # when its Job was created (container tasks)
+    launched_at: datetime | None = None  # when its pod was created (container tasks)
 
     @classmethod
     def of(cls, row: AttemptRow) -> AttemptRecord:

@@ -77,21 +77,21 @@ def _add_event(
     reason: str | None = None,
     message: str | None = None,
     actor: str | None = None,
-) -> None:
-    session.add(
-        EventRow(
-            run_id=run_id,
-            task=task,
-            attempt=attempt,
-            kind=kind,
-            from_phase=from_phase,
-            to_phase=to_phase,
-            reason=reason,
-            message=message,
-            at=at,
-            actor=actor,
-        )
+) -> EventRow:
+    row = EventRow(
+        run_id=run_id,
+        task=task,
+        attempt=attempt,
+        kind=kind,
+        from_phase=from_phase,
+        to_phase=to_phase,
+        reason=reason,
+        message=message,
+        at=at,
+        actor=actor,
     )
+    session.add(row)
+    return row
 
 
 async def _compare_and_set(
@@ -104,8 +104,9 @@ async def _compare_and_set(
     now: datetime,
     *,
     missing: StoreError,
-) -> _Phase | None:
-    """Move one row's phase from any of ``sources`` to ``new``; the phase it left, or None.
+) -> tuple[_Phase, Any] | None:
+    """Move one row's phase from any of ``sources`` to ``new``: the phase it left and the
+    row as written (from RETURNING, not read again), or None.
 
     The row is locked first (PostgreSQL: FOR NO KEY UPDATE, so inserts of events and
     attempts that reference it are not blocked), and the UPDATE repeats the phase
@@ -130,10 +131,10 @@ async def _compare_and_set(
         update(model)
         .where(*key, model.phase == current.value)
         .values(**changes)
-        .returning(model.phase)
-        .execution_options(synchronize_session=False)
+        .returning(model)
+        .execution_options(synchronize_session=False, populate_existing=True)
     )
-    return current if moved is not None else None
+    return (current, moved) if moved is not None else None
 
 
 async def _latest(session: AsyncSession, run_id: str) -> dict[str, AttemptRecord]:
@@ -316,43 +317,9 @@ class Store:
         message: str | None = None,
         reason: str | None = None,
     ) -> bool:
-        """Move a run to ``new`` if it is in an allowed (and expected) phase.
-
-        Compare-and-set in one transaction with its event. Returns False, without
-        writing, when the move is not in RUN_TRANSITIONS or the run is no longer in an
-        expected phase. ``message`` and ``reason`` describe the new phase (None clears).
-        """
-        new = RunPhase(new)
-        if isinstance(expected, RunPhase):
-            expected = {expected}
-        sources = _sources(RUN_TRANSITIONS, new, expected)
-        if not sources:
-            return False
-        now = _now()
-        async with self._transaction() as session:
-            current = await _compare_and_set(
-                session,
-                RunRow,
-                (RunRow.id == run_id,),
-                sources,
-                new,
-                {"message": message, "reason": reason, "updated_at": now},
-                now,
-                missing=RunNotFound(f"run {run_id} not found"),
-            )
-            if current is None:
-                return False
-            _add_event(
-                session,
-                run_id,
-                "RunPhase",
-                at=now,
-                from_phase=current,
-                to_phase=new,
-                reason=reason,
-                message=message,
-            )
-            return True
+        """:meth:`Batch.set_run_phase` in a transaction of its own."""
+        async with self.batch(run_id) as b:
+            return await b.set_run_phase(new, expected=expected, message=message, reason=reason)
 
     async def _locked_run(self, session: AsyncSession, run_id: str) -> RunRow:
         row = await session.scalar(
@@ -419,60 +386,23 @@ class Store:
 
     # Task attempts
 
+    @asynccontextmanager
+    async def batch(self, run_id: str) -> AsyncIterator[Batch]:
+        """Writes to one run in one transaction: what an engine pass costs the database.
+
+        Committed when the block ends; nothing of it when the block raises.
+        """
+        async with self._transaction() as session:
+            writes = Batch(self, session, run_id)
+            yield writes
+            await writes.close()
+
     async def create_attempt(
         self, run_id: str, task: str, attempt: int, *, not_before: datetime | None = None
     ) -> AttemptRecord | None:
-        """Record a Pending attempt; None when this (run, task, attempt) already exists.
-
-        ``not_before`` is the earliest start (retry backoff). Raises RunNotFound.
-        """
-        now = _now()
-        async with self._transaction() as session:
-            if not await self._insert_pending(session, run_id, task, attempt, not_before, now):
-                return None
-            row = await session.get_one(AttemptRow, (run_id, task, attempt))
-            return AttemptRecord.of(row)
-
-    async def _insert_pending(
-        self,
-        session: AsyncSession,
-        run_id: str,
-        task: str,
-        attempt: int,
-        not_before: datetime | None,
-        now: datetime,
-    ) -> bool:
-        """Insert a Pending attempt and its event; False when it already exists."""
-        if attempt < 1:
-            raise ValueError(f"attempt numbers start at 1, got {attempt}")
-        stmt = (
-            self._insert(AttemptRow)
-            .values(
-                run_id=run_id,
-                task=task,
-                attempt=attempt,
-                phase=TaskPhase.PENDING.value,
-                not_before=not_before,
-                created_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["run_id", "task", "attempt"])
-            .returning(AttemptRow.attempt)
-        )
-        if await session.get(RunRow, run_id) is None:
-            raise RunNotFound(f"run {run_id} not found")
-        if (await session.execute(stmt)).scalar_one_or_none() is None:
-            return False
-        _add_event(
-            session,
-            run_id,
-            "TaskPhase",
-            at=now,
-            task=task,
-            attempt=attempt,
-            to_phase=TaskPhase.PENDING,
-            reason="Created",
-        )
-        return True
+        """:meth:`Batch.create_attempt` in a transaction of its own."""
+        async with self.batch(run_id) as b:
+            return await b.create_attempt(task, attempt, not_before=not_before)
 
     async def start_attempt(
         self,
@@ -485,61 +415,14 @@ class Store:
         message: str | None = None,
         job_name: str | None = None,
     ) -> bool:
-        """Create the attempt (when ``create``) and move it Pending -> Running, in one
-        transaction: what starting a task costs. False when another writer started it."""
-        now = _now()
-        async with self._transaction() as session:
-            if create:
-                await self._insert_pending(session, run_id, task, attempt, None, now)
-            values: dict[str, Any] = {"reason": reason, "message": message}
-            if job_name is not None:
-                values["job_name"] = job_name
-            return await self._move_attempt(
-                session, run_id, task, attempt, TaskPhase.RUNNING, {TaskPhase.PENDING}, values, now
+        """:meth:`Batch.start_attempt` in a transaction of its own."""
+        async with self.batch(run_id) as b:
+            return await b.start_attempt(
+                task, attempt, create=create, reason=reason, message=message, job_name=job_name
             )
 
-    async def _move_attempt(
-        self,
-        session: AsyncSession,
-        run_id: str,
-        task: str,
-        attempt: int,
-        new: TaskPhase,
-        sources: Collection[TaskPhase],
-        values: dict[str, Any],
-        now: datetime,
-    ) -> bool:
-        """Compare-and-set one attempt's phase and log the event, inside ``session``."""
-        key = (AttemptRow.run_id == run_id, AttemptRow.task == task, AttemptRow.attempt == attempt)
-        current = await _compare_and_set(
-            session,
-            AttemptRow,
-            key,
-            sources,
-            new,
-            values,
-            now,
-            missing=AttemptNotFound(
-                f"attempt {attempt} of task {task!r} in run {run_id} not found"
-            ),
-        )
-        if current is None:
-            return False
-        _add_event(
-            session,
-            run_id,
-            "TaskPhase",
-            at=now,
-            task=task,
-            attempt=attempt,
-            from_phase=current,
-            to_phase=new,
-            reason=values.get("reason"),
-            message=values.get("message"),
-        )
-        return True
-
     def _check_outputs(self, task: str, outputs: dict[str, Any]) -> None:
+        """Raise InvalidOutputs or OutputsTooLarge for outputs the store would refuse."""
         if not isinstance(outputs, dict):
             raise InvalidOutputs(f"outputs of task {task!r} must be a JSON object")
         try:
@@ -563,45 +446,23 @@ class Store:
         outputs: dict[str, Any] | None = None,
         job_name: str | None = None,
     ) -> bool:
-        """Move an attempt to ``new`` with a compare-and-set on its current phase.
-
-        The attempt must be in ``expected`` (or, without it, any phase TASK_TRANSITIONS
-        allows to reach ``new``); otherwise, or if a concurrent writer got there first,
-        returns False and writes nothing. ``outputs`` and ``job_name`` are stored when
-        given (left as they are when None); ``reason``/``message`` describe the new phase.
-        Raises OutputsTooLarge (writing nothing) past ``max_output_bytes``, and
-        AttemptNotFound for an attempt never created.
-        """
-        if outputs is not None:
-            self._check_outputs(task, outputs)
-        new = TaskPhase(new)
-        sources = _sources(TASK_TRANSITIONS, new, None if expected is None else {expected})
-        if not sources:
-            return False
-        now = _now()
-        values: dict[str, Any] = {"reason": reason, "message": message}
-        if outputs is not None:
-            values["outputs"] = outputs
-        if job_name is not None:
-            values["job_name"] = job_name
-        async with self._transaction() as session:
-            return await self._move_attempt(
-                session, run_id, task, attempt, new, sources, values, now
+        """:meth:`Batch.transition_attempt` in a transaction of its own."""
+        async with self.batch(run_id) as b:
+            return await b.transition_attempt(
+                task,
+                attempt,
+                new,
+                expected=expected,
+                reason=reason,
+                message=message,
+                outputs=outputs,
+                job_name=job_name,
             )
 
     async def mark_launched(self, run_id: str, task: str, attempt: int) -> None:
-        """Record that the attempt's executor object (a Job) now exists.
-
-        From then on a missing Job means it vanished (a failed attempt), never that it
-        still has to be created: the same attempt is never launched twice.
-        """
-        key = (AttemptRow.run_id == run_id, AttemptRow.task == task, AttemptRow.attempt == attempt)
-        async with self._transaction() as session:
-            await session.execute(
-                update(AttemptRow)
-                .where(*key, AttemptRow.launched_at.is_(None))
-                .values(launched_at=_now())
-            )
+        """:meth:`Batch.mark_launched` in a transaction of its own."""
+        async with self.batch(run_id) as b:
+            await b.mark_launched(task, attempt)
 
     async def attempts(self, run_id: str) -> list[AttemptRecord]:
         """Every attempt of the run, ordered by task then attempt number."""
@@ -715,3 +576,245 @@ class Store:
                 .execution_options(synchronize_session=False)
             )
             return len(deleted.all())
+
+
+class Batch:
+    """The writes of one engine pass on one run, sharing one transaction.
+
+    Every move is still a compare-and-set: when another writer got there first the move
+    writes nothing, returns False and sets :attr:`lost`, so whoever holds the run in
+    memory reloads it instead of trusting its copy. The rows as written (RETURNING) are
+    collected in :attr:`run` and :attr:`attempts`, and the events in :attr:`events`
+    once the batch is closed: the holder's copy is brought up to date without reading
+    the run back.
+    """
+
+    def __init__(self, store: Store, session: AsyncSession, run_id: str) -> None:
+        """Use :meth:`Store.batch`."""
+        self.store, self.session, self.run_id = store, session, run_id
+        self.run: RunRecord | None = None
+        self.attempts: dict[str, AttemptRecord] = {}  # task -> newest attempt written
+        self.events: list[EventRecord] = []
+        self.lost = False
+        self._events: list[EventRow] = []
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        self._events.append(_add_event(self.session, self.run_id, kind, **fields))
+
+    def _wrote(self, row: AttemptRow) -> None:
+        held = self.attempts.get(row.task)
+        if held is None or held.attempt <= row.attempt:
+            self.attempts[row.task] = AttemptRecord.of(row)
+
+    async def close(self) -> None:
+        """Give the events their ids (the outbox needs them)."""
+        await self.session.flush()
+        self.events = [EventRecord.of(row) for row in self._events]
+
+    async def set_run_phase(
+        self,
+        new: RunPhase,
+        *,
+        expected: RunPhase | Collection[RunPhase] | None = None,
+        message: str | None = None,
+        reason: str | None = None,
+    ) -> bool:
+        """Move the run to ``new`` if it is in an allowed (and expected) phase.
+
+        Compare-and-set with its event. Returns False, without writing, when the move is
+        not in RUN_TRANSITIONS or the run is no longer in an expected phase. ``message``
+        and ``reason`` describe the new phase (None clears).
+        """
+        new = RunPhase(new)
+        if isinstance(expected, RunPhase):
+            expected = {expected}
+        sources = _sources(RUN_TRANSITIONS, new, expected)
+        if not sources:
+            return False
+        now = _now()
+        moved = await _compare_and_set(
+            self.session,
+            RunRow,
+            (RunRow.id == self.run_id,),
+            sources,
+            new,
+            {"message": message, "reason": reason, "updated_at": now},
+            now,
+            missing=RunNotFound(f"run {self.run_id} not found"),
+        )
+        if moved is None:
+            self.lost = True
+            return False
+        current, row = moved
+        self.run = RunRecord.of(row)
+        self._event(
+            "RunPhase", at=now, from_phase=current, to_phase=new, reason=reason, message=message
+        )
+        return True
+
+    async def create_attempt(
+        self, task: str, attempt: int, *, not_before: datetime | None = None
+    ) -> AttemptRecord | None:
+        """Record a Pending attempt; None when this (run, task, attempt) already exists.
+
+        ``not_before`` is the earliest start (retry backoff). Raises RunNotFound.
+        """
+        row = await self._insert_pending(task, attempt, not_before, _now())
+        return None if row is None else AttemptRecord.of(row)
+
+    async def _insert_pending(
+        self, task: str, attempt: int, not_before: datetime | None, now: datetime
+    ) -> AttemptRow | None:
+        """Insert a Pending attempt and its event; None when it already exists."""
+        if attempt < 1:
+            raise ValueError(f"attempt numbers start at 1, got {attempt}")
+        stmt = (
+            self.store._insert(AttemptRow)
+            .values(
+                run_id=self.run_id,
+                task=task,
+                attempt=attempt,
+                phase=TaskPhase.PENDING.value,
+                not_before=not_before,
+                created_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["run_id", "task", "attempt"])
+            .returning(AttemptRow)
+            .execution_options(populate_existing=True)
+        )
+        if await self.session.get(RunRow, self.run_id) is None:
+            raise RunNotFound(f"run {self.run_id} not found")
+        row: AttemptRow | None = await self.session.scalar(stmt)
+        if row is None:
+            return None
+        self._wrote(row)
+        self._event(
+            "TaskPhase",
+            at=now,
+            task=task,
+            attempt=attempt,
+            to_phase=TaskPhase.PENDING,
+            reason="Created",
+        )
+        return row
+
+    async def start_attempt(
+        self,
+        task: str,
+        attempt: int,
+        *,
+        create: bool,
+        reason: str | None = None,
+        message: str | None = None,
+        job_name: str | None = None,
+    ) -> bool:
+        """Create the attempt (when ``create``) and move it Pending -> Running: what
+        starting a task costs. False when another writer started it."""
+        now = _now()
+        if create:
+            await self._insert_pending(task, attempt, None, now)
+        values: dict[str, Any] = {"reason": reason, "message": message}
+        if job_name is not None:
+            values["job_name"] = job_name
+        return await self._move_attempt(
+            task, attempt, TaskPhase.RUNNING, {TaskPhase.PENDING}, values, now
+        )
+
+    async def _move_attempt(
+        self,
+        task: str,
+        attempt: int,
+        new: TaskPhase,
+        sources: Collection[TaskPhase],
+        values: dict[str, Any],
+        now: datetime,
+    ) -> bool:
+        """Compare-and-set one attempt's phase and log the event."""
+        key = (
+            AttemptRow.run_id == self.run_id,
+            AttemptRow.task == task,
+            AttemptRow.attempt == attempt,
+        )
+        moved = await _compare_and_set(
+            self.session,
+            AttemptRow,
+            key,
+            sources,
+            new,
+            values,
+            now,
+            missing=AttemptNotFound(
+                f"attempt {attempt} of task {task!r} in run {self.run_id} not found"
+            ),
+        )
+        if moved is None:
+            self.lost = True
+            return False
+        current, row = moved
+        self._wrote(row)
+        self._event(
+            "TaskPhase",
+            at=now,
+            task=task,
+            attempt=attempt,
+            from_phase=current,
+            to_phase=new,
+            reason=values.get("reason"),
+            message=values.get("message"),
+        )
+        return True
+
+    async def transition_attempt(
+        self,
+        task: str,
+        attempt: int,
+        new: TaskPhase,
+        *,
+        expected: TaskPhase | None = None,
+        reason: str | None = None,
+        message: str | None = None,
+        outputs: dict[str, Any] | None = None,
+        job_name: str | None = None,
+    ) -> bool:
+        """Move an attempt to ``new`` with a compare-and-set on its current phase.
+
+        The attempt must be in ``expected`` (or, without it, any phase TASK_TRANSITIONS
+        allows to reach ``new``); otherwise, or if a concurrent writer got there first,
+        returns False and writes nothing. ``outputs`` and ``job_name`` are stored when
+        given (left as they are when None); ``reason``/``message`` describe the new phase.
+        Raises OutputsTooLarge (before writing anything, so the batch may go on) past
+        ``max_output_bytes``, and AttemptNotFound for an attempt never created.
+        """
+        if outputs is not None:
+            self.store._check_outputs(task, outputs)
+        new = TaskPhase(new)
+        sources = _sources(TASK_TRANSITIONS, new, None if expected is None else {expected})
+        if not sources:
+            return False
+        values: dict[str, Any] = {"reason": reason, "message": message}
+        if outputs is not None:
+            values["outputs"] = outputs
+        if job_name is not None:
+            values["job_name"] = job_name
+        return await self._move_attempt(task, attempt, new, sources, values, _now())
+
+    async def mark_launched(self, task: str, attempt: int) -> None:
+        """Record that the attempt's executor object (a pod) now exists.
+
+        From then on a missing pod means it vanished (a failed attempt), never that it
+        still has to be created: the same attempt is never launched twice.
+        """
+        key = (
+            AttemptRow.run_id == self.run_id,
+            AttemptRow.task == task,
+            AttemptRow.attempt == attempt,
+        )
+        row = await self.session.scalar(
+            update(AttemptRow)
+            .where(*key, AttemptRow.launched_at.is_(None))
+            .values(launched_at=_now())
+            .returning(AttemptRow)
+            .execution_options(synchronize_session=False, populate_existing=True)
+        )
+        if row is not None:
+            self._wrote(row)
