@@ -431,6 +431,96 @@ class ApprovalTask(Model):
 
 _ONE_EXECUTOR = "exactly one of container, http and approval must be set"
 
+# Instances of one fan-out: each is a task attempt record, a status entry and a pod.
+MAX_INSTANCES = 1024
+# Instance names add "[<index>]" (at most 6 characters) to the task's name; the store
+# and the events keep task names of at most 63 characters.
+MAX_FANOUT_NAME = 57
+_ONE_SOURCE = "exactly one of items and from must be set"
+_ONE_LIST = "exactly one of items, from and matrix must be set"
+_ONE_OF_TWO_RULE = "(has(self.items) ? 1 : 0) + (has(self.from) ? 1 : 0) == 1"
+
+
+class MatrixAxis(Model):
+    """One list of a matrix: its values are read as ``{{ item.<name> }}``."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [{"rule": _ONE_OF_TWO_RULE, "message": _ONE_SOURCE}]
+        }
+    )
+
+    name: ParamName
+    items: list[Any] | None = Field(
+        None,
+        max_length=MAX_INSTANCES,
+        description="The values, written inline (any JSON).",
+    )
+    from_: str | None = Field(
+        None,
+        alias="from",
+        validation_alias=AliasChoices("from", "from_"),
+        max_length=256,
+        description="One template, {{ params.P }} or {{ tasks.T.outputs.K }}, holding a "
+        "JSON list; read when the task becomes ready.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MatrixAxis:
+        if (self.items is None) == (self.from_ is None):
+            raise ValueError(_ONE_SOURCE)
+        return self
+
+
+class ForEach(Model):
+    """Run the task once per item of a list, or per combination of a matrix's lists.
+
+    Each instance (``task[0]``, ``task[1]``, ...) has its own attempts, retries and
+    status; dependents wait for all of them and read each output key as a list in item
+    order. At most :data:`MAX_INSTANCES` instances.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "(has(self.items) ? 1 : 0) + (has(self.from) ? 1 : 0)"
+                    " + (has(self.matrix) ? 1 : 0) == 1",
+                    "message": _ONE_LIST,
+                }
+            ]
+        }
+    )
+
+    items: list[Any] | None = Field(
+        None,
+        max_length=MAX_INSTANCES,
+        description="The items, written inline (any JSON); {{ item }} in the task.",
+    )
+    from_: str | None = Field(
+        None,
+        alias="from",
+        validation_alias=AliasChoices("from", "from_"),
+        max_length=256,
+        description="One template, {{ params.P }} or {{ tasks.T.outputs.K }}, holding a "
+        "JSON list; read when the task becomes ready.",
+    )
+    matrix: list[MatrixAxis] | None = Field(
+        None,
+        min_length=1,
+        max_length=8,
+        description="The cartesian product of these lists; {{ item.<name> }} in the task.",
+    )
+    concurrency: int | None = Field(
+        None, ge=1, description="Max instances of this task running at once."
+    )
+
+    @model_validator(mode="after")
+    def _one_list(self) -> ForEach:
+        if sum(x is not None for x in (self.items, self.from_, self.matrix)) != 1:
+            raise ValueError(_ONE_LIST)
+        return self
+
 
 class Task(Model):
     """One node of the DAG."""
@@ -444,7 +534,16 @@ class Task(Model):
                     "rule": "(has(self.container) ? 1 : 0) + (has(self.http) ? 1 : 0)"
                     " + (has(self.approval) ? 1 : 0) == 1",
                     "message": _ONE_EXECUTOR,
-                }
+                },
+                {
+                    "rule": f"!has(self.forEach) || self.name.size() <= {MAX_FANOUT_NAME}",
+                    "message": f"name: at most {MAX_FANOUT_NAME} characters with forEach "
+                    "(instance names add [index])",
+                },
+                {
+                    "rule": "!has(self.forEach) || !has(self.approval)",
+                    "message": "an approval task cannot have forEach",
+                },
             ]
         }
     )
@@ -461,11 +560,21 @@ class Task(Model):
     container: ContainerTask | None = None
     http: HttpTask | None = None
     approval: ApprovalTask | None = None
+    for_each: ForEach | None = Field(
+        None, description="Fan out: one instance of the task per item (or matrix combination)."
+    )
 
     @model_validator(mode="after")
     def _one_executor(self) -> Task:
         if sum(x is not None for x in (self.container, self.http, self.approval)) != 1:
             raise ValueError(_ONE_EXECUTOR)
+        if self.for_each is not None and self.approval is not None:
+            raise ValueError("an approval task cannot have forEach")
+        if self.for_each is not None and len(self.name) > MAX_FANOUT_NAME:
+            raise ValueError(
+                f"name: at most {MAX_FANOUT_NAME} characters with forEach "
+                "(instance names add [index])"
+            )
         return self
 
     @property

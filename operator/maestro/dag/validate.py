@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from maestro.api.models import Task, WorkflowSpec
-from maestro.dag import expressions, templates
+from maestro.api.models import MAX_INSTANCES, Task, WorkflowSpec
+from maestro.dag import expressions, fanout, templates
 from maestro.dag.graph import Graph
 
 
@@ -60,8 +60,55 @@ def _graph_problems(tasks: list[Task], graph: Graph, known: set[str], label: str
 
 
 def _template_strings(task: Task) -> list[str]:
+    """Strings whose templates a task reads: its executor's and its fan-out's lists."""
     executor = getattr(task, task.kind)
-    return list(templates.strings_in(executor.model_dump(by_alias=True, exclude_none=True)))
+    found = list(templates.strings_in(executor.model_dump(by_alias=True, exclude_none=True)))
+    return found + (fanout.sources(task.for_each) if task.for_each else [])
+
+
+def _fanout_problems(task: Task) -> list[Problem]:
+    """What the schema cannot say of a forEach: list sources, axis names, the instance cap."""
+    fe = task.for_each
+    if fe is None:
+        return []
+    problems: list[Problem] = []
+    for text in fanout.sources(fe):
+        try:
+            ref = templates.sole_ref(text)
+        except templates.TemplateError as err:
+            problems.append(Problem(task.name, f"forEach.from: {err}"))
+            continue
+        if ref.kind not in ("param", "output"):
+            problems.append(
+                Problem(
+                    task.name,
+                    f"forEach.from: {{{{ {ref} }}}} cannot hold the list: use "
+                    "{{ params.P }} or {{ tasks.T.outputs.K }}",
+                )
+            )
+    axes = Counter(a.name for a in fe.matrix or ())
+    for name, count in axes.items():
+        if count > 1:
+            problems.append(Problem(task.name, f"forEach.matrix: {name!r} is used {count} times"))
+    instances = fanout.static_count(fe)
+    if instances is not None and instances > MAX_INSTANCES:
+        problems.append(Problem(task.name, fanout.too_many(task.name, instances)))
+    for text in _template_strings(task):
+        try:
+            refs = list(templates.refs_in(text))
+        except templates.TemplateError:
+            continue  # reported with the other references
+        for ref in refs:
+            head = (ref.key or "").split(".")[0]
+            if ref.kind == "item" and fe.matrix is not None and head not in axes:
+                known = ", ".join(axes)
+                problems.append(
+                    Problem(
+                        task.name,
+                        f"{{{{ {ref} }}}}: a matrix item is {{{{ item.AXIS }}}} (axes: {known})",
+                    )
+                )
+    return problems
 
 
 def _reference_problems(
@@ -117,6 +164,10 @@ def _reference_problems(
                 check_task(tref.name, f"template {{{{ {tref} }}}}")
             elif tref.kind == "run" and tref.name == "outcome" and not is_final:
                 problems.append(Problem(task.name, "run.outcome is only known in finally tasks"))
+            elif tref.kind == "item" and task.for_each is None:
+                problems.append(
+                    Problem(task.name, f"{{{{ {tref} }}}} is only known in a task with forEach")
+                )
     return problems
 
 
@@ -151,6 +202,8 @@ def shell_warnings(spec: WorkflowSpec) -> list[Problem]:
                     if ref.kind == "param"
                     else "$MAESTRO_INPUTS"
                     if ref.kind == "output"
+                    else "$MAESTRO_ITEM"
+                    if ref.kind == "item"
                     else "$MAESTRO_RUN_OUTCOME"
                 )
                 found.append(
@@ -358,6 +411,7 @@ def validate(spec: WorkflowSpec) -> list[Problem]:
         problems += _reference_problems(task, params, final, main_names, is_final=True)
     for task in spec.all_tasks():
         problems += [Problem(task.name, p) for p in field_problems(task, rendered=False)]
+        problems += _fanout_problems(task)
     return problems
 
 

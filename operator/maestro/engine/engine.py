@@ -21,10 +21,11 @@ from pydantic import ValidationError
 from maestro.api.models import Task, WorkflowSpec
 from maestro.api.parse import describe
 from maestro.api.phases import RunPhase, TaskPhase
-from maestro.dag import templates
+from maestro.dag import fanout, templates
 from maestro.dag.scheduler import (
     Controls,
     Decision,
+    Expand,
     Reason,
     Retry,
     RunState,
@@ -104,6 +105,8 @@ class Engine:
         self.executors = executors
         self.clock = clock
         self._plans: dict[str, tuple[WorkflowSpec, Plan]] = {}
+        # Fan-out items by (run id, task): the same inputs always give the same items.
+        self._items: dict[tuple[str, str], list[Any]] = {}
 
     async def create_run(
         self,
@@ -149,8 +152,14 @@ class Engine:
         spec, _ = self.spec_of(run)
         # Finally tasks always run again: cleanup and notify belong to this run.
         names = {t.name for t in spec.tasks}
+        source = await self.store.latest_attempts(source_id)
+        # A fan-out is reused whole or not at all: its instances are recorded together,
+        # so a new run's fan-out either has all of them or expands afresh.
+        for task, members in fanout.instances_of(source).items():
+            if task in names and all(source[m].phase is TaskPhase.SUCCEEDED for m in members):
+                names.update(members)
         reused = []
-        for name, att in (await self.store.latest_attempts(source_id)).items():
+        for name, att in source.items():
             if name not in names or att.phase is not TaskPhase.SUCCEEDED:
                 continue
             await self.store.create_attempt(run_id, name, 1)
@@ -183,6 +192,38 @@ class Engine:
     def forget(self, run_id: str) -> None:
         """Drop cached data of a finished or deleted run."""
         self._plans.pop(run_id, None)
+        for key in [k for k in self._items if k[0] == run_id]:
+            del self._items[key]
+
+    def _item(
+        self, run: RunRecord, task: Task, name: str, latest: Mapping[str, AttemptRecord]
+    ) -> Any:
+        """The item of instance ``name`` of fan-out ``task`` (NO_ITEM for a plain task)."""
+        index = fanout.split(name)[1]
+        if index is None:
+            return templates.NO_ITEM
+        key = (run.id, task.name)
+        found = self._items.get(key)
+        if found is None:
+            ctx = templates.Context(run.params, self._inputs(run, task, latest), _run_info(run))
+            found = self._items[key] = fanout.items(task, ctx)
+        return found[index]
+
+    def _context(
+        self,
+        run: RunRecord,
+        task: Task,
+        name: str,
+        latest: Mapping[str, AttemptRecord],
+        run_info: dict[str, str],
+    ) -> tuple[templates.Context, dict[str, Any]]:
+        """What the templates of ``name`` (a task or an instance) read, and its inputs."""
+        outputs = self._inputs(run, task, latest)
+        item = self._item(run, task, name, latest)
+        inputs: dict[str, Any] = {"params": dict(run.params), "tasks": outputs, "run": run_info}
+        if item is not templates.NO_ITEM:
+            inputs["item"] = item
+        return templates.Context(run.params, outputs, run_info, item), inputs
 
     def _running_context(
         self, run: RunRecord, task: Task, att: AttemptRecord, latest: Mapping[str, AttemptRecord]
@@ -190,23 +231,24 @@ class Engine:
         """The context of a started attempt, rendered again: an executor that lost its
         in-memory state (a restart) may need the full task to re-attach or start it."""
         spec, the_plan = self.spec_of(run)
-        outputs = self._inputs(run, task, latest)
         run_info = _run_info(run)
         if task.name in the_plan.final.deps:
             states = {n: _state(a) for n, a in latest.items()}
             outcome = main_outcome(spec, states, controls_of(run), run.started_at, self.clock())
             if outcome is not None:
                 run_info["outcome"] = outcome
+        ctx_values, inputs = self._context(run, task, att.task, latest, run_info)
         try:
-            rendered = _render_task(task, templates.Context(run.params, outputs, run_info))
+            rendered = _render_task(task, ctx_values, att.task)
         except templates.TemplateError:
-            rendered = task  # it rendered when it started; inputs cannot have changed since
+            # It rendered when it started; inputs cannot have changed since.
+            rendered = _named(task, att.task)
         return AttemptContext(
             run=run,
             task=rendered,
             attempt=att.attempt,
             handle=att.job_name,
-            inputs={"params": dict(run.params), "tasks": outputs, "run": run_info},
+            inputs=inputs,
             controls=controls_of(run),
             started_at=att.started_at,
         )
@@ -224,8 +266,9 @@ class Engine:
         for name, att in list(latest.items()):
             if att.phase is not TaskPhase.RUNNING:
                 continue
-            ctx = self._running_context(run, tasks[name], att, latest)
-            executor = self.executors[tasks[name].kind]
+            task = tasks[fanout.base(name)]
+            ctx = self._running_context(run, task, att, latest)
+            executor = self.executors[task.kind]
             if att.job_name is not None and att.launched_at is None:
                 # Recorded Running, but its Job was never created (the process stopped in
                 # between, or the API refused): create it now, once. Errors other than a
@@ -291,24 +334,33 @@ class Engine:
         )
 
     def _inputs(self, run: RunRecord, task: Task, latest: Mapping[str, AttemptRecord]) -> Any:
-        """Outputs of the tasks ``task`` depends on or reads, as its inputs."""
-        the_plan = self.spec_of(run)[1]
+        """Outputs of the tasks ``task`` depends on or reads, as its inputs (a fan-out's
+        as lists in item order, once all its instances succeeded)."""
+        spec, the_plan = self.spec_of(run)
         wanted = set(task.depends_on) | set(the_plan.reads.get(task.name, ()))
-        return {
+        found = {
             n: dict(a.outputs or {})
             for n, a in latest.items()
             if n in wanted and a.phase is TaskPhase.SUCCEEDED
         }
+        fans = {t.name for t in spec.all_tasks() if t.for_each is not None} & wanted
+        if fans - set(found):
+            for name, members in fanout.instances_of(latest).items():
+                if name in fans and all(latest[m].phase is TaskPhase.SUCCEEDED for m in members):
+                    found[name] = fanout.collect(latest[m].outputs for m in members)
+        return found
 
     async def _apply(
         self,
         run: RunRecord,
         tasks: Mapping[str, Task],
         latest: Mapping[str, AttemptRecord],
-        action: Start | Settle | Stop | Retry,
+        action: Start | Settle | Stop | Retry | Expand,
         decision: Decision,
     ) -> bool:
         store = self.store
+        if isinstance(action, Expand):
+            return await store.create_attempts(run.id, action.instances) > 0
         if isinstance(action, Retry):
             created = await store.create_attempt(
                 run.id, action.task, action.attempt, not_before=action.not_before
@@ -316,7 +368,7 @@ class Engine:
             return created is not None
         if isinstance(action, Settle):
             return await self._settle(run.id, action)
-        task = tasks[action.task]
+        task = tasks[fanout.base(action.task)]
         executor = self.executors[task.kind]
         if isinstance(action, Stop):
             await executor.stop(self._running_context(run, task, latest[action.task], latest))
@@ -355,21 +407,21 @@ class Engine:
         decision: Decision,
     ) -> bool:
         store = self.store
-        outputs = self._inputs(run, task, latest)
         run_info = _run_info(run)
         if decision.outcome is not None:
             run_info["outcome"] = decision.outcome  # only finally tasks start once it is known
-        ctx_values = templates.Context(run.params, outputs, run_info)
+        name = action.task
         try:
-            rendered = _render_task(task, ctx_values)
-        except templates.TemplateError as err:
+            ctx_values, inputs = self._context(run, task, name, latest, run_info)
+            rendered = _render_task(task, ctx_values, name)
+        except (templates.TemplateError, fanout.FanOutError) as err:
             failed = Settle(
-                task.name,
+                name,
                 action.attempt,
                 action.create,
                 TaskPhase.FAILED,
                 Reason.INPUT_ERROR,
-                f"task {task.name!r} cannot start: {err}",
+                f"task {name!r} cannot start: {err}",
             )
             return await self._settle(run.id, failed)
         ctx = AttemptContext(
@@ -377,13 +429,13 @@ class Engine:
             task=rendered,
             attempt=action.attempt,
             handle=None,
-            inputs={"params": dict(run.params), "tasks": outputs, "run": run_info},
+            inputs=inputs,
             controls=controls_of(run),
         )
         handle = executor.handle(ctx)
         won = await store.start_attempt(
             run.id,
-            task.name,
+            name,
             action.attempt,
             create=action.create,
             reason=Reason.STARTED,
@@ -399,8 +451,8 @@ class Engine:
             # (start is idempotent) and its caller backs off while the trouble lasts.
             log.warning(
                 "starting %s/%s attempt %d failed, retried: %s",
-                run.name, task.name, action.attempt, err,
-                extra={"task": task.name, "attempt": action.attempt},
+                run.name, name, action.attempt, err,
+                extra={"task": name, "attempt": action.attempt},
             )  # fmt: skip
         return True
 
@@ -430,9 +482,10 @@ class Engine:
         tasks = {t.name: t for t in spec.all_tasks()}
         latest = await self.store.latest_attempts(run_id)
         for name, att in latest.items():
+            task = tasks[fanout.base(name)]
             if att.phase is TaskPhase.RUNNING:
-                ctx = self._running_context(run, tasks[name], att, latest)
-                await self.executors[tasks[name].kind].stop(ctx)
+                ctx = self._running_context(run, task, att, latest)
+                await self.executors[task.kind].stop(ctx)
             if not att.phase.finished:
                 await self.store.transition_attempt(
                     run_id,
@@ -454,13 +507,22 @@ def _run_info(run: RunRecord) -> dict[str, str]:
     return {"id": run.id, "name": run.name, "namespace": run.namespace}
 
 
-def _render_task(task: Task, ctx: templates.Context) -> Task:
-    """The task with its templates expanded; ``TemplateError`` names each bad field."""
+def _named(task: Task, name: str) -> Task:
+    """``task`` as instance ``name`` of its fan-out (itself for a plain task): executors
+    name pods, directories and messages after ``task.name``."""
+    return task if name == task.name else task.model_copy(update={"name": name})
+
+
+def _render_task(task: Task, ctx: templates.Context, name: str) -> Task:
+    """Task (or instance) ``name`` with its templates expanded; ``TemplateError`` names
+    each bad field."""
     executor = getattr(task, task.kind)
     raw = executor.model_dump(by_alias=True, exclude_none=True)
     rendered = templates.render_all(raw, ctx)
     try:
-        result = task.model_copy(update={task.kind: type(executor).model_validate(rendered)})
+        result = _named(task, name).model_copy(
+            update={task.kind: type(executor).model_validate(rendered)}
+        )
     except ValidationError as err:
         lines = [f"{task.kind}.{line}" for line in describe(err)]
         raise templates.TemplateError("after templating, " + "; ".join(lines)) from None

@@ -433,6 +433,16 @@ class Store:
             row = await session.get_one(AttemptRow, (run_id, task, attempt))
             return AttemptRecord.of(row)
 
+    async def create_attempts(self, run_id: str, tasks: Collection[str]) -> int:
+        """Record a Pending first attempt of each of ``tasks`` in one transaction (a
+        fan-out's instances: all or none exist); those that exist are left. The count made."""
+        now = _now()
+        made = 0
+        async with self._transaction() as session:
+            for task in tasks:
+                made += await self._insert_pending(session, run_id, task, 1, None, now)
+        return made
+
     async def _insert_pending(
         self,
         session: AsyncSession,
