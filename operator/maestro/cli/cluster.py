@@ -25,6 +25,7 @@ from rich.table import Table
 from maestro.api.models import WorkflowSpec
 from maestro.cli import columns
 from maestro.cli.run import default_database_url
+from maestro.dag import fanout
 from maestro.dag.validate import plan, resolve_params, validate
 from maestro.executors.container import LABEL_RUN, LABEL_TASK, run_label
 from maestro.k8s.client import (
@@ -299,7 +300,9 @@ async def _print_logs(
     kube: Kube, namespace: str, run: str, task: str | None, follow: bool
 ) -> tuple[int, int]:
     """Print each pod's log once, oldest first; (pods seen, logs fetched)."""
-    selector = f"{LABEL_RUN}={run_label(run)}" + (f",{LABEL_TASK}={task}" if task else "")
+    selector = f"{LABEL_RUN}={run_label(run)}" + (
+        f",{LABEL_TASK}={fanout.label_value(task)}" if task else ""
+    )
     done: set[str] = set()
     fetched = 0
     while True:

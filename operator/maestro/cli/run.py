@@ -21,6 +21,7 @@ from rich.table import Table
 from maestro.api.models import Workflow, WorkflowRun, WorkflowSpec
 from maestro.api.phases import RunPhase, TaskPhase
 from maestro.cli.files import load_file
+from maestro.dag import fanout
 from maestro.engine.driver import Waker, drive
 from maestro.engine.engine import Engine, InvalidRun, Pass
 from maestro.engine.executor import Executor
@@ -109,15 +110,27 @@ def _duration(a: datetime | None, b: datetime | None) -> str:
     return f"{(b - a).total_seconds():.1f}s"
 
 
+def _rows(
+    spec: WorkflowSpec, latest: Mapping[str, AttemptRecord]
+) -> list[tuple[str, AttemptRecord | None]]:
+    """Table rows: each task, or a fan-out's instances in item order in its place."""
+    found: list[tuple[str, AttemptRecord | None]] = []
+    for name, members in fanout.rows((t.name for t in spec.all_tasks()), latest):
+        if members and name not in latest:
+            found += [(m, latest[m]) for m in members]
+        else:
+            found.append((name, latest.get(name)))
+    return found
+
+
 def _table(run: RunRecord, spec: WorkflowSpec, latest: Mapping[str, AttemptRecord]) -> Table:
     table = Table(title=f"{run.name}  ({run.id})  {run.phase.value}", title_justify="left")
     for col in ("task", "phase", "attempt", "duration", "message"):
         table.add_column(col, overflow="fold")
-    for task in spec.all_tasks():
-        att = latest.get(task.name)
+    for name, att in _rows(spec, latest):
         phase = att.phase.value if att else "Pending"
         table.add_row(
-            task.name,
+            name,
             f"[{_COLORS[phase]}]{phase}[/]",
             str(att.attempt) if att else "",
             _duration(att.started_at, att.finished_at) if att else "",
@@ -214,7 +227,7 @@ async def _drive_with_display(
             if seen.get(name) != (att.attempt, att.phase):
                 seen[name] = (att.attempt, att.phase)
                 # A gate shows what its approver is asked while it waits.
-                shown = att.phase.finished or kinds.get(name) == "approval"
+                shown = att.phase.finished or kinds.get(fanout.base(name)) == "approval"
                 note = f": {att.message}" if att.message and shown else ""
                 console.print(
                     f"{datetime.now():%H:%M:%S} {name} #{att.attempt} {att.phase.value}{note}",
@@ -237,10 +250,9 @@ async def _summary(store: Store, run: RunRecord, spec: WorkflowSpec, console: Co
     table = Table(title="summary", title_justify="left")
     for col in ("task", "phase", "attempts", "duration", "outputs / message"):
         table.add_column(col, overflow="fold")
-    for task in spec.all_tasks():
-        att = latest.get(task.name)
+    for name, att in _rows(spec, latest):
         if att is None:
-            table.add_row(task.name, "-", "0", "", "")
+            table.add_row(name, "-", "0", "", "")
             continue
         detail = (
             ", ".join(f"{k}={v}" for k, v in (att.outputs or {}).items())
@@ -248,7 +260,7 @@ async def _summary(store: Store, run: RunRecord, spec: WorkflowSpec, console: Co
             else att.message or ""
         )
         table.add_row(
-            task.name,
+            name,
             f"[{_COLORS[att.phase.value]}]{att.phase.value}[/]",
             str(att.attempt),
             _duration(att.started_at, att.finished_at),

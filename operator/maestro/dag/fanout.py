@@ -19,6 +19,7 @@ from itertools import product
 from typing import Any
 
 from maestro.api.models import MAX_INSTANCES, ForEach, Task
+from maestro.api.phases import TaskPhase
 from maestro.dag import templates
 
 # JSON characters one fan-out's list (or all of a matrix's lists) may take.
@@ -149,3 +150,20 @@ def instances_of(names: Iterable[str]) -> dict[str, list[str]]:
         if index is not None:
             groups.setdefault(task, []).append((index, name))
     return {t: [n for _, n in sorted(g)] for t, g in groups.items()}
+
+
+def rows(tasks: Iterable[str], recorded: Iterable[str]) -> list[tuple[str, list[str]]]:
+    """Each task with its instances in item order, for tables and status."""
+    groups = instances_of(recorded)
+    return [(t, groups.get(t, [])) for t in tasks]
+
+
+def summary(phases: Sequence[TaskPhase]) -> TaskPhase:
+    """One phase for a fan-out's row, from its instances' latest phases: Running while
+    any runs or waits, then the first of Failed, Cancelled and Skipped any ended in."""
+    if any(not p.finished for p in phases):
+        return TaskPhase.RUNNING if TaskPhase.RUNNING in phases else TaskPhase.PENDING
+    for phase in (TaskPhase.FAILED, TaskPhase.CANCELLED, TaskPhase.SKIPPED):
+        if phase in phases:
+            return phase
+    return TaskPhase.SUCCEEDED

@@ -17,6 +17,7 @@ from typing import Any
 
 from maestro.api.models import WorkflowSpec
 from maestro.api.phases import RunPhase
+from maestro.dag import fanout
 from maestro.store import AttemptRecord, RunRecord
 
 # Per-task outputs shown in status are cut to this size; the store keeps them whole.
@@ -128,7 +129,18 @@ def run_status(
     tasks: dict[str, Any] = {}
     first_start: dict[str, datetime | None] = {}
     done = 0
-    names = [t.name for t in spec.all_tasks()]
+    names: list[str] = []
+    for name, members in fanout.rows((t.name for t in spec.all_tasks()), latest):
+        if members and name not in latest:
+            # A fan-out's own entry sums up its instances, which follow it.
+            phases = [latest[m].phase for m in members]
+            ended = sum(p.finished for p in phases)
+            tasks[name] = {
+                "phase": fanout.summary(phases).value,
+                "attempts": 0,
+                "message": f"{ended}/{len(members)} instances ended",
+            }
+        names += [name] if not members or name in latest else members
     share = max(MIN_DETAIL, TASK_DETAIL_BUDGET // max(1, len(names)))
     output_limit = min(MAX_OUTPUT_SUMMARY, share * 2 // 3)
     message_limit = min(MAX_MESSAGE_CHARS, share // 3)
