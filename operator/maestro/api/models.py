@@ -7,6 +7,7 @@ operator parses cluster objects with them. Field names are camelCase on the wire
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -472,6 +473,30 @@ class MatrixAxis(Model):
         return self
 
 
+DURATION = r"^([0-9]+(s|m|h|d))+$"
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(text: str) -> int:
+    """Seconds of a duration such as ``90s``, ``1h30m`` or ``7d``."""
+    return sum(int(n) * _DURATION_UNITS[u] for n, u in re.findall(r"([0-9]+)([smhd])", text))
+
+
+class CachePolicy(Model):
+    """Reuse the outputs of an earlier Succeeded attempt with the same rendered key.
+
+    Scoped to the run's namespace; the newest matching attempt within ``maxAge`` wins.
+    The key should say everything the outputs depend on (inputs, image, version).
+    """
+
+    key: Annotated[str, StringConstraints(min_length=1, max_length=1024)] = Field(
+        description="Template, e.g. 'build-{{ params.commit }}'; {{ item }} in a fan-out."
+    )
+    max_age: Annotated[str, StringConstraints(pattern=DURATION, max_length=32)] = Field(
+        description="How old a reused attempt may be: 30m, 12h, 7d, 1h30m."
+    )
+
+
 class ForEach(Model):
     """Run the task once per item of a list, or per combination of a matrix's lists.
 
@@ -544,6 +569,10 @@ class Task(Model):
                     "rule": "!has(self.forEach) || !has(self.approval)",
                     "message": "an approval task cannot have forEach",
                 },
+                {
+                    "rule": "!has(self.cache) || !has(self.approval)",
+                    "message": "an approval task cannot be cached",
+                },
             ]
         }
     )
@@ -563,6 +592,9 @@ class Task(Model):
     for_each: ForEach | None = Field(
         None, description="Fan out: one instance of the task per item (or matrix combination)."
     )
+    cache: CachePolicy | None = Field(
+        None, description="Reuse the outputs of an earlier attempt with the same key."
+    )
 
     @model_validator(mode="after")
     def _one_executor(self) -> Task:
@@ -570,6 +602,8 @@ class Task(Model):
             raise ValueError(_ONE_EXECUTOR)
         if self.for_each is not None and self.approval is not None:
             raise ValueError("an approval task cannot have forEach")
+        if self.cache is not None and self.approval is not None:
+            raise ValueError("an approval task cannot be cached")
         if self.for_each is not None and len(self.name) > MAX_FANOUT_NAME:
             raise ValueError(
                 f"name: at most {MAX_FANOUT_NAME} characters with forEach "
@@ -729,6 +763,9 @@ class WorkflowRunSpec(Model):
         description=SERVICE_ACCOUNT_DOC
         + " Default: the Workflow's, else the operator's --default-service-account.",
     )
+    no_cache: bool = Field(
+        False, description="Run every cached task again (its result still becomes an entry)."
+    )
 
     @model_validator(mode="after")
     def _one_workflow(self) -> WorkflowRunSpec:
@@ -747,6 +784,9 @@ class TaskStatus(Model):
     reason: str | None = None
     message: str | None = None
     job_name: str | None = None
+    cached_from: dict[str, Any] | None = Field(
+        None, description="For reason Cached: runId, task and attempt whose outputs it reused."
+    )
     outputs: dict[str, Any] | None = Field(
         None, description="Outputs, shortened when large; the store keeps them whole."
     )

@@ -199,6 +199,9 @@ async def _follow(kube: Kube, namespace: str, run: str, interval: float, show: b
 @click.option("--watch", is_flag=True, help="Show the run's tasks live until it ends.")
 @click.option("--wait", is_flag=True, help="Wait quietly until the run ends.")
 @click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option(
+    "--no-cache", is_flag=True, help="Run cached tasks again (sets spec.noCache on the run)."
+)
 @_common
 def submit_cmd(
     workflow: str,
@@ -207,6 +210,7 @@ def submit_cmd(
     watch: bool,
     wait: bool,
     interval: float,
+    no_cache: bool,
     namespace: str | None,
     kubeconfig: str | None,
 ) -> None:
@@ -221,7 +225,7 @@ def submit_cmd(
         if not sep:
             raise click.BadParameter(f"{item!r}: expected key=value", param_hint="-p")
         values[key] = value
-    body = run_manifest(workflow, values, name=name)
+    body = run_manifest(workflow, values, name=name, no_cache=no_cache)
 
     async def submit(kube: Kube) -> str | None:
         # Checked here too, so a typo fails now rather than as a run stuck Pending.

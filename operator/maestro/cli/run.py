@@ -145,6 +145,7 @@ async def _run(
     params: dict[str, str],
     resume: str | None,
     console: Console,
+    no_cache: bool,
 ) -> int:
     try:
         store = await Store.open(url, migrate=True)
@@ -172,6 +173,7 @@ async def _run(
                     spec=spec,
                     params={**file_params, **params},
                     workflow_name=wf_name,
+                    controls={"noCache": True} if no_cache else None,
                 )
         except InvalidRun as err:
             for problem in err.problems:
@@ -282,6 +284,7 @@ async def _summary(store: Store, run: RunRecord, spec: WorkflowSpec, console: Co
 )
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="A run param.")
 @click.option("--resume", metavar="RUN_ID", help="Continue an interrupted run.")
+@click.option("--no-cache", is_flag=True, help="Run cached tasks again instead of reusing outputs.")
 @click.option(
     "--database-url",
     envvar="MAESTRO_DATABASE_URL",
@@ -292,6 +295,7 @@ def run_cmd(
     local: bool,
     params: tuple[str, ...],
     resume: str | None,
+    no_cache: bool,
     database_url: str | None,
 ) -> None:
     """Run a Workflow (or WorkflowRun) FILE to its end and print a summary.
@@ -306,5 +310,5 @@ def run_cmd(
     if database_url is None:
         state_dir().mkdir(parents=True, exist_ok=True)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-    code = asyncio.run(_run(url, file, _parse_params(params), resume, console))
+    code = asyncio.run(_run(url, file, _parse_params(params), resume, console, no_cache))
     sys.exit(code)

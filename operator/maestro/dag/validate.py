@@ -60,10 +60,20 @@ def _graph_problems(tasks: list[Task], graph: Graph, known: set[str], label: str
 
 
 def _template_strings(task: Task) -> list[str]:
-    """Strings whose templates a task reads: its executor's and its fan-out's lists."""
+    """Strings whose templates a task reads: its executor's, its cache key and its fan-out's
+    lists."""
     executor = getattr(task, task.kind)
     found = list(templates.strings_in(executor.model_dump(by_alias=True, exclude_none=True)))
+    found += [task.cache.key] if task.cache else []
     return found + (fanout.sources(task.for_each) if task.for_each else [])
+
+
+def _refs_quietly(text: str) -> list[templates.Ref]:
+    """References in ``text``; none when it does not parse (reported elsewhere)."""
+    try:
+        return list(templates.refs_in(text))
+    except templates.TemplateError:
+        return []
 
 
 def _fanout_problems(task: Task) -> list[Problem]:
@@ -90,15 +100,19 @@ def _fanout_problems(task: Task) -> list[Problem]:
     for name, count in axes.items():
         if count > 1:
             problems.append(Problem(task.name, f"forEach.matrix: {name!r} is used {count} times"))
+    if task.cache is not None and not any(r.kind == "item" for r in _refs_quietly(task.cache.key)):
+        problems.append(
+            Problem(
+                task.name,
+                "cache.key must read {{ item }} (or item.KEY) in a task with forEach: "
+                "otherwise every instance shares one cache entry",
+            )
+        )
     instances = fanout.static_count(fe)
     if instances is not None and instances > MAX_INSTANCES:
         problems.append(Problem(task.name, fanout.too_many(task.name, instances)))
     for text in _template_strings(task):
-        try:
-            refs = list(templates.refs_in(text))
-        except templates.TemplateError:
-            continue  # reported with the other references
-        for ref in refs:
+        for ref in _refs_quietly(text):
             head = (ref.key or "").split(".")[0]
             if ref.kind == "item" and fe.matrix is not None and head not in axes:
                 known = ", ".join(axes)

@@ -10,15 +10,16 @@ idempotent for the crash between the CAS and the start.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
 
-from maestro.api.models import Task, WorkflowSpec
+from maestro.api.models import Task, WorkflowSpec, duration_seconds
 from maestro.api.parse import describe
 from maestro.api.phases import RunPhase, TaskPhase
 from maestro.dag import fanout, templates
@@ -414,6 +415,11 @@ class Engine:
         try:
             ctx_values, inputs = self._context(run, task, name, latest, run_info)
             rendered = _render_task(task, ctx_values, name)
+            cache_key = (
+                None
+                if task.cache is None
+                else cache_digest(run.namespace, templates.render(task.cache.key, ctx_values))
+            )
         except (templates.TemplateError, fanout.FanOutError) as err:
             failed = Settle(
                 name,
@@ -424,6 +430,18 @@ class Engine:
                 f"task {name!r} cannot start: {err}",
             )
             return await self._settle(run.id, failed)
+        if cache_key is not None and task.cache is not None and not run.controls.get("noCache"):
+            since = self.clock() - timedelta(seconds=duration_seconds(task.cache.max_age))
+            hit = await store.find_cached(run.namespace, cache_key, since=since)
+            if hit is not None:
+                source = await store.get_run(hit.run_id)
+                message = (
+                    f"cached: outputs of run {source.name} ({hit.run_id}), "
+                    f"task {hit.task} attempt {hit.attempt}"
+                )
+                return await store.reuse_cached(
+                    run.id, name, action.attempt, create=action.create, source=hit, message=message
+                )
         ctx = AttemptContext(
             run=run,
             task=rendered,
@@ -441,6 +459,7 @@ class Engine:
             reason=Reason.STARTED,
             message=_start_message(rendered),
             job_name=handle,
+            cache_key=cache_key,
         )
         if not won:
             return False  # another writer started it (or it moved on): never start twice
@@ -500,6 +519,12 @@ class Engine:
         )
         self.forget(run_id)
         return await self.store.get_run(run_id)
+
+
+def cache_digest(namespace: str, key: str) -> str:
+    """The stored form of a rendered cache key: scoped to the namespace, fixed length (and
+    the key's text, which may hold params, is not kept)."""
+    return hashlib.sha256(f"{namespace}\0{key}".encode()).hexdigest()
 
 
 def _run_info(run: RunRecord) -> dict[str, str]:

@@ -74,6 +74,7 @@ def controls_of_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         "suspend": bool(spec.get("suspend", False)),
         "cancel": bool(spec.get("cancel", False)),
         "approvals": sorted(set(spec.get("approvals") or [])),
+        "noCache": bool(spec.get("noCache", False)),
     }
 
 

@@ -159,6 +159,7 @@ def run_status(
             "reason": att.reason,
             "message": (att.message or "")[:message_limit] or None,
             "jobName": att.job_name,
+            "cachedFrom": att.cached_from,
             "outputs": summarize_outputs(att.outputs, output_limit),
         }
         tasks[name] = {k: v for k, v in entry.items() if v is not None}

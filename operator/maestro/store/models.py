@@ -102,8 +102,21 @@ class AttemptRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # When the executor's object (a Job) was created; see migration 0004_ends_outbox.
     launched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Cached tasks (migration 0006): the digest of the rendered cache key, on attempts
+    # that ran; and on a cached attempt, the attempt whose outputs it reused.
+    cache_key: Mapped[str | None] = mapped_column(String(64))
+    cached_from: Mapped[JSONDict | None] = mapped_column(JSONType)
 
-    __table_args__ = (CheckConstraint("attempt >= 1", name="attempt_positive"),)
+    __table_args__ = (
+        CheckConstraint("attempt >= 1", name="attempt_positive"),
+        Index(
+            "ix_task_attempts_cache",
+            "cache_key",
+            "finished_at",
+            postgresql_where="cache_key IS NOT NULL AND phase = 'Succeeded'",
+            sqlite_where="cache_key IS NOT NULL AND phase = 'Succeeded'",
+        ),
+    )
 
 
 class EventRow(Base):

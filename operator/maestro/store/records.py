@@ -73,6 +73,7 @@ class AttemptRecord:
     started_at: datetime | None
     finished_at: datetime | None
     launched_at: datetime | None = None  # when its Job was created (container tasks)
+    cached_from: dict[str, Any] | None = None  # {"runId", "task", "attempt"} when Cached
 
     @classmethod
     def of(cls, row: AttemptRow) -> AttemptRecord:
@@ -91,6 +92,7 @@ class AttemptRecord:
             started_at=row.started_at,
             finished_at=row.finished_at,
             launched_at=row.launched_at,
+            cached_from=row.cached_from,
         )
 
 

@@ -35,8 +35,9 @@ from maestro.store.urls import describe, parse_url
 
 #: The keys a run's ``controls`` may hold, with their values for a new run.
 DEFAULT_CONTROLS: Mapping[str, Any] = {"suspend": False, "cancel": False, "approvals": []}
-# Set only when known: who asked for the cancel (the run's message names them).
-OPTIONAL_CONTROLS = frozenset({"cancelledBy"})
+# Set only when known: who asked for the cancel (the run's message names them); whether
+# cached tasks run again (WorkflowRun spec.noCache, `--no-cache`).
+OPTIONAL_CONTROLS = frozenset({"cancelledBy", "noCache"})
 
 PING_TIMEOUT = 2.0
 
@@ -494,9 +495,11 @@ class Store:
         reason: str | None = None,
         message: str | None = None,
         job_name: str | None = None,
+        cache_key: str | None = None,
     ) -> bool:
         """Create the attempt (when ``create``) and move it Pending -> Running, in one
-        transaction: what starting a task costs. False when another writer started it."""
+        transaction: what starting a task costs. False when another writer started it.
+        ``cache_key`` makes the attempt, once Succeeded, a cache entry (find_cached)."""
         now = _now()
         async with self._transaction() as session:
             if create:
@@ -504,6 +507,8 @@ class Store:
             values: dict[str, Any] = {"reason": reason, "message": message}
             if job_name is not None:
                 values["job_name"] = job_name
+            if cache_key is not None:
+                values["cache_key"] = cache_key
             return await self._move_attempt(
                 session, run_id, task, attempt, TaskPhase.RUNNING, {TaskPhase.PENDING}, values, now
             )
@@ -597,6 +602,62 @@ class Store:
         async with self._transaction() as session:
             return await self._move_attempt(
                 session, run_id, task, attempt, new, sources, values, now
+            )
+
+    async def find_cached(
+        self, namespace: str, cache_key: str, *, since: datetime
+    ) -> AttemptRecord | None:
+        """The newest Succeeded attempt of ``namespace`` with ``cache_key`` that finished
+        at or after ``since`` (the index ix_task_attempts_cache serves it)."""
+        query = (
+            select(AttemptRow)
+            .join(RunRow, RunRow.id == AttemptRow.run_id)
+            .where(
+                AttemptRow.cache_key == cache_key,
+                AttemptRow.phase == TaskPhase.SUCCEEDED.value,
+                AttemptRow.finished_at >= since,
+                RunRow.namespace == namespace,
+            )
+            .order_by(AttemptRow.finished_at.desc())
+            .limit(1)
+        )
+        async with self._transaction() as session:
+            row = await session.scalar(query)
+            return AttemptRecord.of(row) if row is not None else None
+
+    async def reuse_cached(
+        self,
+        run_id: str,
+        task: str,
+        attempt: int,
+        *,
+        create: bool,
+        source: AttemptRecord,
+        message: str,
+    ) -> bool:
+        """Record the attempt Succeeded with ``source``'s outputs (reason ``Cached``), in
+        one transaction; False when another writer started it first."""
+        now = _now()
+        reason = "Cached"
+        async with self._transaction() as session:
+            if create:
+                await self._insert_pending(session, run_id, task, attempt, None, now)
+            started = {"reason": reason, "message": message}
+            if not await self._move_attempt(
+                session, run_id, task, attempt, TaskPhase.RUNNING, {TaskPhase.PENDING}, started, now
+            ):
+                return False
+            done = {
+                **started,
+                "outputs": dict(source.outputs or {}),
+                "cached_from": {
+                    "runId": source.run_id,
+                    "task": source.task,
+                    "attempt": source.attempt,
+                },
+            }
+            return await self._move_attempt(
+                session, run_id, task, attempt, TaskPhase.SUCCEEDED, {TaskPhase.RUNNING}, done, now
             )
 
     async def mark_launched(self, run_id: str, task: str, attempt: int) -> None:
