@@ -1,4 +1,5 @@
-"""forEach at validation: every problem named, the instance limit, names, labels, graph."""
+"""forEach and cache at validation: every problem named, the instance limit, names,
+labels, graph; --no-cache on submit."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import yaml
 from click.testing import CliRunner
 from pydantic import ValidationError
 
-from maestro.api.models import MAX_INSTANCES, WorkflowSpec
+from maestro.api.models import MAX_INSTANCES, WorkflowRunSpec, WorkflowSpec, duration_seconds
 from maestro.cli.main import cli
 from maestro.dag import fanout, render
 from maestro.dag.validate import plan, validate
+from maestro.k8s.client import run_manifest
 
 
 def _c(name: str, *args: str, **extra: Any) -> dict[str, Any]:
@@ -144,3 +146,29 @@ def test_maestro_validate_names_every_problem(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "a: {{ item }} is only known in a task with forEach" in result.stderr
     assert "b: template reads unknown param 'missing'" in result.stderr
+
+
+def test_cache_is_checked_at_validation() -> None:
+    assert _problems(
+        [_c("f", "{{ item }}", forEach={"items": [1, 2]}, cache={"key": "f", "maxAge": "1h"})]
+    ) == [
+        "f: cache.key must read {{ item }} (or item.KEY) in a task with forEach: otherwise "
+        "every instance shares one cache entry"
+    ]
+    assert _problems([_c("t", cache={"key": "{{ params.nope }}", "maxAge": "1h"})]) == [
+        "t: template reads unknown param 'nope'"
+    ]
+    with pytest.raises(ValidationError, match="String should match pattern"):
+        WorkflowSpec.model_validate({"tasks": [_c("t", cache={"key": "k", "maxAge": "1 hour"})]})
+    with pytest.raises(ValidationError, match="an approval task cannot be cached"):
+        WorkflowSpec.model_validate(
+            {"tasks": [{"name": "g", "approval": {}, "cache": {"key": "k", "maxAge": "1h"}}]}
+        )
+    assert duration_seconds("1h30m") == 5400
+    assert duration_seconds("7d") == 7 * 86400
+
+
+def test_submit_no_cache_sets_the_run_spec_field() -> None:
+    assert run_manifest("wf", {}, no_cache=True)["spec"]["noCache"] is True
+    assert "noCache" not in run_manifest("wf", {})["spec"]
+    assert WorkflowRunSpec.model_validate(run_manifest("wf", {}, no_cache=True)["spec"]).no_cache
