@@ -172,3 +172,22 @@ def test_submit_no_cache_sets_the_run_spec_field() -> None:
     assert run_manifest("wf", {}, no_cache=True)["spec"]["noCache"] is True
     assert "noCache" not in run_manifest("wf", {})["spec"]
     assert WorkflowRunSpec.model_validate(run_manifest("wf", {}, no_cache=True)["spec"]).no_cache
+
+
+def test_workflow_outputs_are_checked_at_validation() -> None:
+    problems = _problems(
+        [_c("a")],
+        params=[{"name": "p"}],
+        outputs=[
+            {"name": "x", "value": "{{ tasks.nope.outputs.k }}"},
+            {"name": "x", "value": "{{ params.q }}"},
+            {"name": "y", "value": "{{ item }}"},
+            {"name": "z", "value": "{{ tasks.a.outputs.k }} and {{ params.p }}"},
+        ],
+    )
+    assert problems == [
+        "outputs: 'x' is declared 2 times",
+        "outputs.x: reads unknown task 'nope'",
+        "outputs.x: reads unknown param 'q'",
+        "outputs.y: {{ item }} is only known in a task",
+    ]

@@ -624,6 +624,17 @@ class Task(Model):
 _NAME_CLASH = "a workspace and a volume cannot share a name (volumeMounts name either)"
 
 
+class WorkflowOutput(Model):
+    """A result of the whole workflow, computed from its tasks' outputs when it succeeds."""
+
+    name: ParamName
+    value: Annotated[str, StringConstraints(min_length=1, max_length=1024)] = Field(
+        description="Template, e.g. '{{ tasks.build.outputs.image }}'; a value that is one "
+        "template keeps its JSON type (a fan-out's list stays a list)."
+    )
+    description: str | None = None
+
+
 class WorkflowSpec(Model):
     """A reusable DAG template."""
 
@@ -670,6 +681,11 @@ class WorkflowSpec(Model):
     )
     pod_template: PodTemplate | None = Field(
         None, description="Placement and image pulling of every container task's pod."
+    )
+    outputs: list[WorkflowOutput] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Results of the run, from its tasks' outputs, set when it succeeds.",
     )
 
     def all_tasks(self) -> list[Task]:
@@ -811,6 +827,9 @@ class WorkflowRunStatus(Model):
     )
     trace_id: str | None = Field(
         None, description="OpenTelemetry trace id of the run, when the operator exports traces."
+    )
+    outputs: dict[str, Any] | None = Field(
+        None, description="The workflow's declared outputs, once the run Succeeded."
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets as random
 import signal
@@ -272,6 +273,8 @@ async def _summary(store: Store, run: RunRecord, spec: WorkflowSpec, console: Co
     color = "green" if run.phase is RunPhase.SUCCEEDED else "red"
     took = _duration(run.started_at, run.finished_at)
     console.print(f"run {run.name}: [{color}]{run.phase.value}[/] in {took}: {run.message}")
+    if run.outputs:
+        console.print("outputs: " + json.dumps(run.outputs, separators=(", ", ": ")))
 
 
 @click.command("run")

@@ -26,7 +26,7 @@ from typing import Any
 
 from maestro.api.models import Task, WorkflowSpec
 from maestro.api.phases import RunPhase, TaskPhase
-from maestro.dag import expressions, fanout
+from maestro.dag import expressions, fanout, templates
 from maestro.dag.graph import Graph
 from maestro.dag.templates import Context
 from maestro.dag.validate import Plan
@@ -53,6 +53,7 @@ class Reason:
     COMPLETED = "Completed"
     NO_ITEMS = "NoItems"
     INSTANCE_FAILED = "InstanceFailed"
+    OUTPUT_ERROR = "OutputError"
 
 
 # Skips that mean "this branch cannot succeed": dependents are skipped in turn.
@@ -173,6 +174,7 @@ class Decision:
     wake_at: datetime | None = None
     message: str = ""
     outcome: str | None = None  # what the main DAG ended as, once it has
+    outputs: dict[str, Any] | None = None  # the workflow's outputs, when it Succeeded
 
 
 def retry_left(task: Task, state: TaskState) -> bool:
@@ -659,6 +661,14 @@ def decide(state: RunState, now: datetime) -> Decision:
     if outcome is RunPhase.SUCCEEDED and final_failed is not None:
         outcome, reason = RunPhase.FAILED, Reason.FINALLY_FAILED
         message = "finally " + _failure_message(w.view, final_failed)
+    if outcome is RunPhase.SUCCEEDED and spec.outputs:
+        # A declared output that cannot be computed fails the run: its callers (a parent
+        # workflow, a script reading status) would otherwise read something missing.
+        ctx = w.context(outcome.value)
+        try:
+            decision.outputs = {o.name: templates.render_value(o.value, ctx) for o in spec.outputs}
+        except templates.TemplateError as err:
+            outcome, reason, message = RunPhase.FAILED, Reason.OUTPUT_ERROR, f"outputs: {err}"
     if state.phase is RunPhase.SUSPENDED:
         decision.run.append(RunTransition(RunPhase.RUNNING, Reason.STARTED, "resumed"))
     decision.run.append(RunTransition(outcome, reason, message))

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 _TEMPLATE = re.compile(r"\{\{\s*(.*?)\s*\}\}")
+# A whole string that is one template: no braces inside, or "{{ a }} {{ b }}" would match.
+_SOLE = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 _PARAM = re.compile(r"^params\.([A-Za-z_][A-Za-z0-9_]*)$")
 _OUTPUT = re.compile(r"^tasks\.([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.outputs\.([-\w.]+)$")
 _RUN = re.compile(r"^run\.(id|name|namespace|outcome)$")
@@ -82,7 +84,7 @@ def parse_ref(text: str) -> Ref:
 
 def sole_ref(text: str) -> Ref:
     """The reference of a string that is one ``{{ ... }}`` and nothing else (no filters)."""
-    m = _TEMPLATE.fullmatch(text.strip())
+    m = _SOLE.fullmatch(text.strip())
     if m is None:
         raise TemplateError(
             f"{text!r} must be one template and nothing else, e.g. {{{{ params.P }}}}"
@@ -202,6 +204,17 @@ def render(text: str, ctx: Context, budget: _Budget | None = None) -> str:
         return text
 
     return _TEMPLATE.sub(sub, text)
+
+
+def render_value(text: str, ctx: Context) -> Any:
+    """A value that is one template keeps the JSON type it refers to (a list stays a
+    list); any other text is rendered as a string."""
+    m = _SOLE.fullmatch(text.strip())
+    if m is not None:
+        ref, filters = parse_template(m.group(1))
+        if not filters:
+            return ctx.lookup(ref)
+    return render(text, ctx)
 
 
 def render_all(value: Any, ctx: Context, budget: _Budget | None = None) -> Any:

@@ -426,6 +426,30 @@ def validate(spec: WorkflowSpec) -> list[Problem]:
     for task in spec.all_tasks():
         problems += [Problem(task.name, p) for p in field_problems(task, rendered=False)]
         problems += _fanout_problems(task)
+    problems += _output_problems(spec, params, set(names))
+    return problems
+
+
+def _output_problems(spec: WorkflowSpec, params: set[str], tasks: set[str]) -> list[Problem]:
+    """Workflow outputs read declared params and tasks of the workflow, nothing else."""
+    problems: list[Problem] = []
+    for name, count in Counter(o.name for o in spec.outputs).items():
+        if count > 1:
+            problems.append(Problem(None, f"outputs: {name!r} is declared {count} times"))
+    for out in spec.outputs:
+        where = f"outputs.{out.name}"
+        try:
+            refs = list(templates.refs_in(out.value))
+        except templates.TemplateError as err:
+            problems.append(Problem(None, f"{where}: {err}"))
+            continue
+        for ref in refs:
+            if ref.kind == "param" and ref.name not in params:
+                problems.append(Problem(None, f"{where}: reads unknown param {ref.name!r}"))
+            elif ref.kind == "output" and ref.name not in tasks:
+                problems.append(Problem(None, f"{where}: reads unknown task {ref.name!r}"))
+            elif ref.kind == "item":
+                problems.append(Problem(None, f"{where}: {{{{ {ref} }}}} is only known in a task"))
     return problems
 
 

@@ -307,8 +307,14 @@ class Engine:
         progressed |= any(started)
         phase = run.phase
         for move in decision.run:
+            outputs = decision.outputs if move.phase is RunPhase.SUCCEEDED else None
             if await self.store.set_run_phase(
-                run_id, move.phase, expected=phase, message=move.message, reason=move.reason
+                run_id,
+                move.phase,
+                expected=phase,
+                message=move.message,
+                reason=move.reason,
+                outputs=outputs,
             ):
                 phase = move.phase
                 progressed = True

@@ -182,6 +182,8 @@ def run_status(
         ),
         "observedGeneration": generation,
     }
+    if run.outputs is not None:
+        status["outputs"] = summarize_outputs(run.outputs)
     if include_spec:
         status["workflowSpec"] = run.spec
     return status

@@ -64,6 +64,8 @@ class RunRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # OpenTelemetry trace id (32 hex digits) when the operator exports traces.
     trace_id: Mapped[str | None] = mapped_column(String(32))
+    # The workflow's declared outputs, once the run Succeeded (migration 0006).
+    outputs: Mapped[JSONDict | None] = mapped_column(JSONType)
 
     __table_args__ = (
         # NULL uids (local runs) never collide: NULLs are distinct in a unique constraint.

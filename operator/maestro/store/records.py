@@ -31,6 +31,7 @@ class RunRecord:
     finished_at: datetime | None
     updated_at: datetime
     trace_id: str | None = None
+    outputs: dict[str, Any] | None = None  # the workflow's declared outputs, once Succeeded
 
     @classmethod
     def of(cls, row: RunRow) -> RunRecord:
@@ -53,6 +54,7 @@ class RunRecord:
             finished_at=row.finished_at,
             updated_at=row.updated_at,
             trace_id=row.trace_id,
+            outputs=row.outputs,
         )
 
 

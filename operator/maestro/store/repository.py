@@ -316,12 +316,14 @@ class Store:
         expected: RunPhase | Collection[RunPhase] | None = None,
         message: str | None = None,
         reason: str | None = None,
+        outputs: dict[str, Any] | None = None,
     ) -> bool:
         """Move a run to ``new`` if it is in an allowed (and expected) phase.
 
         Compare-and-set in one transaction with its event. Returns False, without
         writing, when the move is not in RUN_TRANSITIONS or the run is no longer in an
-        expected phase. ``message`` and ``reason`` describe the new phase (None clears).
+        expected phase. ``message`` and ``reason`` describe the new phase (None clears);
+        ``outputs`` (the workflow's, on success) are stored with it when given.
         """
         new = RunPhase(new)
         if isinstance(expected, RunPhase):
@@ -337,7 +339,12 @@ class Store:
                 (RunRow.id == run_id,),
                 sources,
                 new,
-                {"message": message, "reason": reason, "updated_at": now},
+                {
+                    "message": message,
+                    "reason": reason,
+                    "updated_at": now,
+                    **({"outputs": outputs} if outputs is not None else {}),
+                },
                 now,
                 missing=RunNotFound(f"run {run_id} not found"),
             )

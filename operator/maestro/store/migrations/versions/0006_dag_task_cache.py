@@ -1,4 +1,6 @@
-"""Cached tasks: an attempt's cache key, and where a cached attempt's outputs came from.
+"""Cached tasks and workflow outputs.
+
+``runs.outputs``: a Workflow's declared ``outputs``, computed when the run Succeeded.
 
 ``task_attempts.cache_key``: a digest of the namespace and the task's rendered
 ``cache.key``, set on attempts that ran (never on cached copies, so an entry's age is
@@ -29,7 +31,9 @@ JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
 
 def upgrade() -> None:
-    """Add the two nullable columns and the lookup index (old attempts cache nothing)."""
+    """Add the nullable columns and the lookup index (old attempts cache nothing)."""
+    with op.batch_alter_table("runs") as batch:
+        batch.add_column(sa.Column("outputs", JSON, nullable=True))
     with op.batch_alter_table("task_attempts") as batch:
         batch.add_column(sa.Column("cache_key", sa.String(64), nullable=True))
         batch.add_column(sa.Column("cached_from", JSON, nullable=True))
@@ -43,8 +47,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    """Drop the index and the columns (cache entries are lost)."""
+    """Drop the index and the columns (cache entries and run outputs are lost)."""
     op.drop_index("ix_task_attempts_cache", table_name="task_attempts")
     with op.batch_alter_table("task_attempts") as batch:
         batch.drop_column("cached_from")
         batch.drop_column("cache_key")
+    with op.batch_alter_table("runs") as batch:
+        batch.drop_column("outputs")
