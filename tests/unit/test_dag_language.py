@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from maestro.api.models import MAX_INSTANCES, WorkflowRunSpec, WorkflowSpec, duration_seconds
 from maestro.cli.main import cli
 from maestro.dag import fanout, render
-from maestro.dag.validate import plan, validate
+from maestro.dag.validate import Problem, call_problems, plan, validate
 from maestro.k8s.client import run_manifest
 
 
@@ -190,4 +190,24 @@ def test_workflow_outputs_are_checked_at_validation() -> None:
         "outputs.x: reads unknown task 'nope'",
         "outputs.x: reads unknown param 'q'",
         "outputs.y: {{ item }} is only known in a task",
+    ]
+
+
+def test_workflow_calls_are_checked_for_cycles_and_depth() -> None:
+    def calls(*names: str) -> WorkflowSpec:
+        return WorkflowSpec.model_validate(
+            {"tasks": [{"name": f"to-{n}", "workflow": {"name": n}} for n in names]}
+        )
+
+    chain = {f"w{i}": calls(f"w{i + 1}") for i in range(6)}
+    assert call_problems("w0", chain, all_known=False) == [
+        Problem("to-w5", "workflow calls nest deeper than 4: w0 -> w1 -> w2 -> w3 -> w4 -> w5")
+    ]
+    loop = {"a": calls("b"), "b": calls("a", "c")}
+    assert [str(p) for p in call_problems("a", loop, all_known=False)] == [
+        "to-a: workflow calls form a cycle: a -> b -> a"
+    ]
+    assert [str(p) for p in call_problems("a", loop, all_known=True)] == [
+        "to-a: workflow calls form a cycle: a -> b -> a",
+        "to-c: calls workflow 'c', which is not among the files given",
     ]

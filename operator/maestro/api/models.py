@@ -430,7 +430,23 @@ class ApprovalTask(Model):
     message: str | None = Field(None, description="What the approver is asked.")
 
 
-_ONE_EXECUTOR = "exactly one of container, http and approval must be set"
+class WorkflowCall(Model):
+    """Run another Workflow of the same namespace as a child run, and wait for it.
+
+    The task's outputs are the child's declared ``outputs``. The child is owned by the
+    parent run: cancelling or deleting the parent cancels or deletes it.
+    """
+
+    name: ResourceName = Field(description="A Workflow in the run's namespace.")
+    params: dict[str, str] = Field(
+        default_factory=dict, description="Params of the child run; templates are expanded."
+    )
+
+
+# How deep workflows may call workflows (a run of depth 0 starts children of depth 1).
+MAX_CALL_DEPTH = 4
+
+_ONE_EXECUTOR = "exactly one of container, http, approval and workflow must be set"
 
 # Instances of one fan-out: each is a task attempt record, a status entry and a pod.
 MAX_INSTANCES = 1024
@@ -557,7 +573,7 @@ class Task(Model):
                     # Ternaries, not a filtered list: the API server's CEL cost
                     # estimator rejects the list form for lists of thousands of tasks.
                     "rule": "(has(self.container) ? 1 : 0) + (has(self.http) ? 1 : 0)"
-                    " + (has(self.approval) ? 1 : 0) == 1",
+                    " + (has(self.approval) ? 1 : 0) + (has(self.workflow) ? 1 : 0) == 1",
                     "message": _ONE_EXECUTOR,
                 },
                 {
@@ -589,6 +605,7 @@ class Task(Model):
     container: ContainerTask | None = None
     http: HttpTask | None = None
     approval: ApprovalTask | None = None
+    workflow: WorkflowCall | None = None
     for_each: ForEach | None = Field(
         None, description="Fan out: one instance of the task per item (or matrix combination)."
     )
@@ -598,7 +615,8 @@ class Task(Model):
 
     @model_validator(mode="after")
     def _one_executor(self) -> Task:
-        if sum(x is not None for x in (self.container, self.http, self.approval)) != 1:
+        executors = (self.container, self.http, self.approval, self.workflow)
+        if sum(x is not None for x in executors) != 1:
             raise ValueError(_ONE_EXECUTOR)
         if self.for_each is not None and self.approval is not None:
             raise ValueError("an approval task cannot have forEach")
@@ -612,12 +630,14 @@ class Task(Model):
         return self
 
     @property
-    def kind(self) -> Literal["container", "http", "approval"]:
+    def kind(self) -> Literal["container", "http", "approval", "workflow"]:
         """Which executor runs this task."""
         if self.container is not None:
             return "container"
         if self.http is not None:
             return "http"
+        if self.workflow is not None:
+            return "workflow"
         return "approval"
 
 

@@ -64,6 +64,14 @@ async def _show(url: str, run_id: str | None, namespace: str | None, limit: int)
         console.print(f"started {_t(run.started_at)}, finished {_t(run.finished_at) or '-'}")
         if run.outputs:
             console.print(f"outputs {run.outputs}", soft_wrap=True)
+        if run.parent_id is not None:
+            parent = await store.get_run(run.parent_id)
+            console.print(f"child of run {parent.namespace}/{parent.name} ({parent.id})")
+        for child in await store.children(run.id):
+            console.print(
+                f"child run {child.namespace}/{child.name} ({child.id}): {child.phase.value}",
+                soft_wrap=True,
+            )
         attempts = Table(title="attempts", title_justify="left")
         for col in ("task", "try", "phase", "reason", "started"):
             attempts.add_column(col, no_wrap=True)

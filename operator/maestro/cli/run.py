@@ -23,6 +23,7 @@ from maestro.api.models import Workflow, WorkflowRun, WorkflowSpec
 from maestro.api.phases import RunPhase, TaskPhase
 from maestro.cli.files import load_file
 from maestro.dag import fanout
+from maestro.dag.validate import call_problems
 from maestro.engine.driver import Waker, drive
 from maestro.engine.engine import Engine, InvalidRun, Pass
 from maestro.engine.executor import Executor
@@ -30,6 +31,7 @@ from maestro.executors.approval import ApprovalExecutor
 from maestro.executors.http import HttpExecutor
 from maestro.executors.local import LocalExecutor
 from maestro.executors.secrets import EnvSecrets
+from maestro.executors.workflow import LocalWorkflows
 from maestro.store import AttemptRecord, RunRecord, Store, StoreError
 
 _COLORS = {
@@ -103,6 +105,16 @@ def _workflow_from(file: Path) -> tuple[str, WorkflowSpec, dict[str, str]]:
     return name or "workflow", workflow.spec, {}
 
 
+def _library(files: list[Path]) -> dict[str, WorkflowSpec]:
+    """Every Workflow in ``files`` by name: what ``workflow`` tasks may call."""
+    found: dict[str, WorkflowSpec] = {}
+    for path in files:
+        for doc in load_file(path):
+            if isinstance(doc.manifest, Workflow) and doc.manifest.metadata.name:
+                found[doc.manifest.metadata.name] = doc.manifest.spec
+    return found
+
+
 def _duration(a: datetime | None, b: datetime | None) -> str:
     if a is None:
         return ""
@@ -147,6 +159,7 @@ async def _run(
     resume: str | None,
     console: Console,
     no_cache: bool,
+    library: dict[str, WorkflowSpec],
 ) -> int:
     try:
         store = await Store.open(url, migrate=True)
@@ -155,18 +168,24 @@ async def _run(
     waker = Waker()
     async with httpx.AsyncClient() as client:
         secrets = EnvSecrets()
+        children = LocalWorkflows(library, waker)
         executors: dict[str, Executor] = {
             "container": LocalExecutor(state_dir() / "attempts", secrets, waker),
             "http": HttpExecutor(secrets, waker, client),
             "approval": ApprovalExecutor(),
+            "workflow": children,
         }
         engine = Engine(store, executors)
+        children.bind(engine)
         try:
             if resume is not None:
                 run = await store.get_run(resume)
             else:
                 assert file is not None
                 wf_name, spec, file_params = _workflow_from(file)
+                calls = call_problems(wf_name, {**library, wf_name: spec}, all_known=True)
+                if calls:
+                    raise InvalidRun([str(p) for p in calls])
                 name = f"{wf_name}-{random.token_hex(3)}"
                 run = await engine.create_run(
                     namespace="local",
@@ -279,6 +298,7 @@ async def _summary(store: Store, run: RunRecord, spec: WorkflowSpec, console: Co
 
 @click.command("run")
 @click.argument("file", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("more", nargs=-1, type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
     "--local",
     is_flag=True,
@@ -295,6 +315,7 @@ async def _summary(store: Store, run: RunRecord, spec: WorkflowSpec, console: Co
 )
 def run_cmd(
     file: Path | None,
+    more: tuple[Path, ...],
     local: bool,
     params: tuple[str, ...],
     resume: str | None,
@@ -303,15 +324,27 @@ def run_cmd(
 ) -> None:
     """Run a Workflow (or WorkflowRun) FILE to its end and print a summary.
 
-    Exits 0 only when the run Succeeded.
+    Workflows in FILE and in the MORE files are what its `workflow` tasks may call (with
+    --resume, give the files again). Exits 0 only when the run Succeeded.
     """
     if not local:
         raise click.UsageError("only --local runs are done here; on a cluster use `maestro submit`")
-    if (file is None) == (resume is None):
-        raise click.UsageError("give a FILE to run or --resume RUN_ID, not both")
+    files = [*([file] if file else []), *more]
+    if not files and resume is None:
+        raise click.UsageError("give a FILE to run or --resume RUN_ID")
     url = database_url or default_database_url()
     if database_url is None:
         state_dir().mkdir(parents=True, exist_ok=True)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-    code = asyncio.run(_run(url, file, _parse_params(params), resume, console, no_cache))
+    code = asyncio.run(
+        _run(
+            url,
+            file if resume is None else None,
+            _parse_params(params),
+            resume,
+            console,
+            no_cache,
+            _library(files),
+        )
+    )
     sys.exit(code)

@@ -18,7 +18,12 @@ PHASE_COLORS = {
     "Skipped": "#fff59d",
     "Cancelled": "#bcaaa4",
 }
-_KIND_SHAPES = {"container": ("[", "]"), "http": ("([", "])"), "approval": ("{{", "}}")}
+_KIND_SHAPES = {
+    "container": ("[", "]"),
+    "http": ("([", "])"),
+    "approval": ("{{", "}}"),
+    "workflow": ("[[", "]]"),
+}
 
 
 def _mermaid_id(name: str) -> str:
@@ -78,7 +83,7 @@ def mermaid(spec: WorkflowSpec, phases: Mapping[str, str] | None = None) -> str:
 def dot(spec: WorkflowSpec, phases: Mapping[str, str] | None = None) -> str:
     """A Graphviz digraph of the DAG (``dot -Tpng`` turns it into a picture)."""
     suffix, phases = _grouped(spec, phases or {})
-    shapes = {"container": "box", "http": "oval", "approval": "hexagon"}
+    shapes = {"container": "box", "http": "oval", "approval": "hexagon", "workflow": "box3d"}
     lines = ["digraph workflow {", "  rankdir=TB;", '  node [style="rounded,filled"];']
 
     def node(task_name: str, kind: str) -> str:

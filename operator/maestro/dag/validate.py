@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from maestro.api.models import MAX_INSTANCES, Task, WorkflowSpec
+from maestro.api.models import MAX_CALL_DEPTH, MAX_INSTANCES, Task, WorkflowSpec
 from maestro.dag import expressions, fanout, templates
 from maestro.dag.graph import Graph
 
@@ -451,6 +451,47 @@ def _output_problems(spec: WorkflowSpec, params: set[str], tasks: set[str]) -> l
             elif ref.kind == "item":
                 problems.append(Problem(None, f"{where}: {{{{ {ref} }}}} is only known in a task"))
     return problems
+
+
+def call_problems(
+    root: str, workflows: Mapping[str, WorkflowSpec], *, all_known: bool
+) -> list[Problem]:
+    """``workflow`` tasks reachable from workflow ``root``: cycles and nesting deeper than
+    MAX_CALL_DEPTH, each naming the chain; with ``all_known``, callees missing from
+    ``workflows`` too (local mode runs children only from the files given)."""
+    problems: dict[str, Problem] = {}
+    walked: set[tuple[str, int]] = set()  # diamonds are walked once per depth
+
+    def walk(name: str, chain: list[str]) -> None:
+        spec = workflows.get(name)
+        if spec is None or (name, len(chain)) in walked:
+            return
+        walked.add((name, len(chain)))
+        for task in spec.all_tasks():
+            if task.workflow is None:
+                continue
+            path = [*chain, task.workflow.name]
+            shown = " -> ".join(path)
+            if task.workflow.name in chain:
+                problem = Problem(task.name, f"workflow calls form a cycle: {shown}")
+            elif len(path) - 1 > MAX_CALL_DEPTH:
+                problem = Problem(
+                    task.name, f"workflow calls nest deeper than {MAX_CALL_DEPTH}: {shown}"
+                )
+            elif task.workflow.name not in workflows:
+                if not all_known:
+                    continue
+                problem = Problem(
+                    task.name,
+                    f"calls workflow {task.workflow.name!r}, which is not among the files given",
+                )
+            else:
+                walk(task.workflow.name, path)
+                continue
+            problems.setdefault(str(problem), problem)
+
+    walk(root, [root])
+    return list(problems.values())
 
 
 def reads_of(task: Task) -> frozenset[str]:

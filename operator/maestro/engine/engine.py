@@ -120,6 +120,7 @@ class Engine:
         uid: str | None = None,
         generation: int = 1,
         controls: Mapping[str, Any] | None = None,
+        parent_id: str | None = None,
     ) -> RunRecord:
         """Validate, snapshot the spec and params, and record a Pending run.
 
@@ -140,6 +141,7 @@ class Engine:
             uid=uid,
             generation=generation,
             controls=dict(controls or {}),
+            parent_id=parent_id,
         )
 
     async def seed_from(self, run_id: str, source_id: str) -> list[str]:

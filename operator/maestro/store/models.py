@@ -66,6 +66,9 @@ class RunRow(Base):
     trace_id: Mapped[str | None] = mapped_column(String(32))
     # The workflow's declared outputs, once the run Succeeded (migration 0006).
     outputs: Mapped[JSONDict | None] = mapped_column(JSONType)
+    # The run whose `workflow` task started this one (migration 0006). Not a foreign key:
+    # pruning a parent's history keeps its children's.
+    parent_id: Mapped[str | None] = mapped_column(String(36))
 
     __table_args__ = (
         # NULL uids (local runs) never collide: NULLs are distinct in a unique constraint.
@@ -81,6 +84,7 @@ class RunRow(Base):
         # History pages newest first (keyset pagination over created_at, id).
         Index("ix_runs_created_at_id", "created_at", "id"),
         Index("ix_runs_namespace_created_at_id", "namespace", "created_at", "id"),
+        Index("ix_runs_parent_id", "parent_id"),
     )
 
 

@@ -32,6 +32,7 @@ class RunRecord:
     updated_at: datetime
     trace_id: str | None = None
     outputs: dict[str, Any] | None = None  # the workflow's declared outputs, once Succeeded
+    parent_id: str | None = None  # the run whose workflow task started this one
 
     @classmethod
     def of(cls, row: RunRow) -> RunRecord:
@@ -55,6 +56,7 @@ class RunRecord:
             updated_at=row.updated_at,
             trace_id=row.trace_id,
             outputs=row.outputs,
+            parent_id=row.parent_id,
         )
 
 

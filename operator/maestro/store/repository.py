@@ -244,8 +244,11 @@ class Store:
         uid: str | None = None,
         generation: int = 1,
         controls: dict[str, Any] | None = None,
+        parent_id: str | None = None,
     ) -> RunRecord:
-        """Record a new Pending run; replaying the same (namespace, uid) returns the first one."""
+        """Record a new Pending run; replaying the same (namespace, uid) returns the first one.
+
+        ``parent_id``: the run whose ``workflow`` task this one is."""
         _check_controls(controls or {})
         now = _now()
         run_id = str(uuid.uuid4())
@@ -264,6 +267,7 @@ class Store:
                 generation=generation,
                 created_at=now,
                 updated_at=now,
+                parent_id=parent_id,
             )
             .on_conflict_do_nothing(index_elements=["namespace", "uid"])
             .returning(RunRow.id)
@@ -610,6 +614,12 @@ class Store:
             return await self._move_attempt(
                 session, run_id, task, attempt, new, sources, values, now
             )
+
+    async def children(self, run_id: str) -> list[RunRecord]:
+        """The runs the ``workflow`` tasks of ``run_id`` started, oldest first."""
+        query = select(RunRow).where(RunRow.parent_id == run_id).order_by(RunRow.created_at)
+        async with self._transaction() as session:
+            return [RunRecord.of(row) for row in await session.scalars(query)]
 
     async def find_cached(
         self, namespace: str, cache_key: str, *, since: datetime

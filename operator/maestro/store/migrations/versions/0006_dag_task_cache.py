@@ -1,6 +1,8 @@
-"""Cached tasks and workflow outputs.
+"""Cached tasks, workflow outputs and child runs.
 
 ``runs.outputs``: a Workflow's declared ``outputs``, computed when the run Succeeded.
+``runs.parent_id``: the run whose ``workflow`` task started this one (history links
+both ways; the index serves "children of a run").
 
 ``task_attempts.cache_key``: a digest of the namespace and the task's rendered
 ``cache.key``, set on attempts that ran (never on cached copies, so an entry's age is
@@ -34,6 +36,8 @@ def upgrade() -> None:
     """Add the nullable columns and the lookup index (old attempts cache nothing)."""
     with op.batch_alter_table("runs") as batch:
         batch.add_column(sa.Column("outputs", JSON, nullable=True))
+        batch.add_column(sa.Column("parent_id", sa.String(36), nullable=True))
+    op.create_index("ix_runs_parent_id", "runs", ["parent_id"])
     with op.batch_alter_table("task_attempts") as batch:
         batch.add_column(sa.Column("cache_key", sa.String(64), nullable=True))
         batch.add_column(sa.Column("cached_from", JSON, nullable=True))
@@ -52,5 +56,7 @@ def downgrade() -> None:
     with op.batch_alter_table("task_attempts") as batch:
         batch.drop_column("cached_from")
         batch.drop_column("cache_key")
+    op.drop_index("ix_runs_parent_id", table_name="runs")
     with op.batch_alter_table("runs") as batch:
+        batch.drop_column("parent_id")
         batch.drop_column("outputs")
