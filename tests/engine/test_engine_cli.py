@@ -230,3 +230,52 @@ def test_sigkill_mid_fan_out_then_resume_runs_each_instance_once(
     assert phase is RunPhase.SUCCEEDED
     assert set(latest) == {f"fan[{n}]" for n in range(6)} | {"join"}
     assert set(latest.values()) == {TaskPhase.SUCCEEDED}
+
+
+def test_local_run_calls_a_workflow_from_the_files_given(run_cli: Cli, tmp_path: Path) -> None:
+    c = tmp_path / "counter"
+    child = tmp_path / "child.yaml"
+    child.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "maestro.dev/v1alpha1",
+                "kind": "Workflow",
+                "metadata": {"name": "child"},
+                "spec": {
+                    "params": [{"name": "n"}],
+                    "tasks": [
+                        sh("work", mark(c, "child") + "; " + outputs({"v": "{{ params.n }}"}))
+                    ],
+                    "outputs": [{"name": "v", "value": "{{ tasks.work.outputs.v }}"}],
+                },
+            }
+        )
+    )
+    call = {"name": "call", "workflow": {"name": "child", "params": {"n": "7"}}}
+    parent = _write_workflow(
+        tmp_path / "wf.yaml",
+        [call, sh("after", mark(c, "after-{{ tasks.call.outputs.v }}"), dependsOn=["call"])],
+        outputs=[{"name": "got", "value": "{{ tasks.call.outputs.v }}"}],
+    )
+    proc = run_cli.start(str(parent), str(child), "--no-cache", out=tmp_path / "out")
+    assert proc.wait(GUARD) == 0, (tmp_path / "out").read_text()
+    assert lines(c) == ["child", "after-7"]
+    assert 'outputs: {"got": "7"}' in (tmp_path / "out").read_text()
+    run_id = _run_id(tmp_path / "out")
+    shown = subprocess.run(
+        cli("history", run_id, "--database-url", run_cli.url),
+        capture_output=True,
+        text=True,
+        env=cli_env(run_cli.home),
+        cwd=REPO,
+        check=True,
+    ).stdout
+    assert "child run local/wf-" in shown
+    assert ": Succeeded" in shown
+    # Without the child's file the run is refused before it starts, naming the call.
+    refused = run_cli.start(str(parent), out=tmp_path / "out2")
+    assert refused.wait(GUARD) == 1
+    assert (
+        "calls workflow 'child', which is not among the files given"
+        in (tmp_path / "out2").read_text()
+    )
