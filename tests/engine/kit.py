@@ -28,6 +28,7 @@ from maestro.executors.approval import ApprovalExecutor
 from maestro.executors.http import HttpExecutor
 from maestro.executors.local import LocalExecutor
 from maestro.executors.secrets import EnvSecrets
+from maestro.executors.workflow import LocalWorkflows
 from maestro.store import AttemptRecord, RunRecord, Store
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,6 +81,7 @@ class Harness:
     engine: Engine
     local: LocalExecutor
     counter: Path
+    children: LocalWorkflows  # set .workflows to what workflow tasks may call
     drives: list[asyncio.Task[RunRecord]] = field(default_factory=list)
 
     async def create(
@@ -137,12 +139,16 @@ async def harness(
     secrets = EnvSecrets()
     async with httpx.AsyncClient() as client:
         local = LocalExecutor(root / "attempts", secrets, waker)
+        children = LocalWorkflows({}, waker)
         executors: dict[str, Executor] = {
             "container": local,
             "http": HttpExecutor(secrets, waker, client),
             "approval": ApprovalExecutor(),
+            "workflow": children,
         }
-        h = Harness(store, root, waker, Engine(store, executors), local, root / "counter")
+        engine = Engine(store, executors)
+        children.bind(engine)
+        h = Harness(store, root, waker, engine, local, root / "counter", children)
         try:
             yield h
         finally:

@@ -191,3 +191,91 @@ def test_ctrl_c_cancels_cleanly(run_cli: Cli, tmp_path: Path) -> None:
         "next": TaskPhase.CANCELLED,
         "report": TaskPhase.SUCCEEDED,
     }
+
+
+def test_sigkill_mid_fan_out_then_resume_runs_each_instance_once(
+    run_cli: Cli, tmp_path: Path
+) -> None:
+    go = tmp_path / "go"
+    c = tmp_path / "counter"
+    wait = f"; while [ ! -e {go} ]; do sleep 0.05; done"
+    tasks = [
+        sh(
+            "fan",
+            mark(c, "{{ item }}") + wait + "; " + outputs({"n": "{{ item }}"}),
+            forEach={"items": [f"i{n}" for n in range(6)], "concurrency": 2},
+        ),
+        sh(
+            "join",
+            mark(c, "join") + "; echo {{ tasks.fan.outputs.n | shquote }}",
+            dependsOn=["fan"],
+        ),
+    ]
+    wf = _write_workflow(tmp_path / "wf.yaml", tasks)
+    first = run_cli.start(str(wf), out=tmp_path / "out1")
+    run_id = _run_id(tmp_path / "out1")
+    _wait(lambda: len(lines(c)) == 2, "two instances to be running")
+    first.send_signal(signal.SIGKILL)
+    first.wait(GUARD)
+    assert lines(c) == ["i0", "i1"]
+
+    second = run_cli.start("--resume", run_id, out=tmp_path / "out2")
+    time.sleep(0.3)  # the new engine re-attaches to the two live instances first
+    go.touch()
+    assert second.wait(GUARD) == 0, (tmp_path / "out2").read_text()
+    # Every instance ran exactly once, across both engines, and the fan-in once after.
+    assert sorted(lines(c)) == sorted([f"i{n}" for n in range(6)] + ["join"])
+    assert lines(c)[-1] == "join"
+    phase, latest = asyncio.run(_final(run_cli.url, run_id))
+    assert phase is RunPhase.SUCCEEDED
+    assert set(latest) == {f"fan[{n}]" for n in range(6)} | {"join"}
+    assert set(latest.values()) == {TaskPhase.SUCCEEDED}
+
+
+def test_local_run_calls_a_workflow_from_the_files_given(run_cli: Cli, tmp_path: Path) -> None:
+    c = tmp_path / "counter"
+    child = tmp_path / "child.yaml"
+    child.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "maestro.dev/v1alpha1",
+                "kind": "Workflow",
+                "metadata": {"name": "child"},
+                "spec": {
+                    "params": [{"name": "n"}],
+                    "tasks": [
+                        sh("work", mark(c, "child") + "; " + outputs({"v": "{{ params.n }}"}))
+                    ],
+                    "outputs": [{"name": "v", "value": "{{ tasks.work.outputs.v }}"}],
+                },
+            }
+        )
+    )
+    call = {"name": "call", "workflow": {"name": "child", "params": {"n": "7"}}}
+    parent = _write_workflow(
+        tmp_path / "wf.yaml",
+        [call, sh("after", mark(c, "after-{{ tasks.call.outputs.v }}"), dependsOn=["call"])],
+        outputs=[{"name": "got", "value": "{{ tasks.call.outputs.v }}"}],
+    )
+    proc = run_cli.start(str(parent), str(child), "--no-cache", out=tmp_path / "out")
+    assert proc.wait(GUARD) == 0, (tmp_path / "out").read_text()
+    assert lines(c) == ["child", "after-7"]
+    assert 'outputs: {"got": "7"}' in (tmp_path / "out").read_text()
+    run_id = _run_id(tmp_path / "out")
+    shown = subprocess.run(
+        cli("history", run_id, "--database-url", run_cli.url),
+        capture_output=True,
+        text=True,
+        env=cli_env(run_cli.home),
+        cwd=REPO,
+        check=True,
+    ).stdout
+    assert "child run local/wf-" in shown
+    assert ": Succeeded" in shown
+    # Without the child's file the run is refused before it starts, naming the call.
+    refused = run_cli.start(str(parent), out=tmp_path / "out2")
+    assert refused.wait(GUARD) == 1
+    assert (
+        "calls workflow 'child', which is not among the files given"
+        in (tmp_path / "out2").read_text()
+    )

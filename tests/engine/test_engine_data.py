@@ -238,3 +238,45 @@ async def test_secret_header_missing_in_local_mode(h: Harness, server: str) -> N
     call = (await h.latest(run.id))["call"]
     assert call.phase is TaskPhase.FAILED
     assert "MAESTRO_SECRET_API_T" in (call.message or "")
+
+
+async def test_workflow_outputs_are_computed_when_the_run_succeeds(h: Harness) -> None:
+    spec = spec_of(
+        [
+            sh("build", outputs({"image": "img:1", "size": 3})),
+            sh("fan", outputs({"n": "{{ item }}"}), forEach={"items": ["a", "b"]}),
+        ],
+        params=[{"name": "env", "default": "prod"}],
+        outputs=[
+            {"name": "image", "value": "{{ tasks.build.outputs.image }}"},
+            {"name": "size", "value": "{{ tasks.build.outputs.size }}"},
+            {"name": "all", "value": "{{ tasks.fan.outputs.n }}"},
+            {"name": "summary", "value": "{{ params.env }}: {{ tasks.build.outputs.image }}"},
+        ],
+    )
+    run = await h.run(spec)
+    assert run.phase is RunPhase.SUCCEEDED, run.message
+    # One template keeps its JSON type; text around it makes a string.
+    assert run.outputs == {"image": "img:1", "size": 3, "all": ["a", "b"], "summary": "prod: img:1"}
+
+
+async def test_an_output_that_cannot_be_computed_fails_the_run(h: Harness) -> None:
+    spec = spec_of(
+        [sh("build", outputs({"image": "img:1"}))],
+        outputs=[{"name": "digest", "value": "{{ tasks.build.outputs.digest }}"}],
+    )
+    run = await h.run(spec)
+    assert run.phase is RunPhase.FAILED
+    assert run.reason == "OutputError"
+    assert run.message == "outputs: task 'build' has no output 'digest' (its outputs: image)"
+    assert run.outputs is None
+
+
+async def test_a_failed_run_has_no_outputs(h: Harness) -> None:
+    spec = spec_of(
+        [sh("build", "exit 1")], outputs=[{"name": "x", "value": "{{ tasks.build.outputs.x }}"}]
+    )
+    run = await h.run(spec)
+    assert run.phase is RunPhase.FAILED
+    assert run.reason == "TaskFailed"
+    assert run.outputs is None

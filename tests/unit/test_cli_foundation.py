@@ -62,7 +62,7 @@ WF = "apiVersion: maestro.dev/v1alpha1\nkind: Workflow\nmetadata: {name: x}\nspe
         ),
         (
             WF + "  tasks:\n  - {name: a, container: {image: x}, http: {url: x}}\n",
-            ": spec.tasks[0]: exactly one of container, http and approval must be set",
+            ": spec.tasks[0]: exactly one of container, http, approval and workflow must be set",
         ),
     ],
 )

@@ -7,6 +7,7 @@ operator parses cluster objects with them. Field names are camelCase on the wire
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -429,7 +430,137 @@ class ApprovalTask(Model):
     message: str | None = Field(None, description="What the approver is asked.")
 
 
-_ONE_EXECUTOR = "exactly one of container, http and approval must be set"
+class WorkflowCall(Model):
+    """Run another Workflow of the same namespace as a child run, and wait for it.
+
+    The task's outputs are the child's declared ``outputs``. The child is owned by the
+    parent run: cancelling or deleting the parent cancels or deletes it.
+    """
+
+    name: ResourceName = Field(description="A Workflow in the run's namespace.")
+    params: dict[str, str] = Field(
+        default_factory=dict, description="Params of the child run; templates are expanded."
+    )
+
+
+# How deep workflows may call workflows (a run of depth 0 starts children of depth 1).
+MAX_CALL_DEPTH = 4
+
+_ONE_EXECUTOR = "exactly one of container, http, approval and workflow must be set"
+
+# Instances of one fan-out: each is a task attempt record, a status entry and a pod.
+MAX_INSTANCES = 1024
+# Instance names add "[<index>]" (at most 6 characters) to the task's name; the store
+# and the events keep task names of at most 63 characters.
+MAX_FANOUT_NAME = 57
+_ONE_SOURCE = "exactly one of items and from must be set"
+_ONE_LIST = "exactly one of items, from and matrix must be set"
+_ONE_OF_TWO_RULE = "(has(self.items) ? 1 : 0) + (has(self.from) ? 1 : 0) == 1"
+
+
+class MatrixAxis(Model):
+    """One list of a matrix: its values are read as ``{{ item.<name> }}``."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [{"rule": _ONE_OF_TWO_RULE, "message": _ONE_SOURCE}]
+        }
+    )
+
+    name: ParamName
+    items: list[Any] | None = Field(
+        None,
+        max_length=MAX_INSTANCES,
+        description="The values, written inline (any JSON).",
+    )
+    from_: str | None = Field(
+        None,
+        alias="from",
+        validation_alias=AliasChoices("from", "from_"),
+        max_length=256,
+        description="One template, {{ params.P }} or {{ tasks.T.outputs.K }}, holding a "
+        "JSON list; read when the task becomes ready.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MatrixAxis:
+        if (self.items is None) == (self.from_ is None):
+            raise ValueError(_ONE_SOURCE)
+        return self
+
+
+DURATION = r"^([0-9]+(s|m|h|d))+$"
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(text: str) -> int:
+    """Seconds of a duration such as ``90s``, ``1h30m`` or ``7d``."""
+    return sum(int(n) * _DURATION_UNITS[u] for n, u in re.findall(r"([0-9]+)([smhd])", text))
+
+
+class CachePolicy(Model):
+    """Reuse the outputs of an earlier Succeeded attempt with the same rendered key.
+
+    Scoped to the run's namespace; the newest matching attempt within ``maxAge`` wins.
+    The key should say everything the outputs depend on (inputs, image, version).
+    """
+
+    key: Annotated[str, StringConstraints(min_length=1, max_length=1024)] = Field(
+        description="Template, e.g. 'build-{{ params.commit }}'; {{ item }} in a fan-out."
+    )
+    max_age: Annotated[str, StringConstraints(pattern=DURATION, max_length=32)] = Field(
+        description="How old a reused attempt may be: 30m, 12h, 7d, 1h30m."
+    )
+
+
+class ForEach(Model):
+    """Run the task once per item of a list, or per combination of a matrix's lists.
+
+    Each instance (``task[0]``, ``task[1]``, ...) has its own attempts, retries and
+    status; dependents wait for all of them and read each output key as a list in item
+    order. At most :data:`MAX_INSTANCES` instances.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "(has(self.items) ? 1 : 0) + (has(self.from) ? 1 : 0)"
+                    " + (has(self.matrix) ? 1 : 0) == 1",
+                    "message": _ONE_LIST,
+                }
+            ]
+        }
+    )
+
+    items: list[Any] | None = Field(
+        None,
+        max_length=MAX_INSTANCES,
+        description="The items, written inline (any JSON); {{ item }} in the task.",
+    )
+    from_: str | None = Field(
+        None,
+        alias="from",
+        validation_alias=AliasChoices("from", "from_"),
+        max_length=256,
+        description="One template, {{ params.P }} or {{ tasks.T.outputs.K }}, holding a "
+        "JSON list; read when the task becomes ready.",
+    )
+    matrix: list[MatrixAxis] | None = Field(
+        None,
+        min_length=1,
+        max_length=8,
+        description="The cartesian product of these lists; {{ item.<name> }} in the task.",
+    )
+    concurrency: int | None = Field(
+        None, ge=1, description="Max instances of this task running at once."
+    )
+
+    @model_validator(mode="after")
+    def _one_list(self) -> ForEach:
+        if sum(x is not None for x in (self.items, self.from_, self.matrix)) != 1:
+            raise ValueError(_ONE_LIST)
+        return self
 
 
 class Task(Model):
@@ -442,9 +573,22 @@ class Task(Model):
                     # Ternaries, not a filtered list: the API server's CEL cost
                     # estimator rejects the list form for lists of thousands of tasks.
                     "rule": "(has(self.container) ? 1 : 0) + (has(self.http) ? 1 : 0)"
-                    " + (has(self.approval) ? 1 : 0) == 1",
+                    " + (has(self.approval) ? 1 : 0) + (has(self.workflow) ? 1 : 0) == 1",
                     "message": _ONE_EXECUTOR,
-                }
+                },
+                {
+                    "rule": f"!has(self.forEach) || self.name.size() <= {MAX_FANOUT_NAME}",
+                    "message": f"name: at most {MAX_FANOUT_NAME} characters with forEach "
+                    "(instance names add [index])",
+                },
+                {
+                    "rule": "!has(self.forEach) || !has(self.approval)",
+                    "message": "an approval task cannot have forEach",
+                },
+                {
+                    "rule": "!has(self.cache) || !has(self.approval)",
+                    "message": "an approval task cannot be cached",
+                },
             ]
         }
     )
@@ -461,24 +605,54 @@ class Task(Model):
     container: ContainerTask | None = None
     http: HttpTask | None = None
     approval: ApprovalTask | None = None
+    workflow: WorkflowCall | None = None
+    for_each: ForEach | None = Field(
+        None, description="Fan out: one instance of the task per item (or matrix combination)."
+    )
+    cache: CachePolicy | None = Field(
+        None, description="Reuse the outputs of an earlier attempt with the same key."
+    )
 
     @model_validator(mode="after")
     def _one_executor(self) -> Task:
-        if sum(x is not None for x in (self.container, self.http, self.approval)) != 1:
+        executors = (self.container, self.http, self.approval, self.workflow)
+        if sum(x is not None for x in executors) != 1:
             raise ValueError(_ONE_EXECUTOR)
+        if self.for_each is not None and self.approval is not None:
+            raise ValueError("an approval task cannot have forEach")
+        if self.cache is not None and self.approval is not None:
+            raise ValueError("an approval task cannot be cached")
+        if self.for_each is not None and len(self.name) > MAX_FANOUT_NAME:
+            raise ValueError(
+                f"name: at most {MAX_FANOUT_NAME} characters with forEach "
+                "(instance names add [index])"
+            )
         return self
 
     @property
-    def kind(self) -> Literal["container", "http", "approval"]:
+    def kind(self) -> Literal["container", "http", "approval", "workflow"]:
         """Which executor runs this task."""
         if self.container is not None:
             return "container"
         if self.http is not None:
             return "http"
+        if self.workflow is not None:
+            return "workflow"
         return "approval"
 
 
 _NAME_CLASH = "a workspace and a volume cannot share a name (volumeMounts name either)"
+
+
+class WorkflowOutput(Model):
+    """A result of the whole workflow, computed from its tasks' outputs when it succeeds."""
+
+    name: ParamName
+    value: Annotated[str, StringConstraints(min_length=1, max_length=1024)] = Field(
+        description="Template, e.g. '{{ tasks.build.outputs.image }}'; a value that is one "
+        "template keeps its JSON type (a fan-out's list stays a list)."
+    )
+    description: str | None = None
 
 
 class WorkflowSpec(Model):
@@ -527,6 +701,11 @@ class WorkflowSpec(Model):
     )
     pod_template: PodTemplate | None = Field(
         None, description="Placement and image pulling of every container task's pod."
+    )
+    outputs: list[WorkflowOutput] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Results of the run, from its tasks' outputs, set when it succeeds.",
     )
 
     def all_tasks(self) -> list[Task]:
@@ -620,6 +799,9 @@ class WorkflowRunSpec(Model):
         description=SERVICE_ACCOUNT_DOC
         + " Default: the Workflow's, else the operator's --default-service-account.",
     )
+    no_cache: bool = Field(
+        False, description="Run every cached task again (its result still becomes an entry)."
+    )
 
     @model_validator(mode="after")
     def _one_workflow(self) -> WorkflowRunSpec:
@@ -639,6 +821,9 @@ class TaskStatus(Model):
     message: str | None = None
     pod_name: str | None = Field(
         None, description="The pod of the newest attempt (container tasks)."
+    )
+    cached_from: dict[str, Any] | None = Field(
+        None, description="For reason Cached: runId, task and attempt whose outputs it reused."
     )
     outputs: dict[str, Any] | None = Field(
         None, description="Outputs, shortened when large; the store keeps them whole."
@@ -664,6 +849,9 @@ class WorkflowRunStatus(Model):
     )
     trace_id: str | None = Field(
         None, description="OpenTelemetry trace id of the run, when the operator exports traces."
+    )
+    outputs: dict[str, Any] | None = Field(
+        None, description="The workflow's declared outputs, once the run Succeeded."
     )
 
 

@@ -25,6 +25,7 @@ from rich.table import Table
 from maestro.api.models import WorkflowSpec
 from maestro.cli import columns
 from maestro.cli.run import default_database_url
+from maestro.dag import fanout
 from maestro.dag.validate import plan, resolve_params, validate
 from maestro.executors.container import LABEL_RUN, LABEL_TASK, run_label
 from maestro.k8s.client import (
@@ -198,6 +199,9 @@ async def _follow(kube: Kube, namespace: str, run: str, interval: float, show: b
 @click.option("--watch", is_flag=True, help="Show the run's tasks live until it ends.")
 @click.option("--wait", is_flag=True, help="Wait quietly until the run ends.")
 @click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option(
+    "--no-cache", is_flag=True, help="Run cached tasks again (sets spec.noCache on the run)."
+)
 @_common
 def submit_cmd(
     workflow: str,
@@ -206,6 +210,7 @@ def submit_cmd(
     watch: bool,
     wait: bool,
     interval: float,
+    no_cache: bool,
     namespace: str | None,
     kubeconfig: str | None,
 ) -> None:
@@ -220,7 +225,7 @@ def submit_cmd(
         if not sep:
             raise click.BadParameter(f"{item!r}: expected key=value", param_hint="-p")
         values[key] = value
-    body = run_manifest(workflow, values, name=name)
+    body = run_manifest(workflow, values, name=name, no_cache=no_cache)
 
     async def submit(kube: Kube) -> str | None:
         # Checked here too, so a typo fails now rather than as a run stuck Pending.
@@ -299,7 +304,9 @@ async def _print_logs(
     kube: Kube, namespace: str, run: str, task: str | None, follow: bool
 ) -> tuple[int, int]:
     """Print each pod's log once, oldest first; (pods seen, logs fetched)."""
-    selector = f"{LABEL_RUN}={run_label(run)}" + (f",{LABEL_TASK}={task}" if task else "")
+    selector = f"{LABEL_RUN}={run_label(run)}" + (
+        f",{LABEL_TASK}={fanout.label_value(task)}" if task else ""
+    )
     done: set[str] = set()
     fetched = 0
     while True:

@@ -62,12 +62,24 @@ async def _show(url: str, run_id: str | None, namespace: str | None, limit: int)
             soft_wrap=True,
         )
         console.print(f"started {_t(run.started_at)}, finished {_t(run.finished_at) or '-'}")
+        if run.outputs:
+            console.print(f"outputs {run.outputs}", soft_wrap=True)
+        if run.parent_id is not None:
+            parent = await store.get_run(run.parent_id)
+            console.print(f"child of run {parent.namespace}/{parent.name} ({parent.id})")
+        for child in await store.children(run.id):
+            console.print(
+                f"child run {child.namespace}/{child.name} ({child.id}): {child.phase.value}",
+                soft_wrap=True,
+            )
         attempts = Table(title="attempts", title_justify="left")
         for col in ("task", "try", "phase", "reason", "started"):
             attempts.add_column(col, no_wrap=True)
         attempts.add_column("message / outputs", overflow="fold", ratio=1)
         for a in await store.attempts(run.id):
             detail = str(a.outputs) if a.outputs else a.message or ""
+            if a.cached_from:
+                detail = f"{a.message}: {detail}"  # where a Cached attempt's outputs came from
             attempts.add_row(
                 a.task,
                 str(a.attempt),

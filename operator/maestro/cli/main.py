@@ -21,7 +21,13 @@ from maestro.cli.run import run_cmd
 from maestro.cli.schedules import schedule
 from maestro.cli.server import server_cmd
 from maestro.dag import render as graph_render
-from maestro.dag.validate import resolve_params, shell_warnings, validate, workspace_warnings
+from maestro.dag.validate import (
+    call_problems,
+    resolve_params,
+    shell_warnings,
+    validate,
+    workspace_warnings,
+)
 
 
 def fail(message: str) -> None:
@@ -58,6 +64,8 @@ def validate_cmd(files: tuple[Path, ...]) -> None:
         risky: list[str] = []
         if isinstance(doc.manifest, Workflow):
             lines += [str(p) for p in validate(doc.manifest.spec)]
+            name = doc.manifest.metadata.name or ""
+            lines += [str(p) for p in call_problems(name, workflows, all_known=False)]
             risky += [str(p) for p in shell_warnings(doc.manifest.spec)]
             risky += [str(p) for p in workspace_warnings(doc.manifest.spec)]
         elif isinstance(doc.manifest, WorkflowRun):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets as random
 import signal
@@ -21,6 +22,8 @@ from rich.table import Table
 from maestro.api.models import Workflow, WorkflowRun, WorkflowSpec
 from maestro.api.phases import RunPhase, TaskPhase
 from maestro.cli.files import load_file
+from maestro.dag import fanout
+from maestro.dag.validate import call_problems
 from maestro.engine.driver import Waker, drive
 from maestro.engine.engine import Engine, InvalidRun, Pass
 from maestro.engine.executor import Executor
@@ -28,6 +31,7 @@ from maestro.executors.approval import ApprovalExecutor
 from maestro.executors.http import HttpExecutor
 from maestro.executors.local import LocalExecutor
 from maestro.executors.secrets import EnvSecrets
+from maestro.executors.workflow import LocalWorkflows
 from maestro.store import AttemptRecord, RunRecord, Store, StoreError
 
 _COLORS = {
@@ -101,6 +105,16 @@ def _workflow_from(file: Path) -> tuple[str, WorkflowSpec, dict[str, str]]:
     return name or "workflow", workflow.spec, {}
 
 
+def _library(files: list[Path]) -> dict[str, WorkflowSpec]:
+    """Every Workflow in ``files`` by name: what ``workflow`` tasks may call."""
+    found: dict[str, WorkflowSpec] = {}
+    for path in files:
+        for doc in load_file(path):
+            if isinstance(doc.manifest, Workflow) and doc.manifest.metadata.name:
+                found[doc.manifest.metadata.name] = doc.manifest.spec
+    return found
+
+
 def _duration(a: datetime | None, b: datetime | None) -> str:
     if a is None:
         return ""
@@ -109,15 +123,27 @@ def _duration(a: datetime | None, b: datetime | None) -> str:
     return f"{(b - a).total_seconds():.1f}s"
 
 
+def _rows(
+    spec: WorkflowSpec, latest: Mapping[str, AttemptRecord]
+) -> list[tuple[str, AttemptRecord | None]]:
+    """Table rows: each task, or a fan-out's instances in item order in its place."""
+    found: list[tuple[str, AttemptRecord | None]] = []
+    for name, members in fanout.rows((t.name for t in spec.all_tasks()), latest):
+        if members and name not in latest:
+            found += [(m, latest[m]) for m in members]
+        else:
+            found.append((name, latest.get(name)))
+    return found
+
+
 def _table(run: RunRecord, spec: WorkflowSpec, latest: Mapping[str, AttemptRecord]) -> Table:
     table = Table(title=f"{run.name}  ({run.id})  {run.phase.value}", title_justify="left")
     for col in ("task", "phase", "attempt", "duration", "message"):
         table.add_column(col, overflow="fold")
-    for task in spec.all_tasks():
-        att = latest.get(task.name)
+    for name, att in _rows(spec, latest):
         phase = att.phase.value if att else "Pending"
         table.add_row(
-            task.name,
+            name,
             f"[{_COLORS[phase]}]{phase}[/]",
             str(att.attempt) if att else "",
             _duration(att.started_at, att.finished_at) if att else "",
@@ -132,6 +158,8 @@ async def _run(
     params: dict[str, str],
     resume: str | None,
     console: Console,
+    no_cache: bool,
+    library: dict[str, WorkflowSpec],
 ) -> int:
     try:
         store = await Store.open(url, migrate=True)
@@ -140,18 +168,24 @@ async def _run(
     waker = Waker()
     async with httpx.AsyncClient() as client:
         secrets = EnvSecrets()
+        children = LocalWorkflows(library, waker)
         executors: dict[str, Executor] = {
             "container": LocalExecutor(state_dir() / "attempts", secrets, waker),
             "http": HttpExecutor(secrets, waker, client),
             "approval": ApprovalExecutor(),
+            "workflow": children,
         }
         engine = Engine(store, executors)
+        children.bind(engine)
         try:
             if resume is not None:
                 run = await store.get_run(resume)
             else:
                 assert file is not None
                 wf_name, spec, file_params = _workflow_from(file)
+                calls = call_problems(wf_name, {**library, wf_name: spec}, all_known=True)
+                if calls:
+                    raise InvalidRun([str(p) for p in calls])
                 name = f"{wf_name}-{random.token_hex(3)}"
                 run = await engine.create_run(
                     namespace="local",
@@ -159,6 +193,7 @@ async def _run(
                     spec=spec,
                     params={**file_params, **params},
                     workflow_name=wf_name,
+                    controls={"noCache": True} if no_cache else None,
                 )
         except InvalidRun as err:
             for problem in err.problems:
@@ -214,7 +249,7 @@ async def _drive_with_display(
             if seen.get(name) != (att.attempt, att.phase):
                 seen[name] = (att.attempt, att.phase)
                 # A gate shows what its approver is asked while it waits.
-                shown = att.phase.finished or kinds.get(name) == "approval"
+                shown = att.phase.finished or kinds.get(fanout.base(name)) == "approval"
                 note = f": {att.message}" if att.message and shown else ""
                 console.print(
                     f"{datetime.now():%H:%M:%S} {name} #{att.attempt} {att.phase.value}{note}",
@@ -237,10 +272,9 @@ async def _summary(store: Store, run: RunRecord, spec: WorkflowSpec, console: Co
     table = Table(title="summary", title_justify="left")
     for col in ("task", "phase", "attempts", "duration", "outputs / message"):
         table.add_column(col, overflow="fold")
-    for task in spec.all_tasks():
-        att = latest.get(task.name)
+    for name, att in _rows(spec, latest):
         if att is None:
-            table.add_row(task.name, "-", "0", "", "")
+            table.add_row(name, "-", "0", "", "")
             continue
         detail = (
             ", ".join(f"{k}={v}" for k, v in (att.outputs or {}).items())
@@ -248,7 +282,7 @@ async def _summary(store: Store, run: RunRecord, spec: WorkflowSpec, console: Co
             else att.message or ""
         )
         table.add_row(
-            task.name,
+            name,
             f"[{_COLORS[att.phase.value]}]{att.phase.value}[/]",
             str(att.attempt),
             _duration(att.started_at, att.finished_at),
@@ -258,10 +292,13 @@ async def _summary(store: Store, run: RunRecord, spec: WorkflowSpec, console: Co
     color = "green" if run.phase is RunPhase.SUCCEEDED else "red"
     took = _duration(run.started_at, run.finished_at)
     console.print(f"run {run.name}: [{color}]{run.phase.value}[/] in {took}: {run.message}")
+    if run.outputs:
+        console.print("outputs: " + json.dumps(run.outputs, separators=(", ", ": ")))
 
 
 @click.command("run")
 @click.argument("file", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("more", nargs=-1, type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
     "--local",
     is_flag=True,
@@ -270,6 +307,7 @@ async def _summary(store: Store, run: RunRecord, spec: WorkflowSpec, console: Co
 )
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="A run param.")
 @click.option("--resume", metavar="RUN_ID", help="Continue an interrupted run.")
+@click.option("--no-cache", is_flag=True, help="Run cached tasks again instead of reusing outputs.")
 @click.option(
     "--database-url",
     envvar="MAESTRO_DATABASE_URL",
@@ -277,22 +315,36 @@ async def _summary(store: Store, run: RunRecord, spec: WorkflowSpec, console: Co
 )
 def run_cmd(
     file: Path | None,
+    more: tuple[Path, ...],
     local: bool,
     params: tuple[str, ...],
     resume: str | None,
+    no_cache: bool,
     database_url: str | None,
 ) -> None:
     """Run a Workflow (or WorkflowRun) FILE to its end and print a summary.
 
-    Exits 0 only when the run Succeeded.
+    Workflows in FILE and in the MORE files are what its `workflow` tasks may call (with
+    --resume, give the files again). Exits 0 only when the run Succeeded.
     """
     if not local:
         raise click.UsageError("only --local runs are done here; on a cluster use `maestro submit`")
-    if (file is None) == (resume is None):
-        raise click.UsageError("give a FILE to run or --resume RUN_ID, not both")
+    files = [*([file] if file else []), *more]
+    if not files and resume is None:
+        raise click.UsageError("give a FILE to run or --resume RUN_ID")
     url = database_url or default_database_url()
     if database_url is None:
         state_dir().mkdir(parents=True, exist_ok=True)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-    code = asyncio.run(_run(url, file, _parse_params(params), resume, console))
+    code = asyncio.run(
+        _run(
+            url,
+            file if resume is None else None,
+            _parse_params(params),
+            resume,
+            console,
+            no_cache,
+            _library(files),
+        )
+    )
     sys.exit(code)

@@ -26,7 +26,7 @@ from typing import Any
 
 from maestro.api.models import Task, WorkflowSpec
 from maestro.api.phases import RunPhase, TaskPhase
-from maestro.dag import expressions
+from maestro.dag import expressions, fanout, templates
 from maestro.dag.graph import Graph
 from maestro.dag.templates import Context
 from maestro.dag.validate import Plan
@@ -51,6 +51,9 @@ class Reason:
     SUSPENDED = "Suspended"
     STARTED = "Started"
     COMPLETED = "Completed"
+    NO_ITEMS = "NoItems"
+    INSTANCE_FAILED = "InstanceFailed"
+    OUTPUT_ERROR = "OutputError"
 
 
 # Skips that mean "this branch cannot succeed": dependents are skipped in turn.
@@ -58,7 +61,8 @@ _PROPAGATING = frozenset(
     {Reason.UPSTREAM_FAILED, Reason.FAIL_FAST, Reason.RUN_CANCELLED, Reason.RUN_TIMED_OUT}
 )
 # Failures a retry cannot fix: the same inputs fail the same way.
-_NOT_RETRIED = frozenset({Reason.INPUT_ERROR, Reason.INVALID_EXPRESSION})
+# A fan-out's own failure is its instance's, which retries on its own.
+_NOT_RETRIED = frozenset({Reason.INPUT_ERROR, Reason.INVALID_EXPRESSION, Reason.INSTANCE_FAILED})
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,14 @@ class Retry:
 
 
 @dataclass(frozen=True)
+class Expand:
+    """Record every instance of a fan-out as a Pending first attempt."""
+
+    task: str
+    instances: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class RunTransition:
     """Move the run to ``phase``."""
 
@@ -150,7 +162,7 @@ class RunTransition:
     message: str
 
 
-Action = Start | Settle | Stop | Retry
+Action = Start | Settle | Stop | Retry | Expand
 
 
 @dataclass
@@ -162,6 +174,7 @@ class Decision:
     wake_at: datetime | None = None
     message: str = ""
     outcome: str | None = None  # what the main DAG ended as, once it has
+    outputs: dict[str, Any] | None = None  # the workflow's outputs, when it Succeeded
 
 
 def retry_left(task: Task, state: TaskState) -> bool:
@@ -189,6 +202,8 @@ class _Walk:
     # Suspend holds new starts only while the run goes on: a cancel or a run timeout
     # ends a suspended run (finally tasks included) without waiting for a resume.
     held: bool = False
+    # Fan-outs whose view entry is the roll-up of their instances (not a record).
+    rollups: set[str] = field(default_factory=set)
 
     def context(self, outcome: str | None) -> Context:
         outputs = {
@@ -220,28 +235,122 @@ class _Walk:
 
 
 def _first_failure(w: _Walk, tasks: list[Task]) -> str | None:
+    groups = fanout.instances_of(w.view)
     for task in tasks:
-        cur = w.view.get(task.name)
-        if cur is not None and cur.phase is TaskPhase.FAILED and not retry_left(task, cur):
-            return task.name
+        names: list[str] = [task.name, *groups.get(task.name, ())]
+        for name in names:
+            cur = w.view.get(name)
+            if cur is not None and cur.phase is TaskPhase.FAILED and not retry_left(task, cur):
+                return name
     return None
 
 
-def _walk(
-    w: _Walk,
-    tasks: list[Task],
-    graph: Graph,
-    *,
-    stopping: str | None,
-    fail_fast: bool,
-    outcome: str | None,
-) -> None:
-    """One pass over a graph in topological order, so skips cascade within the pass."""
-    by_name = {t.name: t for t in tasks}
-    failed = _first_failure(w, tasks)
-    concurrency = w.state.spec.concurrency
-    for name in graph.topological_order():
-        task = by_name[name]
+@dataclass
+class _Fan:
+    """One fan-out's instances in this pass: how many run, against its own concurrency."""
+
+    limit: int | None
+    running: int
+
+
+def _rollup(
+    task: Task, members: list[str], view: Mapping[str, TaskState], retrying: bool
+) -> TaskState:
+    """A fan-out as one task: what its dependents, failFast and the run's outcome read.
+
+    Running until every instance ended (and, while ``retrying``, none will be retried);
+    then Failed, Cancelled or Skipped after its first instance that was, else Succeeded
+    with each output key as a list in item order.
+    """
+    states = [view[m] for m in members]
+    starts = [s.started_at for s in states if s.started_at is not None]
+    started = min(starts) if starts else None
+    if any(not s.phase.finished or (retrying and retry_left(task, s)) for s in states):
+        return TaskState(1, TaskPhase.RUNNING, started_at=started)
+    ends = [s.finished_at for s in states if s.finished_at is not None]
+    finished = max(ends) if ends else None
+    for phase in (TaskPhase.FAILED, TaskPhase.CANCELLED, TaskPhase.SKIPPED):
+        for name, s in zip(members, states, strict=True):
+            if s.phase is phase:
+                # A failure is the fan-out's own (never retried as a whole); a cancel or
+                # a skip keeps its reason, which the run's outcome and dependents read.
+                reason = Reason.INSTANCE_FAILED if phase is TaskPhase.FAILED else s.reason
+                msg = f"instance {name} {phase.value.lower()}" + (
+                    f": {s.message}" if s.message else ""
+                )
+                return TaskState(1, phase, reason, msg, started, finished)
+    outputs = fanout.collect(s.outputs for s in states)
+    msg = f"{len(members)} instances succeeded"
+    return TaskState(
+        1, TaskPhase.SUCCEEDED, Reason.COMPLETED, msg, started, finished, None, outputs
+    )
+
+
+@dataclass
+class _GraphPass:
+    """One pass over one graph (main or finally) in topological order."""
+
+    w: _Walk
+    by_name: dict[str, Task]
+    graph: Graph
+    stopping: str | None
+    fail_fast: bool
+    outcome: str | None
+    failed: str | None = None
+
+    @property
+    def halted(self) -> bool:
+        return self.fail_fast and self.failed is not None
+
+    def run(self) -> None:
+        self.failed = _first_failure(self.w, list(self.by_name.values()))
+        groups = fanout.instances_of(self.w.view)
+        for name in self.graph.topological_order():
+            task = self.by_name[name]
+            if task.for_each is None or name in self.w.view:
+                # A fan-out with its own record ended before it expanded (skipped, or
+                # its list could not be read): it is settled like any task.
+                self.step(task, name, None)
+            else:
+                self.fan_out(task, groups.get(name))
+
+    def fan_out(self, task: Task, members: list[str] | None) -> None:
+        w, name = self.w, task.name
+        if members is None:
+            if self.stopping is not None:
+                w.settle(
+                    name, None, TaskPhase.CANCELLED, self.stopping, _not_started(self.stopping)
+                )
+                return
+            if not self.gate(task, name, None) or w.held or not self.when_ok(task, name, None):
+                return
+            try:
+                found = fanout.items(task, w.context(self.outcome))
+            except fanout.FanOutError as err:
+                w.settle(name, None, TaskPhase.FAILED, Reason.INPUT_ERROR, str(err))
+                self.failed = self.failed or name
+                return
+            if not found:
+                w.settle(name, None, TaskPhase.SKIPPED, Reason.NO_ITEMS, "forEach has no items")
+                return
+            members = [fanout.instance_name(name, i) for i in range(len(found))]
+            # Every instance is recorded at once, so its count is in the store from now
+            # on: the fan-out's end and its outputs are read from records alone.
+            w.decision.actions.append(Expand(name, tuple(members)))
+            for m in members:
+                w.view[m] = TaskState(1, TaskPhase.PENDING)
+        assert task.for_each is not None
+        running = sum(1 for m in members if w.view[m].phase is TaskPhase.RUNNING)
+        fan = _Fan(task.for_each.concurrency, running)
+        for m in members:
+            self.step(task, m, fan)
+        w.view[name] = _rollup(task, members, w.view, self.stopping is None and not self.halted)
+        w.rollups.add(name)
+
+    def step(self, task: Task, name: str, fan: _Fan | None) -> None:
+        """Move one task (``fan`` None) or one instance of a fan-out forward."""
+        w = self.w
+        stopping = self.stopping
         cur = w.view.get(name)
         if cur is not None and cur.phase is TaskPhase.RUNNING:
             if stopping is not None:
@@ -283,11 +392,10 @@ def _walk(
                 else:
                     w.wakes.append(deadline)
             if cur.phase is TaskPhase.RUNNING or cur.phase is TaskPhase.CANCELLED:
-                continue
+                return
 
-        halted = fail_fast and failed is not None
         if cur is not None and cur.phase is TaskPhase.FAILED:
-            if retry_left(task, cur) and stopping is None and not halted:
+            if retry_left(task, cur) and stopping is None and not self.halted:
                 assert task.retries is not None
                 assert cur.finished_at is not None
                 not_before = cur.finished_at + timedelta(seconds=task.retries.delay(cur.attempt))
@@ -298,27 +406,60 @@ def _walk(
                 # The retry a cancel or run timeout cut off is recorded, so the run's
                 # outcome can be read from the tasks alone (see _outcome).
                 w.settle_next(name, cur, stopping)
-                continue
+                return
             else:
-                failed = failed or name
-                continue
+                self.failed = self.failed or name
+                return
         if cur is not None and cur.phase is not TaskPhase.PENDING:
-            continue  # Succeeded, Skipped or Cancelled: nothing more to do
+            return  # Succeeded, Skipped or Cancelled: nothing more to do
 
         if stopping is not None:
-            why = (
-                "the run was cancelled"
-                if stopping == Reason.RUN_CANCELLED
-                else ("the run exceeded its timeout")
-            )
-            w.settle(name, cur, TaskPhase.CANCELLED, stopping, f"not started: {why}")
-            continue
+            w.settle(name, cur, TaskPhase.CANCELLED, stopping, _not_started(stopping))
+            return
+        if fan is None:
+            if not self.gate(task, name, cur):
+                return
+        elif self.halted:
+            # Instances are tasks for failFast: once one failed for good, no new one starts.
+            self.skip_fail_fast(name, cur)
+            return
+        if w.held:
+            return
+        if cur is not None and cur.not_before is not None and w.now < cur.not_before:
+            w.wakes.append(cur.not_before)
+            return
+        if fan is None and not self.when_ok(task, name, cur):
+            return
+        if _needs_slot(task):
+            concurrency = w.state.spec.concurrency
+            if concurrency is not None and w.slots_used >= concurrency:
+                return
+            if fan is not None and fan.limit is not None and fan.running >= fan.limit:
+                return
+            w.slots_used += 1
+        if fan is not None:
+            fan.running += 1
+        attempt = cur.attempt if cur else 1
+        w.decision.actions.append(Start(name, attempt, cur is None))
+        w.view[name] = TaskState(attempt, TaskPhase.RUNNING, started_at=w.now)
 
+    def skip_fail_fast(self, name: str, cur: TaskState | None) -> None:
+        self.w.settle(
+            name,
+            cur,
+            TaskPhase.SKIPPED,
+            Reason.FAIL_FAST,
+            f"not started: task {self.failed!r} failed and failFast is on",
+        )
+
+    def gate(self, task: Task, name: str, cur: TaskState | None) -> bool:
+        """Whether the dependencies let ``task`` start now; settles it when they never will."""
+        w = self.w
         blocked = False
         broken: str | None = None
-        for dep in graph.deps[name]:
+        for dep in self.graph.deps[name]:
             d = w.view.get(dep)
-            retrying = d is not None and retry_left(by_name[dep], d) and not halted
+            retrying = d is not None and retry_left(self.by_name[dep], d) and not self.halted
             if d is None or retrying or d.phase in (TaskPhase.PENDING, TaskPhase.RUNNING):
                 blocked = True
             elif d.phase in (TaskPhase.FAILED, TaskPhase.CANCELLED) or (
@@ -333,18 +474,12 @@ def _walk(
                 Reason.UPSTREAM_FAILED,
                 f"not started: upstream task {broken!r} did not succeed",
             )
-            continue
+            return False
         if blocked:
-            continue
-        if halted:
-            w.settle(
-                name,
-                cur,
-                TaskPhase.SKIPPED,
-                Reason.FAIL_FAST,
-                f"not started: task {failed!r} failed and failFast is on",
-            )
-            continue
+            return False
+        if self.halted:
+            self.skip_fail_fast(name, cur)
+            return False
         skipped_reads = sorted(
             t
             for t in w.state.plan.reads.get(name, ())
@@ -358,32 +493,46 @@ def _walk(
                 Reason.UPSTREAM_SKIPPED,
                 f"not started: reads outputs of skipped task {skipped_reads[0]!r}",
             )
-            continue
-        if w.held:
-            continue
-        if cur is not None and cur.not_before is not None and w.now < cur.not_before:
-            w.wakes.append(cur.not_before)
-            continue
-        if task.when is not None:
-            phases = {n: s.phase.value for n, s in w.view.items()}
-            try:
-                go = expressions.evaluate(task.when, w.context(outcome), phases)
-            except expressions.ExpressionError as err:
-                w.settle(name, cur, TaskPhase.FAILED, Reason.INVALID_EXPRESSION, f"when: {err}")
-                failed = failed or name
-                continue
-            if not go:
-                w.settle(
-                    name, cur, TaskPhase.SKIPPED, Reason.WHEN_FALSE, f"when is false: {task.when}"
-                )
-                continue
-        if _needs_slot(task):
-            if concurrency is not None and w.slots_used >= concurrency:
-                continue
-            w.slots_used += 1
-        attempt = cur.attempt if cur else 1
-        w.decision.actions.append(Start(name, attempt, cur is None))
-        w.view[name] = TaskState(attempt, TaskPhase.RUNNING, started_at=w.now)
+            return False
+        return True
+
+    def when_ok(self, task: Task, name: str, cur: TaskState | None) -> bool:
+        """Whether ``when`` lets the task run; settles it Skipped or Failed when not."""
+        if task.when is None:
+            return True
+        w = self.w
+        phases = {n: s.phase.value for n, s in w.view.items()}
+        try:
+            go = expressions.evaluate(task.when, w.context(self.outcome), phases)
+        except expressions.ExpressionError as err:
+            w.settle(name, cur, TaskPhase.FAILED, Reason.INVALID_EXPRESSION, f"when: {err}")
+            self.failed = self.failed or name
+            return False
+        if not go:
+            w.settle(name, cur, TaskPhase.SKIPPED, Reason.WHEN_FALSE, f"when is false: {task.when}")
+        return bool(go)
+
+
+def _not_started(stopping: str) -> str:
+    why = (
+        "the run was cancelled"
+        if stopping == Reason.RUN_CANCELLED
+        else "the run exceeded its timeout"
+    )
+    return f"not started: {why}"
+
+
+def _walk(
+    w: _Walk,
+    tasks: list[Task],
+    graph: Graph,
+    *,
+    stopping: str | None,
+    fail_fast: bool,
+    outcome: str | None,
+) -> None:
+    """One pass over a graph in topological order, so skips cascade within the pass."""
+    _GraphPass(w, {t.name: t for t in tasks}, graph, stopping, fail_fast, outcome).run()
 
 
 def _done(w: _Walk, tasks: list[Task]) -> bool:
@@ -438,20 +587,26 @@ def main_outcome(
 ) -> str | None:
     """``run.outcome`` as finally tasks see it; None while the main DAG goes on."""
     timed_out = _timed_out(spec, started_at, now)
+    by_name = {t.name: t for t in spec.tasks}
     failed_for_good = any(
-        (cur := tasks.get(t.name)) is not None
+        (t := by_name.get(fanout.base(n))) is not None
         and cur.phase is TaskPhase.FAILED
         and not retry_left(t, cur)
-        for t in spec.tasks
+        for n, cur in tasks.items()
     )
     no_retries = controls.cancel or timed_out or (spec.fail_fast and failed_for_good)
+    groups = fanout.instances_of(tasks)
+    view = dict(tasks)
     for task in spec.tasks:
-        cur = tasks.get(task.name)
+        members = groups.get(task.name)
+        if task.name not in view and members:
+            view[task.name] = _rollup(task, members, view, not no_retries)
+        cur = view.get(task.name)
         if cur is None or not cur.phase.finished:
             return None
         if retry_left(task, cur) and not no_retries:
             return None
-    return _outcome(spec, tasks)[0].value
+    return _outcome(spec, view)[0].value
 
 
 def decide(state: RunState, now: datetime) -> Decision:
@@ -460,12 +615,13 @@ def decide(state: RunState, now: datetime) -> Decision:
     if state.phase.finished:
         return decision
     spec = state.spec
+    by_name = {t.name: t for t in spec.all_tasks()}
     slots = sum(
         1
-        for t in spec.all_tasks()
-        if _needs_slot(t)
-        and (s := state.tasks.get(t.name)) is not None
-        and s.phase is TaskPhase.RUNNING
+        for n, s in state.tasks.items()
+        if s.phase is TaskPhase.RUNNING
+        and (t := by_name.get(fanout.base(n))) is not None
+        and _needs_slot(t)
     )
     w = _Walk(state, now, dict(state.tasks), decision, slots)
 
@@ -505,6 +661,14 @@ def decide(state: RunState, now: datetime) -> Decision:
     if outcome is RunPhase.SUCCEEDED and final_failed is not None:
         outcome, reason = RunPhase.FAILED, Reason.FINALLY_FAILED
         message = "finally " + _failure_message(w.view, final_failed)
+    if outcome is RunPhase.SUCCEEDED and spec.outputs:
+        # A declared output that cannot be computed fails the run: its callers (a parent
+        # workflow, a script reading status) would otherwise read something missing.
+        ctx = w.context(outcome.value)
+        try:
+            decision.outputs = {o.name: templates.render_value(o.value, ctx) for o in spec.outputs}
+        except templates.TemplateError as err:
+            outcome, reason, message = RunPhase.FAILED, Reason.OUTPUT_ERROR, f"outputs: {err}"
     if state.phase is RunPhase.SUSPENDED:
         decision.run.append(RunTransition(RunPhase.RUNNING, Reason.STARTED, "resumed"))
     decision.run.append(RunTransition(outcome, reason, message))
@@ -526,9 +690,13 @@ def _live_status(w: _Walk, stopping: str | None) -> None:
     waiting = sorted(
         n
         for n, s in w.view.items()
-        if s.phase is TaskPhase.RUNNING and by_name[n].kind == "approval"
+        if s.phase is TaskPhase.RUNNING and by_name[fanout.base(n)].kind == "approval"
     )
-    running = sum(1 for n, s in w.view.items() if s.phase is TaskPhase.RUNNING and n not in waiting)
+    running = sum(
+        1
+        for n, s in w.view.items()
+        if s.phase is TaskPhase.RUNNING and n not in waiting and n not in w.rollups
+    )
     parts = []
     if stopping == Reason.RUN_CANCELLED:
         parts.append("cancelling")

@@ -1,4 +1,5 @@
-"""Templates in task fields: ``{{ params.x }}``, ``{{ tasks.t.outputs.k }}``, ``{{ run.id }}``.
+"""Templates in task fields: ``{{ params.x }}``, ``{{ tasks.t.outputs.k }}``, ``{{ run.id }}``,
+and in a fan-out's instances ``{{ item }}`` / ``{{ item.key }}``.
 
 Plain substitution, no logic: conditions belong in ``when`` expressions, where they
 are typed. A reference that cannot be resolved is an error, never an empty string.
@@ -19,9 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 _TEMPLATE = re.compile(r"\{\{\s*(.*?)\s*\}\}")
+# A whole string that is one template: no braces inside, or "{{ a }} {{ b }}" would match.
+_SOLE = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 _PARAM = re.compile(r"^params\.([A-Za-z_][A-Za-z0-9_]*)$")
 _OUTPUT = re.compile(r"^tasks\.([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.outputs\.([-\w.]+)$")
 _RUN = re.compile(r"^run\.(id|name|namespace|outcome)$")
+_ITEM = re.compile(r"^item(\.([-\w.]+))?$")
 
 RUN_FIELDS = ("id", "name", "namespace", "outcome")
 FILTERS = {"shquote": shlex.quote}
@@ -33,15 +37,17 @@ MAX_RENDERED = 256 * 1024
 class Ref:
     """One reference found in a template."""
 
-    kind: str  # "param", "output" or "run"
-    name: str  # param name, task name or run field
-    key: str | None = None  # output key, for "output"
+    kind: str  # "param", "output", "run" or "item"
+    name: str  # param name, task name or run field ("item" for an item)
+    key: str | None = None  # output key, for "output"; key path into the item, for "item"
 
     def __str__(self) -> str:
         if self.kind == "param":
             return f"params.{self.name}"
         if self.kind == "output":
             return f"tasks.{self.name}.outputs.{self.key}"
+        if self.kind == "item":
+            return "item" if self.key is None else f"item.{self.key}"
         return f"run.{self.name}"
 
 
@@ -68,10 +74,25 @@ def parse_ref(text: str) -> Ref:
         return Ref("output", m.group(1), m.group(3))
     if m := _RUN.match(text):
         return Ref("run", m.group(1))
+    if m := _ITEM.match(text):
+        return Ref("item", "item", m.group(2))
     raise TemplateError(
         f"unknown template reference {{{{ {text} }}}}: expected params.NAME, "
-        f"tasks.TASK.outputs.KEY or run.{'|'.join(RUN_FIELDS)}"
+        f"tasks.TASK.outputs.KEY, run.{'|'.join(RUN_FIELDS)}, item or item.KEY"
     )
+
+
+def sole_ref(text: str) -> Ref:
+    """The reference of a string that is one ``{{ ... }}`` and nothing else (no filters)."""
+    m = _SOLE.fullmatch(text.strip())
+    if m is None:
+        raise TemplateError(
+            f"{text!r} must be one template and nothing else, e.g. {{{{ params.P }}}}"
+        )
+    ref, filters = parse_template(m.group(1))
+    if filters:
+        raise TemplateError(f"{text!r}: filters make no sense here (the value is a list)")
+    return ref
 
 
 def refs_in(text: str) -> Iterator[Ref]:
@@ -100,6 +121,13 @@ def strings_in(value: Any) -> Iterator[str]:
             yield from strings_in(v)
 
 
+class _NoItem:
+    """The item of a task that does not fan out (None is a valid item)."""
+
+
+NO_ITEM: Any = _NoItem()
+
+
 @dataclass(frozen=True)
 class Context:
     """Values templates and expressions read."""
@@ -107,9 +135,12 @@ class Context:
     params: Mapping[str, str]
     outputs: Mapping[str, Mapping[str, Any]]
     run: Mapping[str, str]
+    item: Any = NO_ITEM  # the instance's item, in a fan-out
 
     def lookup(self, ref: Ref) -> Any:
         """The value of one reference; ``TemplateError`` says exactly what is missing."""
+        if ref.kind == "item":
+            return self._item(ref)
         if ref.kind == "param":
             if ref.name not in self.params:
                 raise TemplateError(f"param {ref.name!r} has no value")
@@ -129,6 +160,16 @@ class Context:
                 raise TemplateError(
                     f"task {ref.name!r} has no output {ref.key!r} (its outputs: {keys})"
                 )
+            value = value[part]
+        return value
+
+    def _item(self, ref: Ref) -> Any:
+        if self.item is NO_ITEM:
+            raise TemplateError(f"{{{{ {ref} }}}} is only known in a task with forEach")
+        value = self.item
+        for part in ref.key.split(".") if ref.key else ():
+            if not isinstance(value, Mapping) or part not in value:
+                raise TemplateError(f"item {json.dumps(self.item)[:120]} has no key {ref.key!r}")
             value = value[part]
         return value
 
@@ -163,6 +204,17 @@ def render(text: str, ctx: Context, budget: _Budget | None = None) -> str:
         return text
 
     return _TEMPLATE.sub(sub, text)
+
+
+def render_value(text: str, ctx: Context) -> Any:
+    """A value that is one template keeps the JSON type it refers to (a list stays a
+    list); any other text is rendered as a string."""
+    m = _SOLE.fullmatch(text.strip())
+    if m is not None:
+        ref, filters = parse_template(m.group(1))
+        if not filters:
+            return ctx.lookup(ref)
+    return render(text, ctx)
 
 
 def render_all(value: Any, ctx: Context, budget: _Budget | None = None) -> Any:

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from maestro.api.models import Task, WorkflowSpec
-from maestro.dag import expressions, templates
+from maestro.api.models import MAX_CALL_DEPTH, MAX_INSTANCES, Task, WorkflowSpec
+from maestro.dag import expressions, fanout, templates
 from maestro.dag.graph import Graph
 
 
@@ -60,8 +60,69 @@ def _graph_problems(tasks: list[Task], graph: Graph, known: set[str], label: str
 
 
 def _template_strings(task: Task) -> list[str]:
+    """Strings whose templates a task reads: its executor's, its cache key and its fan-out's
+    lists."""
     executor = getattr(task, task.kind)
-    return list(templates.strings_in(executor.model_dump(by_alias=True, exclude_none=True)))
+    found = list(templates.strings_in(executor.model_dump(by_alias=True, exclude_none=True)))
+    found += [task.cache.key] if task.cache else []
+    return found + (fanout.sources(task.for_each) if task.for_each else [])
+
+
+def _refs_quietly(text: str) -> list[templates.Ref]:
+    """References in ``text``; none when it does not parse (reported elsewhere)."""
+    try:
+        return list(templates.refs_in(text))
+    except templates.TemplateError:
+        return []
+
+
+def _fanout_problems(task: Task) -> list[Problem]:
+    """What the schema cannot say of a forEach: list sources, axis names, the instance cap."""
+    fe = task.for_each
+    if fe is None:
+        return []
+    problems: list[Problem] = []
+    for text in fanout.sources(fe):
+        try:
+            ref = templates.sole_ref(text)
+        except templates.TemplateError as err:
+            problems.append(Problem(task.name, f"forEach.from: {err}"))
+            continue
+        if ref.kind not in ("param", "output"):
+            problems.append(
+                Problem(
+                    task.name,
+                    f"forEach.from: {{{{ {ref} }}}} cannot hold the list: use "
+                    "{{ params.P }} or {{ tasks.T.outputs.K }}",
+                )
+            )
+    axes = Counter(a.name for a in fe.matrix or ())
+    for name, count in axes.items():
+        if count > 1:
+            problems.append(Problem(task.name, f"forEach.matrix: {name!r} is used {count} times"))
+    if task.cache is not None and not any(r.kind == "item" for r in _refs_quietly(task.cache.key)):
+        problems.append(
+            Problem(
+                task.name,
+                "cache.key must read {{ item }} (or item.KEY) in a task with forEach: "
+                "otherwise every instance shares one cache entry",
+            )
+        )
+    instances = fanout.static_count(fe)
+    if instances is not None and instances > MAX_INSTANCES:
+        problems.append(Problem(task.name, fanout.too_many(task.name, instances)))
+    for text in _template_strings(task):
+        for ref in _refs_quietly(text):
+            head = (ref.key or "").split(".")[0]
+            if ref.kind == "item" and fe.matrix is not None and head not in axes:
+                known = ", ".join(axes)
+                problems.append(
+                    Problem(
+                        task.name,
+                        f"{{{{ {ref} }}}}: a matrix item is {{{{ item.AXIS }}}} (axes: {known})",
+                    )
+                )
+    return problems
 
 
 def _reference_problems(
@@ -117,6 +178,10 @@ def _reference_problems(
                 check_task(tref.name, f"template {{{{ {tref} }}}}")
             elif tref.kind == "run" and tref.name == "outcome" and not is_final:
                 problems.append(Problem(task.name, "run.outcome is only known in finally tasks"))
+            elif tref.kind == "item" and task.for_each is None:
+                problems.append(
+                    Problem(task.name, f"{{{{ {tref} }}}} is only known in a task with forEach")
+                )
     return problems
 
 
@@ -151,6 +216,8 @@ def shell_warnings(spec: WorkflowSpec) -> list[Problem]:
                     if ref.kind == "param"
                     else "$MAESTRO_INPUTS"
                     if ref.kind == "output"
+                    else "$MAESTRO_ITEM"
+                    if ref.kind == "item"
                     else "$MAESTRO_RUN_OUTCOME"
                 )
                 found.append(
@@ -358,7 +425,73 @@ def validate(spec: WorkflowSpec) -> list[Problem]:
         problems += _reference_problems(task, params, final, main_names, is_final=True)
     for task in spec.all_tasks():
         problems += [Problem(task.name, p) for p in field_problems(task, rendered=False)]
+        problems += _fanout_problems(task)
+    problems += _output_problems(spec, params, set(names))
     return problems
+
+
+def _output_problems(spec: WorkflowSpec, params: set[str], tasks: set[str]) -> list[Problem]:
+    """Workflow outputs read declared params and tasks of the workflow, nothing else."""
+    problems: list[Problem] = []
+    for name, count in Counter(o.name for o in spec.outputs).items():
+        if count > 1:
+            problems.append(Problem(None, f"outputs: {name!r} is declared {count} times"))
+    for out in spec.outputs:
+        where = f"outputs.{out.name}"
+        try:
+            refs = list(templates.refs_in(out.value))
+        except templates.TemplateError as err:
+            problems.append(Problem(None, f"{where}: {err}"))
+            continue
+        for ref in refs:
+            if ref.kind == "param" and ref.name not in params:
+                problems.append(Problem(None, f"{where}: reads unknown param {ref.name!r}"))
+            elif ref.kind == "output" and ref.name not in tasks:
+                problems.append(Problem(None, f"{where}: reads unknown task {ref.name!r}"))
+            elif ref.kind == "item":
+                problems.append(Problem(None, f"{where}: {{{{ {ref} }}}} is only known in a task"))
+    return problems
+
+
+def call_problems(
+    root: str, workflows: Mapping[str, WorkflowSpec], *, all_known: bool
+) -> list[Problem]:
+    """``workflow`` tasks reachable from workflow ``root``: cycles and nesting deeper than
+    MAX_CALL_DEPTH, each naming the chain; with ``all_known``, callees missing from
+    ``workflows`` too (local mode runs children only from the files given)."""
+    problems: dict[str, Problem] = {}
+    walked: set[tuple[str, int]] = set()  # diamonds are walked once per depth
+
+    def walk(name: str, chain: list[str]) -> None:
+        spec = workflows.get(name)
+        if spec is None or (name, len(chain)) in walked:
+            return
+        walked.add((name, len(chain)))
+        for task in spec.all_tasks():
+            if task.workflow is None:
+                continue
+            path = [*chain, task.workflow.name]
+            shown = " -> ".join(path)
+            if task.workflow.name in chain:
+                problem = Problem(task.name, f"workflow calls form a cycle: {shown}")
+            elif len(path) - 1 > MAX_CALL_DEPTH:
+                problem = Problem(
+                    task.name, f"workflow calls nest deeper than {MAX_CALL_DEPTH}: {shown}"
+                )
+            elif task.workflow.name not in workflows:
+                if not all_known:
+                    continue
+                problem = Problem(
+                    task.name,
+                    f"calls workflow {task.workflow.name!r}, which is not among the files given",
+                )
+            else:
+                walk(task.workflow.name, path)
+                continue
+            problems.setdefault(str(problem), problem)
+
+    walk(root, [root])
+    return list(problems.values())
 
 
 def reads_of(task: Task) -> frozenset[str]:

@@ -13,22 +13,24 @@ idempotent for the crash between the CAS and the start.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
 
-from maestro.api.models import Task, WorkflowSpec
+from maestro.api.models import Task, WorkflowSpec, duration_seconds
 from maestro.api.parse import describe
 from maestro.api.phases import RunPhase, TaskPhase
-from maestro.dag import templates
+from maestro.dag import fanout, templates
 from maestro.dag.scheduler import (
     Controls,
     Decision,
+    Expand,
     Reason,
     Retry,
     RunState,
@@ -111,6 +113,17 @@ class _Held:
     outbox: list[EventRecord]  # store events whose Kubernetes Events are not posted yet
 
 
+@dataclass(frozen=True)
+class _CacheHit:
+    """A Start answered from the cache: the attempt succeeds with ``source``'s outputs."""
+
+    task: str
+    attempt: int
+    create: bool
+    source: AttemptRecord
+    message: str
+
+
 class Engine:
     """Moves runs forward. The store is required; executors are keyed by task kind."""
 
@@ -127,6 +140,8 @@ class Engine:
         self.clock = clock
         self._plans: dict[str, tuple[WorkflowSpec, Plan]] = {}
         self._held: dict[str, _Held] = {}  # run id -> the run while this process drives it
+        # Fan-out items by (run id, task): the same inputs always give the same items.
+        self._items: dict[tuple[str, str], list[Any]] = {}
 
     async def create_run(
         self,
@@ -139,6 +154,7 @@ class Engine:
         uid: str | None = None,
         generation: int = 1,
         controls: Mapping[str, Any] | None = None,
+        parent_id: str | None = None,
     ) -> RunRecord:
         """Validate, snapshot the spec and params, and record a Pending run.
 
@@ -159,6 +175,7 @@ class Engine:
             uid=uid,
             generation=generation,
             controls=dict(controls or {}),
+            parent_id=parent_id,
         )
 
     async def seed_from(self, run_id: str, source_id: str) -> list[str]:
@@ -172,8 +189,14 @@ class Engine:
         spec, _ = self.spec_of(run)
         # Finally tasks always run again: cleanup and notify belong to this run.
         names = {t.name for t in spec.tasks}
+        source = await self.store.latest_attempts(source_id)
+        # A fan-out is reused whole or not at all: its instances are recorded together,
+        # so a new run's fan-out either has all of them or expands afresh.
+        for task, members in fanout.instances_of(source).items():
+            if task in names and all(source[m].phase is TaskPhase.SUCCEEDED for m in members):
+                names.update(members)
         reused = []
-        for name, att in (await self.store.latest_attempts(source_id)).items():
+        for name, att in source.items():
             if name not in names or att.phase is not TaskPhase.SUCCEEDED:
                 continue
             await self.store.create_attempt(run_id, name, 1)
@@ -207,6 +230,38 @@ class Engine:
         """Drop what is held of a run: it finished, was deleted, or its driver stopped."""
         self._plans.pop(run_id, None)
         self._held.pop(run_id, None)
+        for key in [k for k in self._items if k[0] == run_id]:
+            del self._items[key]
+
+    def _item(
+        self, run: RunRecord, task: Task, name: str, latest: Mapping[str, AttemptRecord]
+    ) -> Any:
+        """The item of instance ``name`` of fan-out ``task`` (NO_ITEM for a plain task)."""
+        index = fanout.split(name)[1]
+        if index is None:
+            return templates.NO_ITEM
+        key = (run.id, task.name)
+        found = self._items.get(key)
+        if found is None:
+            ctx = templates.Context(run.params, self._inputs(run, task, latest), _run_info(run))
+            found = self._items[key] = fanout.items(task, ctx)
+        return found[index]
+
+    def _context(
+        self,
+        run: RunRecord,
+        task: Task,
+        name: str,
+        latest: Mapping[str, AttemptRecord],
+        run_info: dict[str, str],
+    ) -> tuple[templates.Context, dict[str, Any]]:
+        """What the templates of ``name`` (a task or an instance) read, and its inputs."""
+        outputs = self._inputs(run, task, latest)
+        item = self._item(run, task, name, latest)
+        inputs: dict[str, Any] = {"params": dict(run.params), "tasks": outputs, "run": run_info}
+        if item is not templates.NO_ITEM:
+            inputs["item"] = item
+        return templates.Context(run.params, outputs, run_info, item), inputs
 
     def _running_context(
         self, run: RunRecord, task: Task, att: AttemptRecord, latest: Mapping[str, AttemptRecord]
@@ -214,23 +269,24 @@ class Engine:
         """The context of a started attempt, rendered again: an executor that lost its
         in-memory state (a restart) may need the full task to re-attach or start it."""
         spec, the_plan = self.spec_of(run)
-        outputs = self._inputs(run, task, latest)
         run_info = _run_info(run)
         if task.name in the_plan.final.deps:
             states = {n: _state(a) for n, a in latest.items()}
             outcome = main_outcome(spec, states, controls_of(run), run.started_at, self.clock())
             if outcome is not None:
                 run_info["outcome"] = outcome
+        ctx_values, inputs = self._context(run, task, att.task, latest, run_info)
         try:
-            rendered = _render_task(task, templates.Context(run.params, outputs, run_info))
+            rendered = _render_task(task, ctx_values, att.task)
         except templates.TemplateError:
-            rendered = task  # it rendered when it started; inputs cannot have changed since
+            # It rendered when it started; inputs cannot have changed since.
+            rendered = _named(task, att.task)
         return AttemptContext(
             run=run,
             task=rendered,
             attempt=att.attempt,
             handle=att.job_name,
-            inputs={"params": dict(run.params), "tasks": outputs, "run": run_info},
+            inputs=inputs,
             controls=controls_of(run),
             started_at=att.started_at,
         )
@@ -314,8 +370,9 @@ class Engine:
         for name, att in list(held.latest.items()):
             if att.phase is not TaskPhase.RUNNING:
                 continue
-            ctx = self._running_context(run, tasks[name], att, held.latest)
-            executor = self.executors[tasks[name].kind]
+            task = tasks[fanout.base(name)]
+            ctx = self._running_context(run, task, att, held.latest)
+            executor = self.executors[task.kind]
             if att.job_name is not None and att.launched_at is None:
                 # Recorded Running, but its pod was never created (the process stopped in
                 # between, or the API refused): create it now, once. Errors other than a
@@ -351,11 +408,11 @@ class Engine:
         # Stops touch the API before the transaction: no row stays locked over a request.
         for action in decision.actions:
             if isinstance(action, Stop):
-                task = tasks[action.task]
+                task = tasks[fanout.base(action.task)]
                 ctx = self._running_context(run, task, latest[action.task], latest)
                 await self.executors[task.kind].stop(ctx)
         starts = [
-            self._prepare(run, tasks[a.task], latest, a, decision)
+            await self._prepare(run, tasks[fanout.base(a.task)], latest, a, decision)
             for a in decision.actions
             if isinstance(a, Start)
         ]
@@ -368,7 +425,16 @@ class Engine:
                 if isinstance(start, Settle):  # it cannot start (a template failed)
                     progressed |= await self._settle(writes, start)
                     continue
-                executor, ctx, create = start
+                if isinstance(start, _CacheHit):
+                    progressed |= await writes.reuse_cached(
+                        start.task,
+                        start.attempt,
+                        create=start.create,
+                        source=start.source,
+                        message=start.message,
+                    )
+                    continue
+                executor, ctx, create, cache_key = start
                 won = await writes.start_attempt(
                     ctx.task.name,
                     ctx.attempt,
@@ -376,14 +442,20 @@ class Engine:
                     reason=Reason.STARTED,
                     message=_start_message(ctx.task),
                     job_name=ctx.handle,
+                    cache_key=cache_key,
                 )
                 if won:  # else another writer started it (or it moved on): never twice
                     progressed = True
                     launch.append((executor, ctx))
             phase = run.phase
             for move in decision.run:
+                outputs = decision.outputs if move.phase is RunPhase.SUCCEEDED else None
                 if await writes.set_run_phase(
-                    move.phase, expected=phase, message=move.message, reason=move.reason
+                    move.phase,
+                    expected=phase,
+                    message=move.message,
+                    reason=move.reason,
+                    outputs=outputs,
                 ):
                     phase = move.phase
                     progressed = True
@@ -420,16 +492,25 @@ class Engine:
         )
 
     def _inputs(self, run: RunRecord, task: Task, latest: Mapping[str, AttemptRecord]) -> Any:
-        """Outputs of the tasks ``task`` depends on or reads, as its inputs."""
-        the_plan = self.spec_of(run)[1]
+        """Outputs of the tasks ``task`` depends on or reads, as its inputs (a fan-out's
+        as lists in item order, once all its instances succeeded)."""
+        spec, the_plan = self.spec_of(run)
         wanted = set(task.depends_on) | set(the_plan.reads.get(task.name, ()))
-        return {
+        found = {
             n: dict(a.outputs or {})
             for n, a in latest.items()
             if n in wanted and a.phase is TaskPhase.SUCCEEDED
         }
+        fans = {t.name for t in spec.all_tasks() if t.for_each is not None} & wanted
+        if fans - set(found):
+            for name, members in fanout.instances_of(latest).items():
+                if name in fans and all(latest[m].phase is TaskPhase.SUCCEEDED for m in members):
+                    found[name] = fanout.collect(latest[m].outputs for m in members)
+        return found
 
-    async def _apply(self, writes: Batch, action: Settle | Stop | Retry) -> bool:
+    async def _apply(self, writes: Batch, action: Settle | Stop | Retry | Expand) -> bool:
+        if isinstance(action, Expand):
+            return await writes.create_attempts(action.instances) > 0
         if isinstance(action, Retry):
             created = await writes.create_attempt(
                 action.task, action.attempt, not_before=action.not_before
@@ -460,40 +541,57 @@ class Engine:
             message=action.message,
         )
 
-    def _prepare(
+    async def _prepare(
         self,
         run: RunRecord,
         task: Task,
         latest: Mapping[str, AttemptRecord],
         action: Start,
         decision: Decision,
-    ) -> tuple[Executor, AttemptContext, bool] | Settle:
-        """The rendered context of an attempt to start, or the Settle that fails it."""
+    ) -> tuple[Executor, AttemptContext, bool, str | None] | Settle | _CacheHit:
+        """The rendered context of an attempt to start (with its cache key), the cache hit
+        that stands in for it, or the Settle that fails it."""
         executor = self.executors[task.kind]
-        outputs = self._inputs(run, task, latest)
         run_info = _run_info(run)
         if decision.outcome is not None:
             run_info["outcome"] = decision.outcome  # only finally tasks start once it is known
+        name = action.task
         try:
-            rendered = _render_task(task, templates.Context(run.params, outputs, run_info))
-        except templates.TemplateError as err:
+            ctx_values, inputs = self._context(run, task, name, latest, run_info)
+            rendered = _render_task(task, ctx_values, name)
+            cache_key = (
+                None
+                if task.cache is None
+                else cache_digest(run.namespace, templates.render(task.cache.key, ctx_values))
+            )
+        except (templates.TemplateError, fanout.FanOutError) as err:
             return Settle(
-                task.name,
+                name,
                 action.attempt,
                 action.create,
                 TaskPhase.FAILED,
                 Reason.INPUT_ERROR,
-                f"task {task.name!r} cannot start: {err}",
+                f"task {name!r} cannot start: {err}",
             )
+        if cache_key is not None and task.cache is not None and not run.controls.get("noCache"):
+            since = self.clock() - timedelta(seconds=duration_seconds(task.cache.max_age))
+            hit = await self.store.find_cached(run.namespace, cache_key, since=since)
+            if hit is not None:
+                source = await self.store.get_run(hit.run_id)
+                message = (
+                    f"cached: outputs of run {source.name} ({hit.run_id}), "
+                    f"task {hit.task} attempt {hit.attempt}"
+                )
+                return _CacheHit(name, action.attempt, action.create, hit, message)
         ctx = AttemptContext(
             run=run,
             task=rendered,
             attempt=action.attempt,
             handle=None,
-            inputs={"params": dict(run.params), "tasks": outputs, "run": run_info},
+            inputs=inputs,
             controls=controls_of(run),
         )
-        return executor, replace(ctx, handle=executor.handle(ctx)), action.create
+        return executor, replace(ctx, handle=executor.handle(ctx)), action.create, cache_key
 
     async def _launch(
         self,
@@ -553,9 +651,10 @@ class Engine:
         tasks = {t.name: t for t in spec.all_tasks()}
         latest = await self.store.latest_attempts(run_id)
         for name, att in latest.items():
+            task = tasks[fanout.base(name)]
             if att.phase is TaskPhase.RUNNING:
-                ctx = self._running_context(run, tasks[name], att, latest)
-                await self.executors[tasks[name].kind].stop(ctx)
+                ctx = self._running_context(run, task, att, latest)
+                await self.executors[task.kind].stop(ctx)
             if not att.phase.finished:
                 await self.store.transition_attempt(
                     run_id,
@@ -572,18 +671,33 @@ class Engine:
         return await self.store.get_run(run_id)
 
 
+def cache_digest(namespace: str, key: str) -> str:
+    """The stored form of a rendered cache key: scoped to the namespace, fixed length (and
+    the key's text, which may hold params, is not kept)."""
+    return hashlib.sha256(f"{namespace}\0{key}".encode()).hexdigest()
+
+
 def _run_info(run: RunRecord) -> dict[str, str]:
     """``run.*`` as templates and expressions read it (``outcome`` is added for finally)."""
     return {"id": run.id, "name": run.name, "namespace": run.namespace}
 
 
-def _render_task(task: Task, ctx: templates.Context) -> Task:
-    """The task with its templates expanded; ``TemplateError`` names each bad field."""
+def _named(task: Task, name: str) -> Task:
+    """``task`` as instance ``name`` of its fan-out (itself for a plain task): executors
+    name pods, directories and messages after ``task.name``."""
+    return task if name == task.name else task.model_copy(update={"name": name})
+
+
+def _render_task(task: Task, ctx: templates.Context, name: str) -> Task:
+    """Task (or instance) ``name`` with its templates expanded; ``TemplateError`` names
+    each bad field."""
     executor = getattr(task, task.kind)
     raw = executor.model_dump(by_alias=True, exclude_none=True)
     rendered = templates.render_all(raw, ctx)
     try:
-        result = task.model_copy(update={task.kind: type(executor).model_validate(rendered)})
+        result = _named(task, name).model_copy(
+            update={task.kind: type(executor).model_validate(rendered)}
+        )
     except ValidationError as err:
         lines = [f"{task.kind}.{line}" for line in describe(err)]
         raise templates.TemplateError("after templating, " + "; ".join(lines)) from None

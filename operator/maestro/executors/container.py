@@ -19,6 +19,7 @@ import re
 import time
 from typing import Any
 
+from maestro.dag.fanout import label_value
 from maestro.engine.executor import AttemptContext, Result, StartRejected, Wake
 from maestro.executors import podspec
 from maestro.executors.environment import OUTPUTS_IN_POD, parse_outputs, task_env
@@ -145,7 +146,7 @@ class ContainerExecutor:
             "app.kubernetes.io/managed-by": "maestro",
             LABEL_RUN: run_label(ctx.run.name),
             LABEL_RUN_ID: ctx.run.id,
-            LABEL_TASK: ctx.task.name,
+            LABEL_TASK: label_value(ctx.task.name),  # an instance's name has brackets
             LABEL_ATTEMPT: str(ctx.attempt),
         }
         env: list[dict[str, Any]] = [

@@ -36,6 +36,11 @@ def task_env(ctx: AttemptContext, outputs_path: str) -> dict[str, str]:
         for key, value in (outputs or {}).items():
             var = env_var_name(f"MAESTRO_OUTPUT_{task}_{key}")
             env[var] = value if isinstance(value, str) else json.dumps(value)
+    if "item" in ctx.inputs:
+        # A fan-out instance's item: as is when a string, else JSON (read it rather
+        # than pasting {{ item }} into a script).
+        item = ctx.inputs["item"]
+        env["MAESTRO_ITEM"] = item if isinstance(item, str) else json.dumps(item)
     outcome = ctx.inputs.get("run", {}).get("outcome")
     if outcome is not None:
         env["MAESTRO_RUN_OUTCOME"] = str(outcome)

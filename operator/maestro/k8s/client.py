@@ -160,6 +160,7 @@ def run_manifest(
     name: str | None = None,
     labels: Mapping[str, str] | None = None,
     annotations: Mapping[str, str] | None = None,
+    no_cache: bool = False,
 ) -> dict[str, Any]:
     """A WorkflowRun of ``workflow`` (named ``name``, else ``WORKFLOW-`` plus a suffix)."""
     meta: dict[str, Any] = {"name": name} if name else {"generateName": f"{workflow}-"}
@@ -167,12 +168,10 @@ def run_manifest(
         meta["labels"] = dict(labels)
     if annotations:
         meta["annotations"] = dict(annotations)
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "WorkflowRun",
-        "metadata": meta,
-        "spec": {"workflowRef": {"name": workflow}, "params": dict(params)},
-    }
+    spec: dict[str, Any] = {"workflowRef": {"name": workflow}, "params": dict(params)}
+    if no_cache:
+        spec["noCache"] = True
+    return {"apiVersion": API_VERSION, "kind": "WorkflowRun", "metadata": meta, "spec": spec}
 
 
 def retry_manifest(old: Mapping[str, Any], run_id: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from maestro.executors.approval import ApprovalExecutor
 from maestro.executors.container import LABEL_RUN_ID, ContainerExecutor
 from maestro.executors.http import EgressPolicy, HttpExecutor, egress_client, own_addresses
 from maestro.executors.secrets import KubeSecrets
+from maestro.executors.workflow import ClusterWorkflows
 from maestro.k8s.client import Kube, load_config
 from maestro.k8s.watch import PodWatch
 from maestro.operator.health import Health
@@ -171,6 +172,7 @@ async def run_operator(
             "container": container,
             "http": HttpExecutor(KubeSecrets(kube), waker, client),
             "approval": ApprovalExecutor(),
+            "workflow": ClusterWorkflows(kube, store),
         }
         engine = Engine(store, executors)
         tracer = RunTracer.configure(config.otlp_endpoint)

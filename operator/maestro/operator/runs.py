@@ -74,6 +74,7 @@ def controls_of_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         "suspend": bool(spec.get("suspend", False)),
         "cancel": bool(spec.get("cancel", False)),
         "approvals": sorted(set(spec.get("approvals") or [])),
+        "noCache": bool(spec.get("noCache", False)),
     }
 
 
@@ -296,12 +297,22 @@ class RunController:
                 uid=uid,
                 generation=int(meta.get("generation") or 1),
                 controls=controls_of_spec(body.get("spec") or {}),
+                parent_id=await self._parent_of(meta),
             )
         except InvalidRun as err:
             raise _Pending(RunPhase.FAILED, "InvalidSpec", "; ".join(err.problems)) from None
         self._ids[uid] = run.id
         self._controls[run.id] = dict(run.controls)
         return run
+
+    async def _parent_of(self, meta: Mapping[str, Any]) -> str | None:
+        """The store id of the run whose workflow task made this one (its controller
+        owner), so history links them and the parent is woken when this one ends."""
+        for ref in meta.get("ownerReferences") or []:
+            if ref.get("kind") == "WorkflowRun" and ref.get("controller"):
+                parent = await self.engine.store.find_run(meta["namespace"], str(ref.get("uid")))
+                return parent.id if parent is not None else None
+        return None
 
     async def _workspaces(self, namespace: str, name: str, uid: str, spec: WorkflowSpec) -> None:
         """The run's workspace claims, before any task can mount them."""
@@ -611,6 +622,8 @@ class RunController:
             return None  # the WorkflowRun is gone; the delete handler records it
         if run.phase.finished:
             self._finished.add(run.id)
+            if run.parent_id is not None:
+                self.waker(run.parent_id)  # its workflow task waits on this run
             self._observed[run.id] = int(generation or 1)
             live = int(body["metadata"].get("generation") or 1)
             if live > self._observed[run.id]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from maestro.api.models import WorkflowSpec
 from maestro.api.phases import RunPhase
+from maestro.dag import fanout
 from maestro.store import AttemptRecord, RunRecord
 
 # Per-task outputs shown in status are cut to this size; the store keeps them whole.
@@ -128,7 +129,18 @@ def run_status(
     tasks: dict[str, Any] = {}
     first_start: dict[str, datetime | None] = {}
     done = 0
-    names = [t.name for t in spec.all_tasks()]
+    names: list[str] = []
+    for name, members in fanout.rows((t.name for t in spec.all_tasks()), latest):
+        if members and name not in latest:
+            # A fan-out's own entry sums up its instances, which follow it.
+            phases = [latest[m].phase for m in members]
+            ended = sum(p.finished for p in phases)
+            tasks[name] = {
+                "phase": fanout.summary(phases).value,
+                "attempts": 0,
+                "message": f"{ended}/{len(members)} instances ended",
+            }
+        names += [name] if not members or name in latest else members
     share = max(MIN_DETAIL, TASK_DETAIL_BUDGET // max(1, len(names)))
     output_limit = min(MAX_OUTPUT_SUMMARY, share * 2 // 3)
     message_limit = min(MAX_MESSAGE_CHARS, share // 3)
@@ -147,6 +159,7 @@ def run_status(
             "reason": att.reason,
             "message": (att.message or "")[:message_limit] or None,
             "podName": att.job_name,
+            "cachedFrom": att.cached_from,
             "outputs": summarize_outputs(att.outputs, output_limit),
         }
         tasks[name] = {k: v for k, v in entry.items() if v is not None}
@@ -169,6 +182,8 @@ def run_status(
         ),
         "observedGeneration": generation,
     }
+    if run.outputs is not None:
+        status["outputs"] = summarize_outputs(run.outputs)
     if include_spec:
         status["workflowSpec"] = run.spec
     return status

@@ -64,6 +64,11 @@ class RunRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # OpenTelemetry trace id (32 hex digits) when the operator exports traces.
     trace_id: Mapped[str | None] = mapped_column(String(32))
+    # The workflow's declared outputs, once the run Succeeded (migration 0006).
+    outputs: Mapped[JSONDict | None] = mapped_column(JSONType)
+    # The run whose `workflow` task started this one (migration 0006). Not a foreign key:
+    # pruning a parent's history keeps its children's.
+    parent_id: Mapped[str | None] = mapped_column(String(36))
 
     __table_args__ = (
         # NULL uids (local runs) never collide: NULLs are distinct in a unique constraint.
@@ -79,6 +84,7 @@ class RunRow(Base):
         # History pages newest first (keyset pagination over created_at, id).
         Index("ix_runs_created_at_id", "created_at", "id"),
         Index("ix_runs_namespace_created_at_id", "namespace", "created_at", "id"),
+        Index("ix_runs_parent_id", "parent_id"),
     )
 
 
@@ -102,8 +108,21 @@ class AttemptRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # When the executor's object (a pod) was created; see migration 0004_ends_outbox.
     launched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Cached tasks (migration 0006): the digest of the rendered cache key, on attempts
+    # that ran; and on a cached attempt, the attempt whose outputs it reused.
+    cache_key: Mapped[str | None] = mapped_column(String(64))
+    cached_from: Mapped[JSONDict | None] = mapped_column(JSONType)
 
-    __table_args__ = (CheckConstraint("attempt >= 1", name="attempt_positive"),)
+    __table_args__ = (
+        CheckConstraint("attempt >= 1", name="attempt_positive"),
+        Index(
+            "ix_task_attempts_cache",
+            "cache_key",
+            "finished_at",
+            postgresql_where="cache_key IS NOT NULL AND phase = 'Succeeded'",
+            sqlite_where="cache_key IS NOT NULL AND phase = 'Succeeded'",
+        ),
+    )
 
 
 class EventRow(Base):

@@ -31,6 +31,8 @@ class RunRecord:
     finished_at: datetime | None
     updated_at: datetime
     trace_id: str | None = None
+    outputs: dict[str, Any] | None = None  # the workflow's declared outputs, once Succeeded
+    parent_id: str | None = None  # the run whose workflow task started this one
 
     @classmethod
     def of(cls, row: RunRow) -> RunRecord:
@@ -53,6 +55,8 @@ class RunRecord:
             finished_at=row.finished_at,
             updated_at=row.updated_at,
             trace_id=row.trace_id,
+            outputs=row.outputs,
+            parent_id=row.parent_id,
         )
 
 
@@ -73,6 +77,7 @@ class AttemptRecord:
     started_at: datetime | None
     finished_at: datetime | None
     launched_at: datetime | None = None  # when its pod was created (container tasks)
+    cached_from: dict[str, Any] | None = None  # {"runId", "task", "attempt"} when Cached
 
     @classmethod
     def of(cls, row: AttemptRow) -> AttemptRecord:
@@ -91,6 +96,7 @@ class AttemptRecord:
             started_at=row.started_at,
             finished_at=row.finished_at,
             launched_at=row.launched_at,
+            cached_from=row.cached_from,
         )
 
 

@@ -35,8 +35,9 @@ from maestro.store.urls import describe, parse_url
 
 #: The keys a run's ``controls`` may hold, with their values for a new run.
 DEFAULT_CONTROLS: Mapping[str, Any] = {"suspend": False, "cancel": False, "approvals": []}
-# Set only when known: who asked for the cancel (the run's message names them).
-OPTIONAL_CONTROLS = frozenset({"cancelledBy"})
+# Set only when known: who asked for the cancel (the run's message names them); whether
+# cached tasks run again (WorkflowRun spec.noCache, `--no-cache`).
+OPTIONAL_CONTROLS = frozenset({"cancelledBy", "noCache"})
 
 PING_TIMEOUT = 2.0
 
@@ -244,8 +245,11 @@ class Store:
         uid: str | None = None,
         generation: int = 1,
         controls: dict[str, Any] | None = None,
+        parent_id: str | None = None,
     ) -> RunRecord:
-        """Record a new Pending run; replaying the same (namespace, uid) returns the first one."""
+        """Record a new Pending run; replaying the same (namespace, uid) returns the first one.
+
+        ``parent_id``: the run whose ``workflow`` task this one is."""
         _check_controls(controls or {})
         now = _now()
         run_id = str(uuid.uuid4())
@@ -264,6 +268,7 @@ class Store:
                 generation=generation,
                 created_at=now,
                 updated_at=now,
+                parent_id=parent_id,
             )
             .on_conflict_do_nothing(index_elements=["namespace", "uid"])
             .returning(RunRow.id)
@@ -316,10 +321,13 @@ class Store:
         expected: RunPhase | Collection[RunPhase] | None = None,
         message: str | None = None,
         reason: str | None = None,
+        outputs: dict[str, Any] | None = None,
     ) -> bool:
         """:meth:`Batch.set_run_phase` in a transaction of its own."""
         async with self.batch(run_id) as b:
-            return await b.set_run_phase(new, expected=expected, message=message, reason=reason)
+            return await b.set_run_phase(
+                new, expected=expected, message=message, reason=reason, outputs=outputs
+            )
 
     async def _locked_run(self, session: AsyncSession, run_id: str) -> RunRow:
         row = await session.scalar(
@@ -414,11 +422,18 @@ class Store:
         reason: str | None = None,
         message: str | None = None,
         job_name: str | None = None,
+        cache_key: str | None = None,
     ) -> bool:
         """:meth:`Batch.start_attempt` in a transaction of its own."""
         async with self.batch(run_id) as b:
             return await b.start_attempt(
-                task, attempt, create=create, reason=reason, message=message, job_name=job_name
+                task,
+                attempt,
+                create=create,
+                reason=reason,
+                message=message,
+                job_name=job_name,
+                cache_key=cache_key,
             )
 
     def _check_outputs(self, task: str, outputs: dict[str, Any]) -> None:
@@ -458,6 +473,33 @@ class Store:
                 outputs=outputs,
                 job_name=job_name,
             )
+
+    async def children(self, run_id: str) -> list[RunRecord]:
+        """The runs the ``workflow`` tasks of ``run_id`` started, oldest first."""
+        query = select(RunRow).where(RunRow.parent_id == run_id).order_by(RunRow.created_at)
+        async with self._transaction() as session:
+            return [RunRecord.of(row) for row in await session.scalars(query)]
+
+    async def find_cached(
+        self, namespace: str, cache_key: str, *, since: datetime
+    ) -> AttemptRecord | None:
+        """The newest Succeeded attempt of ``namespace`` with ``cache_key`` that finished
+        at or after ``since`` (the index ix_task_attempts_cache serves it)."""
+        query = (
+            select(AttemptRow)
+            .join(RunRow, RunRow.id == AttemptRow.run_id)
+            .where(
+                AttemptRow.cache_key == cache_key,
+                AttemptRow.phase == TaskPhase.SUCCEEDED.value,
+                AttemptRow.finished_at >= since,
+                RunRow.namespace == namespace,
+            )
+            .order_by(AttemptRow.finished_at.desc())
+            .limit(1)
+        )
+        async with self._transaction() as session:
+            row = await session.scalar(query)
+            return AttemptRecord.of(row) if row is not None else None
 
     async def mark_launched(self, run_id: str, task: str, attempt: int) -> None:
         """:meth:`Batch.mark_launched` in a transaction of its own."""
@@ -618,12 +660,14 @@ class Batch:
         expected: RunPhase | Collection[RunPhase] | None = None,
         message: str | None = None,
         reason: str | None = None,
+        outputs: dict[str, Any] | None = None,
     ) -> bool:
         """Move the run to ``new`` if it is in an allowed (and expected) phase.
 
         Compare-and-set with its event. Returns False, without writing, when the move is
         not in RUN_TRANSITIONS or the run is no longer in an expected phase. ``message``
-        and ``reason`` describe the new phase (None clears).
+        and ``reason`` describe the new phase (None clears); ``outputs`` (the workflow's,
+        on success) are stored with it when given.
         """
         new = RunPhase(new)
         if isinstance(expected, RunPhase):
@@ -638,7 +682,12 @@ class Batch:
             (RunRow.id == self.run_id,),
             sources,
             new,
-            {"message": message, "reason": reason, "updated_at": now},
+            {
+                "message": message,
+                "reason": reason,
+                "updated_at": now,
+                **({"outputs": outputs} if outputs is not None else {}),
+            },
             now,
             missing=RunNotFound(f"run {self.run_id} not found"),
         )
@@ -661,6 +710,15 @@ class Batch:
         """
         row = await self._insert_pending(task, attempt, not_before, _now())
         return None if row is None else AttemptRecord.of(row)
+
+    async def create_attempts(self, tasks: Collection[str]) -> int:
+        """Record a Pending first attempt of each of ``tasks`` (a fan-out's instances: in
+        one transaction, all or none exist); those that exist are left. The count made."""
+        now = _now()
+        made = 0
+        for task in tasks:
+            made += await self._insert_pending(task, 1, None, now) is not None
+        return made
 
     async def _insert_pending(
         self, task: str, attempt: int, not_before: datetime | None, now: datetime
@@ -707,17 +765,43 @@ class Batch:
         reason: str | None = None,
         message: str | None = None,
         job_name: str | None = None,
+        cache_key: str | None = None,
     ) -> bool:
         """Create the attempt (when ``create``) and move it Pending -> Running: what
-        starting a task costs. False when another writer started it."""
+        starting a task costs. False when another writer started it. ``cache_key`` makes
+        the attempt, once Succeeded, a cache entry (:meth:`Store.find_cached`)."""
         now = _now()
         if create:
             await self._insert_pending(task, attempt, None, now)
         values: dict[str, Any] = {"reason": reason, "message": message}
         if job_name is not None:
             values["job_name"] = job_name
+        if cache_key is not None:
+            values["cache_key"] = cache_key
         return await self._move_attempt(
             task, attempt, TaskPhase.RUNNING, {TaskPhase.PENDING}, values, now
+        )
+
+    async def reuse_cached(
+        self, task: str, attempt: int, *, create: bool, source: AttemptRecord, message: str
+    ) -> bool:
+        """Record the attempt Succeeded with ``source``'s outputs (reason ``Cached``);
+        False when another writer started it first."""
+        now = _now()
+        if create:
+            await self._insert_pending(task, attempt, None, now)
+        started: dict[str, Any] = {"reason": "Cached", "message": message}
+        if not await self._move_attempt(
+            task, attempt, TaskPhase.RUNNING, {TaskPhase.PENDING}, started, now
+        ):
+            return False
+        done = {
+            **started,
+            "outputs": dict(source.outputs or {}),
+            "cached_from": {"runId": source.run_id, "task": source.task, "attempt": source.attempt},
+        }
+        return await self._move_attempt(
+            task, attempt, TaskPhase.SUCCEEDED, {TaskPhase.RUNNING}, done, now
         )
 
     async def _move_attempt(
