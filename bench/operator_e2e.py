@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import urllib3
 import yaml
 
 from bench.common import (
@@ -133,22 +134,29 @@ class PodWatcher(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            for line in self._lines():
-                seen = time.time()
-                event = orjson.loads(line)
-                obj = event["object"]
-                meta = obj.get("metadata") or {}
-                self.version = meta.get("resourceVersion") or self.version
-                labels = meta.get("labels") or {}
-                if "maestro.dev/task" not in labels:
-                    continue
-                key = (labels["maestro.dev/run"], labels["maestro.dev/task"])
-                self.names.add(meta["name"])
-                if key not in self.created:
-                    self.created[key] = seen
-                phase = (obj.get("status") or {}).get("phase")
-                if phase == "Succeeded" and key not in self.succeeded:
-                    self.succeeded[key] = seen
+            try:
+                self._follow()
+            except urllib3.exceptions.HTTPError:
+                continue  # the API server ended the stream: resume from the last version
+
+    def _follow(self) -> None:
+        """One watch request, noting what it shows."""
+        for line in self._lines():
+            seen = time.time()
+            event = orjson.loads(line)
+            obj = event["object"]
+            meta = obj.get("metadata") or {}
+            self.version = meta.get("resourceVersion") or self.version
+            labels = meta.get("labels") or {}
+            if "maestro.dev/task" not in labels:
+                continue
+            key = (labels["maestro.dev/run"], labels["maestro.dev/task"])
+            self.names.add(meta["name"])
+            if key not in self.created:
+                self.created[key] = seen
+            phase = (obj.get("status") or {}).get("phase")
+            if phase == "Succeeded" and key not in self.succeeded:
+                self.succeeded[key] = seen
 
     def latencies(self, shape: Shape, gap: tuple[float, float]) -> tuple[list[float], int]:
         """Seconds from the last upstream's success to the dependent's creation per task

@@ -52,13 +52,13 @@ POISON: dict[str, tuple[dict[str, Any], str, str]] = {
     # name: (WorkflowRun, expected phase, text the message must contain)
     "long-name-dash": (inline_run(DASH_AT_63, [{"name": "t"}]), "Succeeded", ""),
     "long-name-dot": (inline_run(DOT_AT_CUT, [{"name": "t"}]), "Succeeded", ""),
-    "job-refused-by-api": (
+    "pod-refused-by-api": (
         inline_run(
             "refused",
             [{"name": "t", "container": {"image": "busybox", "command": ["true"], **BAD_ANNOTATION}}],  # noqa: E501
         ),
         "Failed",
-        "is invalid: spec.template.annotations: Invalid value",
+        "is invalid: metadata.annotations: Invalid value",
     ),
     "empty-image": (
         inline_run(
