@@ -455,17 +455,14 @@ MAX_INSTANCES = 1024
 MAX_FANOUT_NAME = 57
 _ONE_SOURCE = "exactly one of items and from must be set"
 _ONE_LIST = "exactly one of items, from and matrix must be set"
-_ONE_OF_TWO_RULE = "(has(self.items) ? 1 : 0) + (has(self.from) ? 1 : 0) == 1"
 
 
 class MatrixAxis(Model):
     """One list of a matrix: its values are read as ``{{ item.<name> }}``."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [{"rule": _ONE_OF_TWO_RULE, "message": _ONE_SOURCE}]
-        }
-    )
+    # No CEL rule for "exactly one source": the API server's CEL cannot see a field
+    # whose items are free-form JSON (items), so the model's validator says it, in
+    # `maestro validate` and when a run starts.
 
     name: ParamName
     items: list[Any] | None = Field(
@@ -521,17 +518,7 @@ class ForEach(Model):
     order. At most :data:`MAX_INSTANCES` instances.
     """
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "(has(self.items) ? 1 : 0) + (has(self.from) ? 1 : 0)"
-                    " + (has(self.matrix) ? 1 : 0) == 1",
-                    "message": _ONE_LIST,
-                }
-            ]
-        }
-    )
+    # Exactly one list source is the validator's to say (see MatrixAxis).
 
     items: list[Any] | None = Field(
         None,
