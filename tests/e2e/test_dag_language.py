@@ -45,7 +45,7 @@ def test_fan_out_child_workflow_and_cache_hit(
     assert len(instances) == 100
     assert status["tasks"]["fan"]["message"] == "100/100 instances ended"
     # The child run: a WorkflowRun of its own, owned by the parent.
-    child_name = status["tasks"]["call"]["jobName"]
+    child_name = status["tasks"]["call"]["childRun"]
     child_run = get(control_plane, namespace, "workflowrun", child_name)
     assert child_run["status"]["phase"] == "Succeeded"
     owners = child_run["metadata"]["ownerReferences"]

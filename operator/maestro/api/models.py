@@ -809,6 +809,9 @@ class TaskStatus(Model):
     pod_name: str | None = Field(
         None, description="The pod of the newest attempt (container tasks)."
     )
+    child_run: str | None = Field(
+        None, description="The WorkflowRun the newest attempt started (workflow tasks)."
+    )
     cached_from: dict[str, Any] | None = Field(
         None, description="For reason Cached: runId, task and attempt whose outputs it reused."
     )

@@ -144,6 +144,7 @@ def run_status(
     share = max(MIN_DETAIL, TASK_DETAIL_BUDGET // max(1, len(names)))
     output_limit = min(MAX_OUTPUT_SUMMARY, share * 2 // 3)
     message_limit = min(MAX_MESSAGE_CHARS, share // 3)
+    kinds = {t.name: t.kind for t in spec.all_tasks()}
     for name in names:
         att = latest.get(name)
         if att is None:
@@ -158,7 +159,10 @@ def run_status(
             "finishedAt": iso(att.finished_at),
             "reason": att.reason,
             "message": (att.message or "")[:message_limit] or None,
-            "podName": att.job_name,
+            # The attempt's handle: a workflow task's is its child WorkflowRun.
+            ("childRun" if kinds.get(fanout.base(name)) == "workflow" else "podName"): (
+                att.job_name
+            ),
             "cachedFrom": att.cached_from,
             "outputs": summarize_outputs(att.outputs, output_limit),
         }
