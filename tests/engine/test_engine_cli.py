@@ -217,7 +217,7 @@ def test_sigkill_mid_fan_out_then_resume_runs_each_instance_once(
     _wait(lambda: len(lines(c)) == 2, "two instances to be running")
     first.send_signal(signal.SIGKILL)
     first.wait(GUARD)
-    assert lines(c) == ["i0", "i1"]
+    assert sorted(lines(c)) == ["i0", "i1"]  # the first two, started together
 
     second = run_cli.start("--resume", run_id, out=tmp_path / "out2")
     time.sleep(0.3)  # the new engine re-attaches to the two live instances first
