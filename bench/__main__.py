@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     parser.add_argument("--runs", type=int, default=100, help="WorkflowRuns in the operator pass")
     parser.add_argument(
-        "--passes", nargs="*", help="operator passes: ten, wide, chain, recovery (default all)"
+        "--passes",
+        nargs="*",
+        help="operator passes: ten, wide, chain, recovery, fanout (default all)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)

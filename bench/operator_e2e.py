@@ -9,6 +9,8 @@ pass; each pass gets its own namespace, database and ``maestro operator`` proces
   applied in one request (the issue's comparison with Argo Workflows);
 - ``wide``: one run of a 1,000-task DAG (``start`` -> 998 parallel tasks -> ``end``);
 - ``chain``: one run of a 200-task chain;
+- ``fanout``: one run of ``start -> fan (forEach over 1,000 items) -> end`` (issue 16:
+  the instances are expanded by the operator, not written out in the Workflow);
 - ``recovery``: the ``ten`` pass again, with SIGKILL of the operator when 40% of the
   expected task transitions are in the store, and a restart.
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -77,6 +80,23 @@ def wide(n: int = 1000) -> Shape:
 def chain(n: int = 200) -> Shape:
     """t0000 -> t0001 -> ... (n tasks)."""
     return [(f"t{i:04d}", [f"t{i - 1:04d}"] if i else []) for i in range(n)]
+
+
+FAN_ITEMS = 1000
+
+
+def fanout_spec(n: int = FAN_ITEMS) -> tuple[Shape, dict[str, Any]]:
+    """``start -> fan[0..n-1] -> end`` as the tasks it becomes, and the Workflow spec that
+    says it with one forEach task."""
+    spec = dag_spec([("start", []), ("fan", ["start"]), ("end", ["fan"])])
+    spec["tasks"][1]["forEach"] = {"items": list(range(n))}
+    instances = [f"fan[{i}]" for i in range(n)]
+    return [("start", []), *((i, ["start"]) for i in instances), ("end", instances)], spec
+
+
+FAN_SHAPE, FAN_SPEC = fanout_spec()
+# A fan-out instance's pod label is ``task.N`` (label values cannot hold brackets).
+_INSTANCE_LABEL = re.compile(r"(.+)\.(\d+)")
 
 
 def _vm_hwm_kib(pid: int) -> float:
@@ -150,7 +170,10 @@ class PodWatcher(threading.Thread):
             labels = meta.get("labels") or {}
             if "maestro.dev/task" not in labels:
                 continue
-            key = (labels["maestro.dev/run"], labels["maestro.dev/task"])
+            task = labels["maestro.dev/task"]
+            if m := _INSTANCE_LABEL.fullmatch(task):
+                task = f"{m[1]}[{m[2]}]"  # the instance's name, as the shape has it
+            key = (labels["maestro.dev/run"], task)
             self.names.add(meta["name"])
             if key not in self.created:
                 self.created[key] = seen
@@ -197,13 +220,13 @@ def _crds(plane: ControlPlane) -> None:
         time.sleep(0.5)
 
 
-def _manifests(shape: Shape, n: int) -> str:
+def _manifests(shape: Shape, n: int, spec: dict[str, Any] | None) -> str:
     docs: list[dict[str, Any]] = [
         {
             "apiVersion": "maestro.dev/v1alpha1",
             "kind": "Workflow",
             "metadata": {"name": "bench"},
-            "spec": dag_spec(shape),
+            "spec": spec or dag_spec(shape),
         }
     ]
     docs += [
@@ -229,7 +252,14 @@ def _store_counts(pg: Postgres, db: str) -> tuple[int, int]:
 
 
 def one_pass(
-    plane: ControlPlane, pg: Postgres, logs: Path, name: str, shape: Shape, n: int, kill: bool
+    plane: ControlPlane,
+    pg: Postgres,
+    logs: Path,
+    name: str,
+    shape: Shape,
+    n: int,
+    kill: bool,
+    spec: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Apply ``n`` runs of ``shape`` in a namespace of their own; raw results."""
     namespace = f"bench-{name}"
@@ -243,7 +273,7 @@ def one_pass(
     watcher = PodWatcher(plane, namespace)
     watcher.start()
     try:
-        return _drive(plane, pg, db, op, watcher, shape, n, kill)
+        return _drive(plane, pg, db, op, watcher, shape, n, kill, spec)
     finally:
         watcher.stop.set()
         op.kill(signal.SIGTERM)
@@ -258,6 +288,7 @@ def _drive(
     shape: Shape,
     n: int,
     kill: bool,
+    spec: dict[str, Any] | None,
 ) -> dict[str, Any]:
     tasks = n * len(shape)
     expected = tasks * 2
@@ -265,7 +296,7 @@ def _drive(
     requests_before = _api_requests(plane)
     cpu = -_cpu_s(op.proc.pid)
     t_submit = time.time()
-    plane.kubectl("apply", "-n", watcher.namespace, "-f", "-", input=_manifests(shape, n))
+    plane.kubectl("apply", "-n", watcher.namespace, "-f", "-", input=_manifests(shape, n, spec))
     recovery: dict[str, Any] = {}
     hwm: list[float] = []
     t_kill = t_restart = float("inf")
@@ -341,11 +372,13 @@ def _drive(
     }
 
 
-PASSES: dict[str, tuple[Shape, bool]] = {
-    "ten": (TEN_TASKS, False),
-    "wide": (wide(), False),
-    "chain": (chain(), False),
-    "recovery": (TEN_TASKS, True),
+# name -> (the tasks a run becomes, SIGKILL mid-pass, the Workflow spec when not the shape's)
+PASSES: dict[str, tuple[Shape, bool, dict[str, Any] | None]] = {
+    "ten": (TEN_TASKS, False, None),
+    "wide": (wide(), False, None),
+    "chain": (chain(), False, None),
+    "recovery": (TEN_TASKS, True, None),
+    "fanout": (FAN_SHAPE, False, FAN_SPEC),
 }
 
 
@@ -359,9 +392,9 @@ def measure(runs: int, passes: list[str]) -> dict[str, dict[str, Any]]:
         _crds(plane)
         results = {}
         for name in passes:
-            shape, kill = PASSES[name]
+            shape, kill, spec = PASSES[name]
             n = runs if shape is TEN_TASKS else 1
-            results[name] = one_pass(plane, pg, Path(logs), name, shape, n, kill)
+            results[name] = one_pass(plane, pg, Path(logs), name, shape, n, kill, spec)
         return results
 
 
@@ -370,6 +403,7 @@ def _figures(name: str, r: dict[str, Any]) -> list[Figure]:
         "ten": f"{r['runs']} runs x 10 tasks",
         "wide": "1 run x 1,000 wide",
         "chain": "1 run x 200 chain",
+        "fanout": f"1 run, forEach over {FAN_ITEMS:,}",
         "recovery": f"{r['runs']} x 10, SIGKILL",
     }[name]
     ms = [x * 1000 for x in r["latency_s"]]

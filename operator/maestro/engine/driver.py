@@ -44,7 +44,8 @@ async def drive(
     """Reconcile until the run finishes.
 
     ``poll_seconds`` bounds the wait between passes so changes made by another
-    process (an approval or cancel through the CLI) are seen without a signal.
+    process (an approval or cancel through the CLI) are seen without a signal: after
+    each wait the engine checks the stored run against the copy it holds.
     """
     while True:
         step = await engine.reconcile(run_id)
@@ -60,3 +61,4 @@ async def drive(
             delay = (step.decision.wake_at - engine.clock()).total_seconds()
             timeout = max(0.0, min(timeout, delay))
         await waker.wait(run_id, timeout)
+        await engine.observe(run_id)

@@ -341,6 +341,18 @@ class Engine:
         self._held.pop(run_id, None)
         return run
 
+    async def observe(self, run_id: str) -> None:
+        """Let go of the held copy when another process changed the run's controls or phase
+        (``maestro approve|cancel --local`` beside a local run): the next pass loads it
+        from the store. One read of the run row; the operator, whose controls arrive as
+        spec edits through :meth:`update_controls`, does not need it."""
+        held = self._held.get(run_id)
+        if held is None:
+            return
+        run = await self.store.get_run(run_id)
+        if run.controls != held.run.controls or run.phase is not held.run.phase:
+            self._held.pop(run_id, None)
+
     async def approve(
         self, run_id: str, task: str, *, actor: str, comment: str | None = None
     ) -> bool:
