@@ -136,10 +136,18 @@ class LocalExecutor:
             self._watchers[d] = asyncio.create_task(wait())
 
     def _pid_alive(self, d: Path) -> bool:
-        try:
-            return _alive(int((d / "pid").read_text()))
-        except (FileNotFoundError, ValueError):
-            return (d / "claimed").exists() and not (d / "pid").exists()
+        """Whether the attempt's process lives. Claimed with no pid written yet is starting
+        (alive); a pid that appears between the two looks is read again, since a fast
+        command may be running by then and its exit code not yet written."""
+        for _ in range(2):
+            try:
+                return _alive(int((d / "pid").read_text()))
+            except (FileNotFoundError, ValueError):
+                if not (d / "claimed").exists():
+                    return False
+                if not (d / "pid").exists():
+                    return True
+        return False
 
     async def poll(self, ctx: AttemptContext) -> Result | None:
         """Read the exit code and outputs; re-attach to a live process after a restart."""
