@@ -412,30 +412,6 @@ class Store:
         async with self.batch(run_id) as b:
             return await b.create_attempt(task, attempt, not_before=not_before)
 
-    async def start_attempt(
-        self,
-        run_id: str,
-        task: str,
-        attempt: int,
-        *,
-        create: bool,
-        reason: str | None = None,
-        message: str | None = None,
-        job_name: str | None = None,
-        cache_key: str | None = None,
-    ) -> bool:
-        """:meth:`Batch.start_attempt` in a transaction of its own."""
-        async with self.batch(run_id) as b:
-            return await b.start_attempt(
-                task,
-                attempt,
-                create=create,
-                reason=reason,
-                message=message,
-                job_name=job_name,
-                cache_key=cache_key,
-            )
-
     def _check_outputs(self, task: str, outputs: dict[str, Any]) -> None:
         """Raise InvalidOutputs or OutputsTooLarge for outputs the store would refuse."""
         if not isinstance(outputs, dict):
@@ -500,11 +476,6 @@ class Store:
         async with self._transaction() as session:
             row = await session.scalar(query)
             return AttemptRecord.of(row) if row is not None else None
-
-    async def mark_launched(self, run_id: str, task: str, attempt: int) -> None:
-        """:meth:`Batch.mark_launched` in a transaction of its own."""
-        async with self.batch(run_id) as b:
-            await b.mark_launched(task, attempt)
 
     async def attempts(self, run_id: str) -> list[AttemptRecord]:
         """Every attempt of the run, ordered by task then attempt number."""
