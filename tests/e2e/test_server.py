@@ -196,6 +196,45 @@ def test_execute_approve_and_follow_a_run(
     assert retry_obj["spec"].get("cancel") is not True
 
 
+def test_a_fan_out_node_sums_up_its_instances(
+    control_plane: ControlPlane, namespace: str, server: ServerProcess, user_token: str
+) -> None:
+    fan = {
+        "apiVersion": "maestro.dev/v1alpha1",
+        "kind": "Workflow",
+        "metadata": {"name": "fan"},
+        "spec": {
+            "tasks": [
+                {
+                    "name": "each",
+                    "forEach": {"items": ["a", "b", "c"]},
+                    "container": {"image": "busybox", "command": ["true"]},
+                },
+                {
+                    "name": "after",
+                    "dependsOn": ["each"],
+                    "container": {"image": "busybox", "command": ["true"]},
+                },
+            ]
+        },
+    }
+    apply(control_plane, namespace, fan)
+    status, started = server.call(
+        "POST", f"/api/workflows/fan/execute?namespace={namespace}", token=user_token, body={}
+    )
+    assert status == 201, started
+    detail = wait_run(server, user_token, started["runId"], ("Succeeded", "Failed"))
+    assert detail["phase"] == "Succeeded", detail
+    node = {t["name"]: t for t in detail["tasks"]}["each"]
+    assert (node["phase"], node["message"]) == ("Succeeded", "3/3 instances ended")
+    assert [(i["name"], i["phase"]) for i in node["instances"]] == [
+        ("each[0]", "Succeeded"),
+        ("each[1]", "Succeeded"),
+        ("each[2]", "Succeeded"),
+    ]
+    assert "instances" not in {t["name"]: t for t in detail["tasks"]}["after"]
+
+
 def test_bad_input_is_a_4xx_naming_the_field_and_creates_nothing(
     control_plane: ControlPlane, namespace: str, server: ServerProcess, user_token: str
 ) -> None:

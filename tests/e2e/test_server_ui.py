@@ -151,3 +151,44 @@ def test_ui_asks_for_a_token_and_refuses_a_bad_one(server: ServerProcess, browse
     page.click("#login-form button[type=submit]")
     expect(page.locator("#login-error")).to_contain_text("not accepted")
     page.close()
+
+
+def test_ui_fan_out_node_follows_its_instances_live(
+    control_plane: ControlPlane,
+    namespace: str,
+    server: ServerProcess,
+    user_token: str,
+    browser: Browser,
+) -> None:
+    slow = {"image": "busybox", "podMetadata": {"annotations": {"maestro.dev/kwok-delay": "3s"}}}
+    apply(
+        control_plane,
+        namespace,
+        {
+            "apiVersion": "maestro.dev/v1alpha1",
+            "kind": "Workflow",
+            "metadata": {"name": "fan"},
+            "spec": {
+                "tasks": [
+                    {"name": "each", "forEach": {"items": [1, 2, 3]}, "container": slow},
+                    {"name": "gate", "dependsOn": ["each"], "approval": {}},
+                ]
+            },
+        },
+    )
+    status, started = server.call(
+        "POST", f"/api/workflows/fan/execute?namespace={namespace}", token=user_token, body={}
+    )
+    assert status == 201, started
+    page = signed_in_page(browser, server, user_token, f"#/runs/{started['runId']}")
+    expect(page.locator("#dag svg")).to_be_visible()
+    # The run does not end (the gate waits): only the instances' own events can turn
+    # the fan-out's node green.
+    expect_phase(page, "each", "Succeeded")
+    expect_phase(page, "gate", "Running")
+    node(page, "each").click()
+    expect(page.locator("#task")).to_contain_text("3/3 instances ended")
+    expect(page.locator("#instances tr")).to_have_count(4)  # a header and three instances
+    expect(page.locator("#instances")).to_contain_text("each[2]")
+    page.screenshot(path=str(SHOTS / "fan-out-instances.png"), full_page=True)
+    page.close()

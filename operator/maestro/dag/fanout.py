@@ -167,3 +167,8 @@ def summary(phases: Sequence[TaskPhase]) -> TaskPhase:
         if phase in phases:
             return phase
     return TaskPhase.SUCCEEDED
+
+
+def progress(phases: Sequence[TaskPhase]) -> str:
+    """A fan-out row's message: how many of its instances ended."""
+    return f"{sum(p.finished for p in phases)}/{len(phases)} instances ended"

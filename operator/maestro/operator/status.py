@@ -134,11 +134,10 @@ def run_status(
         if members and name not in latest:
             # A fan-out's own entry sums up its instances, which follow it.
             phases = [latest[m].phase for m in members]
-            ended = sum(p.finished for p in phases)
             tasks[name] = {
                 "phase": fanout.summary(phases).value,
                 "attempts": 0,
-                "message": f"{ended}/{len(members)} instances ended",
+                "message": fanout.progress(phases),
             }
         names += [name] if not members or name in latest else members
     share = max(MIN_DETAIL, TASK_DETAIL_BUDGET // max(1, len(names)))

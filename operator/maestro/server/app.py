@@ -31,6 +31,7 @@ from maestro import __version__
 from maestro.api.models import NO_NUL, Task, WorkflowSpec
 from maestro.api.parse import describe
 from maestro.api.phases import RunPhase, TaskPhase
+from maestro.dag import fanout
 from maestro.dag.templates import Context, render
 from maestro.dag.validate import resolve_params, validate
 from maestro.executors.container import LABEL_ATTEMPT, LABEL_RUN_ID, LABEL_TASK
@@ -427,21 +428,30 @@ def create_app(
         latest = await store.latest_attempts(run.id)
         spec = _spec_of(run)
         tasks = []
+        groups = fanout.instances_of(latest)
         for task in spec.all_tasks() if spec else []:
             a = latest.get(task.name)
-            tasks.append(
-                {
-                    "name": task.name,
-                    "kind": task.kind,
-                    "dependsOn": task.depends_on,
-                    "gate": _gate(task, run, latest),
-                    "phase": a.phase.value if a else None,
-                    "attempts": a.attempt if a else 0,
-                    "message": a.message if a else None,
-                    "startedAt": _time(a.started_at) if a else None,
-                    "finishedAt": _time(a.finished_at) if a else None,
-                }
-            )
+            entry: dict[str, Any] = {
+                "name": task.name,
+                "kind": task.kind,
+                "dependsOn": task.depends_on,
+                "gate": _gate(task, run, latest),
+                "phase": a.phase.value if a else None,
+                "attempts": a.attempt if a else 0,
+                "message": a.message if a else None,
+                "startedAt": _time(a.started_at) if a else None,
+                "finishedAt": _time(a.finished_at) if a else None,
+            }
+            if members := groups.get(task.name):
+                # A fan-out's node stands for its instances, as its status entry does.
+                phases = [latest[m].phase for m in members]
+                entry["phase"] = fanout.summary(phases).value
+                entry["message"] = fanout.progress(phases)
+                entry["instances"] = [
+                    {"name": m, "phase": latest[m].phase.value, "attempts": latest[m].attempt}
+                    for m in members
+                ]
+            tasks.append(entry)
         live = await live_object(run)
         return {
             **_summary(run),

@@ -236,7 +236,8 @@ async function showRun(id) {
   if (FINISHED.has(run.phase)) return;
   // Live: apply task transitions to the drawing as they arrive.
   const controller = new AbortController();
-  stopLive = () => controller.abort();
+  let redraw = null;
+  stopLive = () => { controller.abort(); clearTimeout(redraw); };
   follow(run.id, controller.signal, (kind, data) => {
     if (kind === "end") {
       if (location.hash === `#/runs/${run.id}`) showRun(run.id);
@@ -249,6 +250,16 @@ async function showRun(id) {
       const t = byName.get(data.task);
       if (t) t.phase = data.to;
       if (g === selected) showTask(run, t, panel, status);
+    } else if (data.kind === "TaskPhase" && data.task && nodes.has(data.task.split("[")[0])) {
+      // A fan-out instance: its node sums up all instances, so the page is read again,
+      // at most once a second however fast the instances move.
+      if (!redraw) {
+        redraw = setTimeout(() => {
+          if (location.hash !== `#/runs/${run.id}`) return;
+          stopLive(); // this page's stream; the redrawn page opens its own
+          showRun(run.id);
+        }, 1000);
+      }
     } else if (data.kind === "RunPhase" && data.to) {
       badge.className = `phase phase-${data.to}`;
       badge.dataset.phase = data.to;
@@ -295,6 +306,13 @@ async function showTask(run, task, panel, status) {
         }
       } }, "Approve"));
     }
+  }
+  if (task.instances) {
+    // A fan-out: its instances (each with its own attempts) in item order.
+    const rows = el("table", { id: "instances" }, el("tr", {}, ...["Instance", "Phase", "Attempts"].map((h) => el("th", {}, h))));
+    for (const i of task.instances) rows.append(el("tr", {}, el("td", {}, i.name), el("td", {}, phaseBadge(i.phase)), el("td", {}, i.attempts)));
+    panel.append(el("p", {}, task.message || ""), el("h4", {}, "Instances"), rows);
+    return;
   }
   let detail;
   try {
