@@ -27,10 +27,9 @@ from typing import Any
 
 from maestro.api.models import WorkflowSpec
 from maestro.api.phases import RunPhase
-from maestro.engine.driver import Waker, drive
-from maestro.engine.engine import Engine, Pass
-from maestro.engine.executor import Executor
-from maestro.executors.noop import NoopExecutor
+from maestro.engine.driver import drive
+from maestro.engine.engine import Pass
+from maestro.executors.noop import noop_engine
 from maestro.store import Store
 
 
@@ -87,10 +86,7 @@ async def measure(url: str, backend: str, n: int, shape: str) -> Figures:
     """Drive one run of ``n`` no-op tasks on the store at ``url`` and time it."""
     store = await Store.open(url, migrate=True)
     try:
-        waker = Waker()
-        noop = NoopExecutor(waker)
-        executors: dict[str, Executor] = {"container": noop, "http": noop, "approval": noop}
-        engine = Engine(store, executors)
+        engine, noop, waker = noop_engine(store)
         spec = dag(n, shape)
         run = await engine.create_run(namespace="bench", name="bench", spec=spec, params={})
         passes = 0

@@ -24,10 +24,8 @@ from maestro.api.models import WorkflowSpec
 from maestro.api.phases import RunPhase
 from maestro.dag import fanout, templates
 from maestro.dag.validate import plan, validate
-from maestro.engine.driver import Waker, drive
-from maestro.engine.engine import Engine
-from maestro.engine.executor import Executor
-from maestro.executors.noop import NoopExecutor
+from maestro.engine.driver import drive
+from maestro.executors.noop import noop_engine
 from maestro.store import Store
 
 
@@ -64,10 +62,7 @@ async def run_fanout(url: str, backend: str, n: int, concurrency: int | None) ->
     """Drive one fan-out of ``n`` instances; one line of figures."""
     store = await Store.open(url, migrate=True)
     try:
-        waker = Waker()
-        noop = NoopExecutor(waker)
-        executors: dict[str, Executor] = {"container": noop, "http": noop, "approval": noop}
-        engine = Engine(store, executors)
+        engine, _, waker = noop_engine(store)
         run = await engine.create_run(
             namespace="bench", name="fan", spec=fan_spec(n, concurrency), params={}
         )

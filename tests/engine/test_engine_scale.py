@@ -10,10 +10,8 @@ import pytest
 
 from maestro.api.models import WorkflowSpec
 from maestro.api.phases import RunPhase, TaskPhase
-from maestro.engine.driver import Waker, drive
-from maestro.engine.engine import Engine
-from maestro.engine.executor import Executor
-from maestro.executors.noop import NoopExecutor
+from maestro.engine.driver import drive
+from maestro.executors.noop import noop_engine
 from maestro.store import Store
 
 N = 1000
@@ -35,10 +33,7 @@ def _layered(n: int, width: int) -> WorkflowSpec:
 async def test_thousand_task_dag_completes(postgres_url: str, tmp_path: Path) -> None:
     store = await Store.open(postgres_url, migrate=True)
     try:
-        waker = Waker()
-        noop = NoopExecutor(waker)
-        executors: dict[str, Executor] = {"container": noop, "http": noop, "approval": noop}
-        engine = Engine(store, executors)
+        engine, noop, waker = noop_engine(store)
         run = await engine.create_run(
             namespace="scale", name="scale", spec=_layered(N, 100), params={}
         )

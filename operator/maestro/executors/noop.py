@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import time
 
+from maestro.engine.driver import Waker
+from maestro.engine.engine import Engine
 from maestro.engine.executor import AttemptContext, Result, Wake
+from maestro.store import Store
 
 
 class NoopExecutor:
@@ -40,3 +43,11 @@ class NoopExecutor:
 
     async def stop(self, ctx: AttemptContext) -> None:
         """Nothing to stop."""
+
+
+def noop_engine(store: Store) -> tuple[Engine, NoopExecutor, Waker]:
+    """An engine on ``store`` whose container, HTTP and approval tasks all run on one
+    NoopExecutor (its ``started`` and ``seconds`` cover them all), and its waker."""
+    waker = Waker()
+    noop = NoopExecutor(waker)
+    return Engine(store, {"container": noop, "http": noop, "approval": noop}), noop, waker
