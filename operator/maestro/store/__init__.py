@@ -5,6 +5,7 @@ Everything that runs work takes a :class:`Store`, opened with :meth:`Store.open`
 
 from maestro.store.errors import (
     AttemptNotFound,
+    Fenced,
     InvalidDatabaseURL,
     InvalidOutputs,
     OutputsTooLarge,
@@ -23,6 +24,7 @@ __all__ = [
     "AttemptRecord",
     "Batch",
     "EventRecord",
+    "Fenced",
     "InvalidDatabaseURL",
     "InvalidOutputs",
     "OutputsTooLarge",

@@ -39,3 +39,11 @@ class OutputsTooLarge(StoreError):
 
 class InvalidOutputs(StoreError):
     """A task's outputs are not a JSON object."""
+
+
+class Fenced(StoreError):
+    """A write on a run's behalf by a replica that no longer holds the run's bucket.
+
+    Nothing was written; the run is someone else's now (or this replica's again under
+    a new epoch, with a new driver).
+    """

@@ -158,3 +158,30 @@ class EventRow(Base):
             sqlite_where="posted_at IS NULL",
         ),
     )
+
+
+class BucketRow(Base):
+    """One of the fixed buckets the runs are split into, and the replica that holds it.
+
+    ``epoch`` grows on every claim: a write carries the epoch its driver was started
+    under, so a replica that lost the bucket (and maybe got it back) cannot write with
+    an old one. ``expires_at`` is by the database's clock (migration 0007).
+    """
+
+    __tablename__ = "buckets"
+
+    bucket: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    holder: Mapped[str | None] = mapped_column(String(253))
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ReplicaRow(Base):
+    """A live operator replica (its heartbeat): the buckets are shared among these."""
+
+    __tablename__ = "replicas"
+
+    name: Mapped[str] = mapped_column(String(253), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)

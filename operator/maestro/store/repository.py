@@ -28,6 +28,7 @@ from maestro.store.errors import (
     RunNotFound,
     StoreError,
 )
+from maestro.store.fencing import check_fence
 from maestro.store.migrate import ensure_schema
 from maestro.store.models import AttemptRow, EventRow, RunRow
 from maestro.store.records import AttemptRecord, EventRecord, RunRecord
@@ -226,6 +227,14 @@ class Store:
         """A transaction for read-only queries kept outside this class (store.queries)."""
         return self._transaction()
 
+    @asynccontextmanager
+    async def writing(self) -> AsyncIterator[AsyncSession]:
+        """A transaction that writes: refused first (:class:`Fenced`) when made on behalf
+        of a run whose bucket this replica no longer holds (store.fencing)."""
+        async with self._transaction() as session:
+            await check_fence(session)
+            yield session
+
     def _insert(self, model: type[RunRow] | type[AttemptRow]) -> Any:
         # ON CONFLICT DO NOTHING is spelled the same on both, but lives in each dialect.
         insert = pg_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
@@ -273,7 +282,7 @@ class Store:
             .on_conflict_do_nothing(index_elements=["namespace", "uid"])
             .returning(RunRow.id)
         )
-        async with self._transaction() as session:
+        async with self.writing() as session:
             if (await session.execute(stmt)).scalar_one_or_none() is None:
                 existing = await session.scalars(
                     select(RunRow).where(RunRow.namespace == namespace, RunRow.uid == uid)
@@ -346,7 +355,7 @@ class Store:
         a ``Controls`` event, unless nothing changed (replays are silent no-ops).
         """
         _check_controls(changes)
-        async with self._transaction() as session:
+        async with self.writing() as session:
             row = await self._locked_run(session, run_id)
             merged = {**row.controls, **changes}
             new_generation = row.generation if generation is None else generation
@@ -373,7 +382,7 @@ class Store:
 
         The ``Approved`` event records who approved (``actor``) and their ``comment``.
         """
-        async with self._transaction() as session:
+        async with self.writing() as session:
             row = await self._locked_run(session, run_id)
             approvals = list(row.controls.get("approvals", []))
             if task in approvals:
@@ -400,7 +409,7 @@ class Store:
 
         Committed when the block ends; nothing of it when the block raises.
         """
-        async with self._transaction() as session:
+        async with self.writing() as session:
             writes = Batch(self, session, run_id)
             yield writes
             await writes.close()
@@ -531,7 +540,7 @@ class Store:
 
     async def set_trace_id(self, run_id: str, trace_id: str) -> None:
         """Record the run's OpenTelemetry trace id, so history links to the trace."""
-        async with self._transaction() as session:
+        async with self.writing() as session:
             await session.execute(
                 update(RunRow).where(RunRow.id == run_id).values(trace_id=trace_id)
             )
@@ -555,7 +564,7 @@ class Store:
         """Take events out of the outbox: their Kubernetes Events are posted."""
         if not event_ids:
             return
-        async with self._transaction() as session:
+        async with self.writing() as session:
             await session.execute(
                 update(EventRow)
                 .where(EventRow.id.in_(list(event_ids)), EventRow.posted_at.is_(None))

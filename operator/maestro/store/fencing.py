@@ -1,0 +1,72 @@
+"""The fence a run's driver writes under (see :mod:`maestro.store.leases`).
+
+Kept apart from the leases so the repository can check it without importing them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import ColumnElement, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from maestro.store.errors import Fenced
+from maestro.store.models import BucketRow
+
+
+@dataclass(frozen=True)
+class Fence:
+    """What a write on a run's behalf must still hold: its bucket, under this epoch."""
+
+    bucket: int
+    holder: str
+    epoch: int
+
+
+FENCE: ContextVar[Fence | None] = ContextVar("maestro_fence", default=None)
+
+
+@contextmanager
+def fenced(fence: Fence) -> Iterator[None]:
+    """Check every store write made in this block (and in tasks it starts) against ``fence``."""
+    token = FENCE.set(fence)
+    try:
+        yield
+    finally:
+        FENCE.reset(token)
+
+
+def _live(session: AsyncSession) -> ColumnElement[bool]:
+    # The database's clock on PostgreSQL; SQLite (one process) has only ours.
+    now = func.now() if session.bind.dialect.name == "postgresql" else datetime.now(UTC)
+    return BucketRow.expires_at > now
+
+
+async def check_fence(session: AsyncSession) -> None:
+    """Raise :class:`Fenced` unless the current fence (if any) still holds.
+
+    Called first in every write transaction of the store; holds the bucket's row
+    ``FOR KEY SHARE`` until the transaction ends, so no one claims it meanwhile.
+    """
+    fence = FENCE.get()
+    if fence is None:
+        return
+    held = await session.scalar(
+        select(BucketRow.bucket)
+        .where(
+            BucketRow.bucket == fence.bucket,
+            BucketRow.holder == fence.holder,
+            BucketRow.epoch == fence.epoch,
+            _live(session),
+        )
+        .with_for_update(read=True, key_share=True)
+    )
+    if held is None:
+        raise Fenced(
+            f"bucket {fence.bucket} is no longer held by {fence.holder} under epoch "
+            f"{fence.epoch}: the write was refused"
+        )
