@@ -42,7 +42,7 @@ def fenced(fence: Fence) -> Iterator[None]:
 
 def _live(session: AsyncSession) -> ColumnElement[bool]:
     # The database's clock on PostgreSQL; SQLite (one process) has only ours.
-    now = func.now() if session.bind.dialect.name == "postgresql" else datetime.now(UTC)
+    now = func.now() if session.get_bind().dialect.name == "postgresql" else datetime.now(UTC)
     return BucketRow.expires_at > now
 
 

@@ -80,7 +80,7 @@ class Leases:
         self.ttl = timedelta(seconds=lease_seconds)
 
     async def _now(self, session: AsyncSession) -> datetime:
-        if session.bind.dialect.name != "postgresql":
+        if session.get_bind().dialect.name != "postgresql":
             return datetime.now(UTC)
         stamp = await session.scalar(select(func.now()))
         assert isinstance(stamp, datetime)
