@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
-import zlib
 
 import click
 
@@ -28,9 +28,10 @@ def setup_logging(fmt: str, verbose: bool) -> None:
     logging.getLogger("kopf").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-def _default_priority() -> int:
-    # Kopf peering freezes operators with equal priorities: derive distinct ones per pod.
-    return zlib.crc32(os.environ.get("HOSTNAME", "maestro").encode()) % 1000 + 1
+def _default_replica() -> str:
+    # Two live replicas must never share a name (both would think they hold the same
+    # buckets): the pod's name in a cluster, else this host and process.
+    return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
 
 
 @click.command("operator")
@@ -49,15 +50,26 @@ def _default_priority() -> int:
 @click.option(
     "--max-output-bytes", default=64 * 1024, show_default=True, help="Cap on one task's outputs."
 )
-@click.option("--peering", help="Kopf peering name for HA (several replicas, one active).")
-@click.option("--priority", type=int, default=None, help="Peering priority (default: per pod).")
 @click.option(
-    "--peering-lifetime",
-    type=click.IntRange(min=2),
-    default=6,
+    "--replica",
+    default=None,
+    help="This replica's name in the store's bucket leases, unique among live replicas "
+    "(default: $POD_NAME, else host-pid). Every replica is active; they share the runs.",
+)
+@click.option(
+    "--lease-seconds",
+    type=click.FloatRange(min=1.0),
+    default=5.0,
     show_default=True,
-    help="Seconds a replica's peering record stays valid: a killed active replica is "
-    "replaced after about this long (it is refreshed every second or so meanwhile).",
+    help="How long a replica's buckets stay its own without renewal: a crashed replica's "
+    "runs are taken over after about this long.",
+)
+@click.option(
+    "--renew-seconds",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="How often leases are renewed and buckets rebalanced (well under --lease-seconds).",
 )
 @click.option(
     "--listen-address",
@@ -127,9 +139,9 @@ def operator_cmd(
     migrate: bool,
     connect_timeout: float,
     max_output_bytes: int,
-    peering: str | None,
-    priority: int | None,
-    peering_lifetime: int,
+    replica: str | None,
+    lease_seconds: float,
+    renew_seconds: float,
     listen_address: str,
     health_port: int,
     metrics_port: int,
@@ -150,6 +162,11 @@ def operator_cmd(
         EgressPolicy.of(egress_allow, egress_deny)
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
+    if renew_seconds * 2 > lease_seconds:
+        raise click.BadParameter(
+            f"--renew-seconds {renew_seconds} must be at most half of --lease-seconds "
+            f"{lease_seconds}, or a lease may lapse between two renewals"
+        )
     if kubeconfig:
         os.environ["KUBECONFIG"] = kubeconfig  # Kopf's login reads it from there
     config = OperatorConfig(
@@ -159,9 +176,9 @@ def operator_cmd(
         migrate=migrate,
         connect_timeout=connect_timeout,
         max_output_bytes=max_output_bytes,
-        peering=peering,
-        priority=priority if priority is not None else _default_priority(),
-        peering_lifetime=peering_lifetime,
+        replica=replica or _default_replica(),
+        lease_seconds=lease_seconds,
+        renew_seconds=renew_seconds,
         listen_address=listen_address,
         health_port=health_port,
         metrics_port=metrics_port,

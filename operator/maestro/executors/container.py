@@ -25,6 +25,7 @@ from maestro.executors import podspec
 from maestro.executors.environment import OUTPUTS_IN_POD, parse_outputs, task_env
 from maestro.executors.secrets import run_service_account
 from maestro.k8s.client import Kube, NamespaceTerminating, NotFound, PermanentAPIError
+from maestro.store.leases import bucket_of
 
 MAX_NAME = 63
 # How long a running pod's state from the watch is trusted before a poll asks the API.
@@ -33,6 +34,7 @@ LABEL_RUN = "maestro.dev/run"
 LABEL_RUN_ID = "maestro.dev/run-id"
 LABEL_TASK = "maestro.dev/task"
 LABEL_ATTEMPT = "maestro.dev/attempt"
+LABEL_BUCKET = "maestro.dev/bucket"
 # Secure by default; a task's own securityContext is merged over it and the namespace's
 # Pod Security admission is what finally decides (docs/security.md).
 CONTAINER_SECURITY: dict[str, Any] = {
@@ -149,6 +151,9 @@ class ContainerExecutor:
             LABEL_TASK: label_value(ctx.task.name),  # an instance's name has brackets
             LABEL_ATTEMPT: str(ctx.attempt),
         }
+        if ctx.run.uid is not None:
+            # The replica holding this bucket watches the pod (a label selector).
+            labels[LABEL_BUCKET] = str(bucket_of(ctx.run.uid))
         env: list[dict[str, Any]] = [
             {"name": k, "value": v} for k, v in task_env(ctx, OUTPUTS_IN_POD).items()
         ]

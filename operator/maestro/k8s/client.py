@@ -30,6 +30,9 @@ RUNS = "workflowruns"
 WORKFLOWS = "workflows"
 # Annotation of a WorkflowRun made by a retry: the store id of the run it retries.
 RETRY_OF = "maestro.dev/retry-of"
+# Held on every WorkflowRun the operator drives: a deleted run is recorded Cancelled (and
+# its pods stopped) by its owner before the object goes.
+FINALIZER = "maestro.dev/finalizer"
 # How often a read-modify-write of a run's spec is tried before giving up.
 SPEC_CHANGE_ATTEMPTS = 5
 SCHEDULES = "workflowschedules"
@@ -262,22 +265,23 @@ class Kube:
         with contextlib.suppress(NotFound), api_errors(f"delete pod {namespace}/{name}"):
             await self.core.delete_namespaced_pod(name, namespace)
 
-    async def pods_raw(self, namespace: str | None, selector: str) -> bytes:
-        """The JSON of a pod list (all namespaces for None), undecoded: the caller's
-        decoder is faster than the client's models."""
+    async def list_raw(self, resource: str, namespace: str | None, selector: str) -> bytes:
+        """The JSON of a list of pods or WorkflowRuns (all namespaces for None),
+        undecoded: the caller's decoder is faster than the client's models."""
         self.reads += 1
-        with api_errors(f"pods in {namespace or 'all namespaces'}"):
-            rsp = await self._pods_request(namespace, label_selector=selector)
+        with api_errors(f"{resource} in {namespace or 'all namespaces'}"):
+            rsp = await self._list_request(resource, namespace, label_selector=selector)
             return await _body(rsp)
 
-    async def watch_pods_raw(
-        self, namespace: str | None, selector: str, version: str, seconds: int
+    async def watch_raw(
+        self, resource: str, namespace: str | None, selector: str, version: str, seconds: int
     ) -> AsyncIterator[bytes]:
-        """The lines (one JSON watch event each) of a pod watch from ``version``."""
+        """The lines (one JSON watch event each) of a watch of pods or WorkflowRuns."""
         self.reads += 1
-        what = f"watch pods in {namespace or 'all namespaces'}"
+        what = f"watch {resource} in {namespace or 'all namespaces'}"
         with api_errors(what):
-            rsp = await self._pods_request(
+            rsp = await self._list_request(
+                resource,
                 namespace,
                 label_selector=selector,
                 watch=True,
@@ -302,11 +306,18 @@ class Kube:
         finally:
             rsp.release()
 
-    async def _pods_request(self, namespace: str | None, **kw: Any) -> Any:
+    async def _list_request(self, resource: str, namespace: str | None, **kw: Any) -> Any:
         # Without preloading, the generated client returns the aiohttp response as it is.
+        kw["_preload_content"] = False
+        if resource == "pods":
+            if namespace is None:
+                return await self.core.list_pod_for_all_namespaces(**kw)
+            return await self.core.list_namespaced_pod(namespace, **kw)
         if namespace is None:
-            return await self.core.list_pod_for_all_namespaces(_preload_content=False, **kw)
-        return await self.core.list_namespaced_pod(namespace, _preload_content=False, **kw)
+            return await self.custom.list_cluster_custom_object(GROUP, VERSION, resource, **kw)
+        return await self.custom.list_namespaced_custom_object(
+            GROUP, VERSION, namespace, resource, **kw
+        )
 
     async def pod_log_tail(self, namespace: str, pod: str, lines: int = 5) -> str:
         """The last lines of a pod's log, or '' when there is none (kwok has none)."""
@@ -487,6 +498,29 @@ class Kube:
             await call(
                 GROUP, VERSION, namespace, RUNS, name, patch, _content_type=MERGE_PATCH, **extra
             )
+
+    async def change_run_finalizers(
+        self, namespace: str, name: str, body: Mapping[str, Any], add: bool
+    ) -> None:
+        """Add or remove the operator's finalizer, keeping everyone else's.
+
+        A merge patch of the whole list, made only at the resourceVersion it was read at
+        (``body`` first, then fresh reads after a conflict). NotFound: the run is gone.
+        """
+        obj: Mapping[str, Any] = body
+        for _ in range(SPEC_CHANGE_ATTEMPTS):
+            meta = obj["metadata"]
+            present = list(meta.get("finalizers") or [])
+            wanted = [f for f in present if f != FINALIZER] + ([FINALIZER] if add else [])
+            if wanted == present:
+                return
+            patch = {"metadata": {"resourceVersion": meta["resourceVersion"], "finalizers": wanted}}
+            try:
+                await self.patch_run_spec(namespace, name, patch)
+                return
+            except Conflict:
+                obj = await self.get_run(namespace, name)
+        raise Conflict(f"workflowrun {namespace}/{name}", "finalizers keep changing; try again")
 
     async def change_run_spec(
         self,

@@ -14,19 +14,20 @@ from maestro.engine.driver import Waker
 from maestro.engine.engine import Engine
 from maestro.engine.executor import Executor
 from maestro.executors.approval import ApprovalExecutor
-from maestro.executors.container import LABEL_RUN_ID, ContainerExecutor
+from maestro.executors.container import ContainerExecutor
 from maestro.executors.http import EgressPolicy, HttpExecutor, egress_client, own_addresses
 from maestro.executors.secrets import KubeSecrets
 from maestro.executors.workflow import ClusterWorkflows
 from maestro.k8s.client import Kube, load_config
-from maestro.k8s.watch import PodWatch
 from maestro.operator.health import Health
 from maestro.operator.metrics import Metrics
 from maestro.operator.runs import RunController, Settings
 from maestro.operator.schedules import ScheduleController, ScheduleSettings
+from maestro.operator.supervisor import Supervisor
 from maestro.operator.tracing import RunTracer
 from maestro.operator.workflows import reconcile_workflow
 from maestro.store import Store
+from maestro.store.leases import Leases
 
 log = logging.getLogger("maestro.operator")
 
@@ -41,10 +42,11 @@ class OperatorConfig:
     migrate: bool = False
     connect_timeout: float = 5.0
     max_output_bytes: int = 64 * 1024
-    peering: str | None = None
-    priority: int = 0
-    # Kopf's default (60 s) is how long a SIGKILLed active replica blocks its standby.
-    peering_lifetime: int = 6
+    # This replica's name in the store's bucket leases (unique among live replicas).
+    replica: str = "maestro"
+    # A crashed replica's buckets are taken over this long after its last renewal.
+    lease_seconds: float = 5.0
+    renew_seconds: float = 1.0
     listen_address: str = "127.0.0.1"
     health_port: int = 8080
     metrics_port: int = 8080
@@ -59,12 +61,11 @@ class OperatorConfig:
     allow_seconds_schedules: bool = False
 
 
-def build_registry(
-    runs: RunController, kube: Kube, schedules: ScheduleController
-) -> kopf.OperatorRegistry:
+def build_registry(kube: Kube, schedules: ScheduleController) -> kopf.OperatorRegistry:
     """Kopf handlers: thin calls into the controllers (Kopf passes everything by keyword).
 
-    Task pods are not watched through Kopf: see :func:`pod_watches`.
+    WorkflowRuns and their pods are not watched through Kopf: the replica's
+    :class:`~maestro.operator.supervisor.Supervisor` drives the runs of its buckets.
     """
     registry = kopf.OperatorRegistry()
 
@@ -79,19 +80,6 @@ def build_registry(
         if kw["type"] != "DELETED":
             await reconcile_workflow(kube, kw["body"])
 
-    @kopf.daemon(GROUP, VERSION, "workflowruns", registry=registry, cancellation_timeout=10)
-    async def run_daemon(**kw: Any) -> None:
-        await runs.daemon(kw["body"], kw["stopped"])
-
-    @kopf.on.event(GROUP, VERSION, "workflowruns", registry=registry)
-    async def run_event(**kw: Any) -> None:
-        if kw["type"] != "DELETED":
-            await runs.sync_controls(kw["body"])
-
-    @kopf.on.delete(GROUP, VERSION, "workflowruns", registry=registry)
-    async def run_deleted(**kw: Any) -> None:
-        await runs.on_delete(kw["body"])
-
     @kopf.daemon(GROUP, VERSION, "workflowschedules", registry=registry, cancellation_timeout=10)
     async def schedule_daemon(**kw: Any) -> None:
         await schedules.daemon(kw["body"], kw["stopped"])
@@ -99,19 +87,12 @@ def build_registry(
     return registry
 
 
-def pod_watches(kube: Kube, container: ContainerExecutor, namespaces: list[str]) -> list[PodWatch]:
-    """One watch of task pods per watched namespace (one for all when none is named)."""
-    selector = LABEL_RUN_ID  # every pod the operator creates, and nothing else
-    scopes: list[str | None] = [*namespaces] or [None]
-    return [PodWatch(kube, selector, container.observe, scope) for scope in scopes]
-
-
 async def _ready_when(
-    kopf_ready: asyncio.Event, watches: list[PodWatch], watching: asyncio.Event
+    kopf_ready: asyncio.Event, supervisor: Supervisor, watching: asyncio.Event
 ) -> None:
-    """Set ``watching`` once Kopf is ready and every pod watch has listed its pods."""
+    """Set ``watching`` once Kopf is ready, the leases renewed and every watch listed."""
     await kopf_ready.wait()
-    while not all(w.ready for w in watches):
+    while not supervisor.ready:
         await asyncio.sleep(0.1)
     watching.set()
 
@@ -133,14 +114,8 @@ def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig) -> N
     # 21 s after the API server is back; every 2 s for about 5 minutes instead.
     settings.networking.error_backoffs = [0.5, 1.0, *[2.0] * 150]
     settings.watching.server_timeout = 300
-    if config.peering:
-        settings.peering.name = config.peering
-        settings.peering.priority = config.priority
-        settings.peering.lifetime = config.peering_lifetime
-        settings.peering.stealth = True  # a keep-alive every second is not news
-        settings.peering.standalone = False
-    else:
-        settings.peering.standalone = True
+    # Every replica is active: the store's bucket leases split the work, not peering.
+    settings.peering.standalone = True
 
 
 async def run_operator(
@@ -188,13 +163,26 @@ async def run_operator(
             ),
             tracer,
         )
-        schedules = ScheduleController(
-            kube, ScheduleSettings(allow_seconds=config.allow_seconds_schedules)
+        supervisor = Supervisor(
+            Leases(store, config.replica, config.lease_seconds),
+            runs,
+            kube,
+            container,
+            metrics,
+            namespaces=config.namespaces,
+            renew_seconds=config.renew_seconds,
         )
-        registry = build_registry(runs, kube, schedules)
-        watches = pod_watches(kube, container, config.namespaces)
-        tasks = [asyncio.create_task(w.run()) for w in watches]
-        tasks.append(asyncio.create_task(_ready_when(kopf_ready, watches, watching)))
+        health.ownership = supervisor.ownership
+        schedules = ScheduleController(
+            kube,
+            ScheduleSettings(allow_seconds=config.allow_seconds_schedules),
+            owns=supervisor.owns,
+        )
+        registry = build_registry(kube, schedules)
+        tasks = [
+            asyncio.create_task(supervisor.run()),
+            asyncio.create_task(_ready_when(kopf_ready, supervisor, watching)),
+        ]
         settings = kopf.OperatorSettings()
         configure_kopf(settings, config)
         try:
@@ -203,13 +191,12 @@ async def run_operator(
                 settings=settings,
                 clusterwide=not config.namespaces,
                 namespaces=config.namespaces,
-                standalone=settings.peering.standalone,
-                peering_name=config.peering,
-                priority=config.priority,
+                standalone=True,
                 ready_flag=kopf_ready,
                 stop_flag=stop,
             )
         finally:
+            await supervisor.shutdown()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

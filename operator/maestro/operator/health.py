@@ -2,7 +2,8 @@
 
 Liveness only proves the event loop answers: a database outage must not restart
 the pod. Readiness checks the database (bounded by the store's ping timeout) and
-that Kopf's watches are running. ``/metrics`` and ``/readyz`` say more about the
+that the watches run and the bucket leases are renewed; it also says which buckets
+this replica holds. ``/metrics`` and ``/readyz`` say more about the
 operator than liveness does, so they can live on a port of their own.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -29,6 +31,8 @@ class Health:
         self.store = store
         self.metrics = metrics
         self.watching = watching
+        # Who this replica is and what it holds (the supervisor's), shown by /readyz.
+        self.ownership: Callable[[], dict[str, Any]] = dict
         self._runners: list[web.AppRunner] = []
 
     async def healthz(self, _: web.Request) -> web.Response:
@@ -46,10 +50,12 @@ class Health:
             log.warning("readiness: %s", err)
             problems["database"] = "unreachable (the operator log says why)"
         if not self.watching.is_set():
-            problems["watches"] = "Kopf watches are not running yet"
+            problems["watches"] = "watches or bucket leases are not running yet"
         if problems:
-            return web.json_response({"status": "not ready", **problems}, status=503)
-        return web.json_response({"status": "ok"})
+            return web.json_response(
+                {"status": "not ready", **problems, **self.ownership()}, status=503
+            )
+        return web.json_response({"status": "ok", **self.ownership()})
 
     async def metrics_view(self, _: web.Request) -> web.Response:
         """Prometheus text format."""

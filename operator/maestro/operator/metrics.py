@@ -153,6 +153,28 @@ class Metrics:
             "Runs being driven that were woken and wait for their next pass.",
             registry=r,
         )
+        self.buckets_owned = Gauge(
+            "maestro_buckets_owned",
+            "Buckets of runs this replica holds the lease of (it drives their runs).",
+            registry=r,
+        )
+        self.runs_driven = Gauge(
+            "maestro_runs_driven", "Runs this replica drives right now.", registry=r
+        )
+        self.lease_renew_seconds = Histogram(
+            "maestro_lease_renew_seconds",
+            "Time of one lease renewal (heartbeat, renew, rebalance) in the store.",
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.handovers = Counter(
+            "maestro_bucket_handovers_total",
+            "Buckets this replica claimed, gave back (rebalance, stop) or lost (expired).",
+            ["direction"],
+            registry=r,
+        )
+        for direction in ("claimed", "released", "lost"):
+            self.handovers.labels(direction=direction)
         r.register(
             _CallbackCounter(
                 "maestro_api_writes", "Write requests sent to the Kubernetes API.", api_writes

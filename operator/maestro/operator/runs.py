@@ -1,8 +1,10 @@
 """WorkflowRun lifecycle: one driving loop per run, fed by pod events and timers.
 
-Kopf starts :meth:`RunController.daemon` for every WorkflowRun (again after an
-operator restart), so every unfinished run is picked up from the store and the
-live pods. The loop owns nothing it could lose: each pass starts from the store.
+The replica's supervisor (operator/supervisor.py) starts :meth:`RunController.daemon`
+for every WorkflowRun in the buckets it holds (again after a restart or a handover),
+so every unfinished run is picked up from the store and the live pods. The loop owns
+nothing it could lose: it starts from the store, and a write refused because the
+bucket moved (:class:`~maestro.store.Fenced`) ends it.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from maestro.operator.metrics import Metrics
 from maestro.operator.status import not_started_status, observe_generation, run_status
 from maestro.operator.tracing import RunTracer
 from maestro.operator.workspaces import WorkspaceError, ensure_claims
-from maestro.store import EventRecord, RunNotFound, RunRecord, StoreError
+from maestro.store import EventRecord, Fenced, RunNotFound, RunRecord, StoreError
 
 log = logging.getLogger("maestro.operator")
 
@@ -50,7 +52,7 @@ RESYNC_SECONDS = 30.0
 STORE_RETRY_SECONDS = 2.0
 # Any other trouble in a pass (the API server down, a bug) is retried after a delay that
 # doubles from the first to the last, so a run resumes seconds after the API is back
-# (Kopf would restart a failed daemon only after a minute).
+# (a driver that gave up would wait for its bucket to move before running again).
 RETRY_FIRST_SECONDS = 0.5
 RETRY_MAX_SECONDS = 5.0
 # Specs larger than this are not copied into status (etcd objects are capped at 1.5 MiB).
@@ -430,6 +432,17 @@ class RunController:
                 RUNS, meta["namespace"], meta["name"], observe_generation(status, generation)
             )
 
+    def forget(self, uid: str) -> None:
+        """Drop what this process knows of a run it stops driving (its bucket moved)."""
+        run_id = self._ids.pop(uid, None)
+        self.metrics.not_stored(uid, None)
+        if run_id is None:
+            return
+        for known in (self._controls, self._generations, self._observed):
+            known.pop(run_id, None)
+        self._finished.discard(run_id)
+        self.engine.forget(run_id)
+
     # Deletion --------------------------------------------------------------------------
 
     async def on_delete(self, body: Mapping[str, Any]) -> None:
@@ -476,7 +489,7 @@ class RunController:
                     why = _Pending(RunPhase.CANCELLED, "RunCancelled", f"cancelled: {why.message}")
                 now = datetime.now(UTC)
                 status = not_started_status(
-                    # body[...] each time: Kopf swaps the live body's content on every
+                    # body[...] each time: the supervisor swaps the body's content on every
                     # change, a `meta` taken earlier stays at the daemon's first sight.
                     why.phase,
                     why.reason,
@@ -497,10 +510,12 @@ class RunController:
                 if why.phase.finished:
                     return
                 await stopped.wait(WORKFLOW_RETRY_SECONDS)
+            except Fenced:
+                raise  # the bucket moved: its new holder drives the run
             except StoreError as err:
                 log.warning("run %s/%s waits for the store: %s", namespace, name, err)
                 await stopped.wait(STORE_RETRY_SECONDS)
-            except Exception as err:  # never let Kopf wait a minute
+            except Exception as err:  # a pass's trouble never ends the driver
                 failures += 1
                 self._log_trouble(namespace, name, err)
                 await stopped.wait(retry_delay(failures))
@@ -513,8 +528,8 @@ class RunController:
             await self._drive(run, body, writer, previous, stopped)
         finally:
             self.active.discard(run.id)
-            # Held only while this daemon drives it: a daemon started again (a peering
-            # pause, an operator restart) loads it from the store.
+            # Held only while this daemon drives it: a daemon started again (a bucket
+            # handed back, an operator restart) loads it from the store.
             self.engine.forget(run.id)
 
     @staticmethod
@@ -552,6 +567,8 @@ class RunController:
                     run.id, body, writer, previous, stopped, include_spec, trace_id
                 )
                 failures = 0
+            except Fenced:
+                raise  # the bucket moved: its new holder drives the run
             except StoreError as err:
                 log.warning(
                     "run %s/%s: store unavailable, retrying: %s", run.namespace, run.name, err
@@ -561,7 +578,7 @@ class RunController:
             except NamespaceTerminating:
                 await self._namespace_deleted(run, stopped)
                 continue  # the next pass writes the Cancelled status (or finds it gone)
-            except Exception as err:  # never let Kopf wait a minute
+            except Exception as err:  # a pass's trouble never ends the driver
                 failures += 1
                 self._log_trouble(run.namespace, run.name, err)
                 await stopped.wait(retry_delay(failures))
@@ -672,7 +689,7 @@ class RunController:
             await self.engine.mark_posted(run.id, done)
 
     async def _wait(self, run_id: str, seconds: float, stopped: Any) -> None:
-        """Until woken, ``seconds`` pass, or Kopf asks the daemon to stop."""
+        """Until woken, ``seconds`` pass, or the supervisor stops the driver."""
         woken = asyncio.ensure_future(self.waker.wait(run_id, seconds))
         stop = asyncio.ensure_future(stopped.wait())
         try:

@@ -1,15 +1,16 @@
 """WorkflowSchedules: a Kopf daemon per schedule creates its runs (rules: dag/schedules).
 
 Thin: it reads the schedule and its runs, asks :func:`maestro.dag.schedules.tick` what
-to do, does it, and writes status. Runs are named from the scheduled time, so a daemon
-that restarts (operator restart, peering hand-over) never creates one twice.
+to do, does it, and writes status. Every replica has a daemon per schedule; only the
+one holding the schedule's bucket acts. Runs are named from the scheduled time, so a
+daemon that restarts (operator restart, a bucket handed over) never creates one twice.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +26,8 @@ from maestro.operator.status import iso
 log = logging.getLogger("maestro.schedules")
 
 LABEL_SCHEDULE = "maestro.dev/schedule"
+# How often a replica that does not hold a schedule's bucket checks whether it does now.
+OWNER_POLL_SECONDS = 1.0
 ANNOTATION_SCHEDULED_AT = "maestro.dev/scheduled-at"
 
 
@@ -101,10 +104,13 @@ def run_for(
 class ScheduleController:
     """Drives every WorkflowSchedule of the watched namespaces."""
 
-    def __init__(self, kube: Kube, settings: ScheduleSettings) -> None:
-        """``kube`` creates, cancels and deletes runs and writes schedule status."""
+    def __init__(self, kube: Kube, settings: ScheduleSettings, owns: Callable[[str], bool]) -> None:
+        """``kube`` creates, cancels and deletes runs and writes schedule status;
+        ``owns(uid)`` says whether this replica holds the schedule's bucket (every
+        replica runs a daemon per schedule, only the holder acts)."""
         self.kube = kube
         self.settings = settings
+        self.owns = owns
 
     def _poll(self) -> float:
         return 1.0 if self.settings.allow_seconds else self.settings.poll_seconds
@@ -113,6 +119,11 @@ class ScheduleController:
         """Until the schedule is deleted: act, then sleep until the next time or poll."""
         written: dict[str, Any] = dict(body.get("status") or {})
         while not stopped:
+            if not self.owns(str(body["metadata"].get("uid"))):
+                await stopped.wait(OWNER_POLL_SECONDS)
+                # Another replica wrote meanwhile: start from what the object shows.
+                written = dict(body.get("status") or {})
+                continue
             try:
                 wait = await self.step(body, written)
             except NotFound:
