@@ -261,19 +261,29 @@ def test_template_lease_values_reach_the_flags(control_plane: ControlPlane) -> N
 
 
 @pytest.mark.parametrize(
-    "values",
+    ("values", "complaint"),
     [
-        {"lease.renewSeconds": "5"},
-        {"lease.seconds": "0.5", "lease.renewSeconds": "1"},
-        {"lease.renewSeconds": "0.0"},
+        ({"lease.renewSeconds": "2.6"}, "at most half of lease.seconds (5)"),
+        ({"lease.seconds": "2.5", "lease.renewSeconds": "1.3"}, "at most half"),
+        ({"lease.renewSeconds": "0.05"}, "lease.renewSeconds (0.05) must be at least 0.1"),
+        # A string from --set passes the schema's minimum: the template still refuses it.
+        ({"lease.seconds": "0.5"}, "lease.seconds (0.5) must be at least 1"),
     ],
 )
-def test_template_refuses_a_lease_renewed_too_late(
-    control_plane: ControlPlane, values: dict[str, str]
+def test_template_refuses_leases_the_operator_refuses(
+    control_plane: ControlPlane, values: dict[str, str], complaint: str
 ) -> None:
+    # The operator's own limits (--lease-seconds >= 1, --renew-seconds >= 0.1 and at most
+    # half the lease): better refused at install than by a crash-looping pod.
     proc = helm(control_plane, "template", "maestro", str(CHART), *set_args(values), check=False)
     assert proc.returncode != 0, f"helm template accepted {values}"
-    assert "lease.renewSeconds" in proc.stderr
+    assert complaint in proc.stderr
+
+
+def test_template_accepts_a_renewal_of_half_the_lease(control_plane: ControlPlane) -> None:
+    values = {"lease.seconds": "1", "lease.renewSeconds": "0.5"}
+    args = operator_container(template(control_plane, values))["args"]
+    assert {"--lease-seconds=1", "--renew-seconds=0.5"} <= set(args)
 
 
 def test_template_single_replica_has_no_pdb(control_plane: ControlPlane) -> None:

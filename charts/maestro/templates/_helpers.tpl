@@ -74,7 +74,7 @@ per-namespace Roles. Each rule names the call that needs it.
   resources: [workflows]
   verbs: [get, list, watch]
 # Each replica's supervisor lists and watches the runs, and adds and removes its own
-# finalizer (maestro.dev/finalizer) with a JSON patch: patch, no update.
+# finalizer (maestro.dev/finalizer) with a patch: patch, no update.
 - apiGroups: [maestro.dev]
   resources: [workflowruns]
   verbs: [get, list, watch, patch]
