@@ -45,11 +45,18 @@ def set_args(values: dict[str, str]) -> list[str]:
     return out
 
 
+def rendered(
+    cp: ControlPlane, values: dict[str, str], release: str = "maestro", namespace: str = "maestro"
+) -> str:
+    """The chart's rendering as text (without CRDs)."""
+    return helm(cp, "template", release, str(CHART), "-n", namespace, *set_args(values)).stdout
+
+
 def template(
     cp: ControlPlane, values: dict[str, str], release: str = "maestro", namespace: str = "maestro"
 ) -> list[dict[str, Any]]:
     """Rendered objects of the chart (without CRDs)."""
-    out = helm(cp, "template", release, str(CHART), "-n", namespace, *set_args(values)).stdout
+    out = rendered(cp, values, release, namespace)
     return [d for d in yaml.safe_load_all(out) if d]
 
 
@@ -72,7 +79,8 @@ def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
 VALUE_SETS: dict[str, dict[str, str]] = {
     "default": {},
     "namespaces": {"watchNamespaces": "{team-a,team-b}"},
-    "replicas-2": {"replicas": "2"},
+    "replicas-3": {"replicas": "3"},
+    "lease": {"replicas": "2", "lease.seconds": "2.5", "lease.renewSeconds": "0.5"},
     "postgresql": {"postgresql.enabled": "true", "database.existingSecret": ""},
     "servicemonitor": {"serviceMonitor.enabled": "true"},
     "everything": {
@@ -117,7 +125,9 @@ def test_template_default(control_plane: ControlPlane) -> None:
     assert op["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert op["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert op["args"][:3] == ["operator", "--no-migrate", "--listen-address=0.0.0.0"]
-    assert not any(a.startswith(("--namespace", "--peering")) for a in op["args"])
+    assert not any(a.startswith("--namespace") for a in op["args"])
+    # Even one replica is named in the store's ownership table, with the default lease.
+    assert {"--replica=$(POD_NAME)", "--lease-seconds=5", "--renew-seconds=1"} <= set(op["args"])
     assert op["resources"]["requests"]
     # The URL only ever comes from a Secret reference.
     assert op["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "maestro-database", "key": "url"}
@@ -191,20 +201,104 @@ def test_template_admission_policy_off(control_plane: ControlPlane) -> None:
     assert "--default-service-account=default" in operator_container(docs)["args"]
 
 
-def test_template_replicas_turn_on_peering_and_pdb(control_plane: ControlPlane) -> None:
-    docs = template(control_plane, VALUE_SETS["replicas-2"])
-    assert one(docs, "Deployment")["spec"]["replicas"] == 2
-    assert one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
-    assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == "maestro"
-    assert "--peering=maestro" in operator_container(docs)["args"]
+def field_refs(container: dict[str, Any]) -> dict[str, str | None]:
+    return {
+        e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        for e in container["env"]
+    }
+
+
+PEERING = re.compile(r"peering|kopf\.dev", re.I)
+
+
+def test_template_replicas_are_all_active_with_a_pdb(control_plane: ControlPlane) -> None:
+    docs = template(control_plane, VALUE_SETS["replicas-3"])
+    deployment = one(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    # A new pod first, then an old one stops (and hands its buckets over at once).
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 30
+    op = operator_container(docs)
+    # Each replica is named after its pod: $(POD_NAME) is expanded by the kubelet from
+    # the container's env, which takes it from the downward API.
+    assert "--replica=$(POD_NAME)" in op["args"]
+    assert field_refs(op)["POD_NAME"] == "metadata.name"
+    assert [a for a in op["args"] if a.startswith(("--lease-seconds", "--renew-seconds"))] == [
+        "--lease-seconds=5",
+        "--renew-seconds=1",
+    ]
+    pdb = one(docs, "PodDisruptionBudget")["spec"]
+    assert pdb == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": deployment["spec"]["selector"]["matchLabels"]},
+    }
+    # The operator patches its own finalizer onto runs: patch, not update.
     rules = one(docs, "ClusterRole")["rules"]
-    assert any("clusterkopfpeerings" in r["resources"] for r in rules)
+    run_verbs = {v for r in rules if "workflowruns" in r["resources"] for v in r["verbs"]}
+    assert {"get", "list", "watch", "patch"} <= run_verbs
 
 
-def test_template_single_replica_has_no_peering(control_plane: ControlPlane) -> None:
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_template_has_no_kopf_peering(control_plane: ControlPlane, name: str) -> None:
+    # No peering object, flag, RBAC rule or comment: the store decides who drives a run.
+    text = rendered(control_plane, VALUE_SETS[name])
+    assert PEERING.findall(text) == []
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    assert not [d for d in docs if "KopfPeering" in d["kind"]]
+    for role in (d for d in docs if d["kind"] in ("ClusterRole", "Role")):
+        assert not [r for r in role["rules"] if "kopf.dev" in r["apiGroups"]]
+
+
+def test_template_lease_values_reach_the_flags(control_plane: ControlPlane) -> None:
+    # `--set` passes 2.5 as a string: the schema takes it and the flag gets it as written.
+    op = operator_container(template(control_plane, VALUE_SETS["lease"]))
+    assert "--lease-seconds=2.5" in op["args"]
+    assert "--renew-seconds=0.5" in op["args"]
+    assert "--lease-seconds=5" not in op["args"]
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"lease.renewSeconds": "2.6"}, "at most half of lease.seconds (5)"),
+        ({"lease.seconds": "2.5", "lease.renewSeconds": "1.3"}, "at most half"),
+        ({"lease.renewSeconds": "0.05"}, "lease.renewSeconds (0.05) must be at least 0.1"),
+        # A string from --set passes the schema's minimum: the template still refuses it.
+        ({"lease.seconds": "0.5"}, "lease.seconds (0.5) must be at least 1"),
+    ],
+)
+def test_template_refuses_leases_the_operator_refuses(
+    control_plane: ControlPlane, values: dict[str, str], complaint: str
+) -> None:
+    # The operator's own limits (--lease-seconds >= 1, --renew-seconds >= 0.1 and at most
+    # half the lease): better refused at install than by a crash-looping pod.
+    proc = helm(control_plane, "template", "maestro", str(CHART), *set_args(values), check=False)
+    assert proc.returncode != 0, f"helm template accepted {values}"
+    assert complaint in proc.stderr
+
+
+def test_template_accepts_a_renewal_of_half_the_lease(control_plane: ControlPlane) -> None:
+    values = {"lease.seconds": "1", "lease.renewSeconds": "0.5"}
+    args = operator_container(template(control_plane, values))["args"]
+    assert {"--lease-seconds=1", "--renew-seconds=0.5"} <= set(args)
+
+
+def test_template_single_replica_has_no_pdb(control_plane: ControlPlane) -> None:
     docs = template(control_plane, {})
-    rules = one(docs, "ClusterRole")["rules"]
-    assert not any(g == "kopf.dev" for r in rules for g in r["apiGroups"])
+    assert one(docs, "Deployment")["spec"]["replicas"] == 1
+    assert "PodDisruptionBudget" not in kinds(docs)
+
+
+def test_template_pdb_min_available_instead(control_plane: ControlPlane) -> None:
+    docs = template(control_plane, {"replicas": "3", "podDisruptionBudget.minAvailable": "2"})
+    spec = one(docs, "PodDisruptionBudget")["spec"]
+    assert spec["minAvailable"] == 2
+    assert "maxUnavailable" not in spec
+    docs = template(control_plane, {"replicas": "3", "podDisruptionBudget.enabled": "false"})
+    assert "PodDisruptionBudget" not in kinds(docs)
 
 
 def test_template_postgresql(control_plane: ControlPlane) -> None:
@@ -251,6 +345,10 @@ def test_template_digest_pins_image(control_plane: ControlPlane) -> None:
         ({"egress.allow": "{not-a-cidr}"}, "/egress/allow/0"),
         ({"tenancy.defaultServiceAccount": "Bad_SA"}, "/tenancy/defaultServiceAccount"),
         ({"operator.metricsPort": "70000"}, "/operator/metricsPort"),
+        ({"lease.seconds": "0"}, "/lease/seconds"),
+        ({"lease.renewSeconds": "soon"}, "/lease/renewSeconds"),
+        ({"lease.ttl": "5"}, "additional properties 'ttl'"),
+        ({"peering.enabled": "true"}, "additional properties 'peering'"),
     ],
 )
 def test_schema_rejects_bad_values(
@@ -302,7 +400,7 @@ def assert_all_exist(cp: ControlPlane, docs: list[dict[str, Any]], namespace: st
         )
 
 
-CLUSTER_KINDS = {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering", "Namespace"}
+CLUSTER_KINDS = {"ClusterRole", "ClusterRoleBinding", "Namespace"}
 
 
 @pytest.fixture
@@ -330,7 +428,11 @@ def test_helm_install_default(control_plane: ControlPlane, namespace: str, relea
         "ValidatingAdmissionPolicyBinding",
     ]
     assert_all_exist(control_plane, docs, namespace)
-    for crd in ("workflows.maestro.dev", "workflowruns.maestro.dev", "kopfpeerings.kopf.dev"):
+    for crd in (
+        "workflows.maestro.dev",
+        "workflowruns.maestro.dev",
+        "workflowschedules.maestro.dev",
+    ):
         control_plane.kubectl("get", "crd", crd)
     status = control_plane.helm("status", release, "-n", namespace).stdout
     assert "STATUS: deployed" in status
@@ -341,7 +443,7 @@ def test_helm_install_ha_namespaced_postgresql(
     control_plane: ControlPlane, namespace: str, release: str
 ) -> None:
     values = {
-        "replicas": "2",
+        "replicas": "3",
         "watchNamespaces": "{" + namespace + "}",
         "postgresql.enabled": "true",
         "database.existingSecret": "",
@@ -350,9 +452,9 @@ def test_helm_install_ha_namespaced_postgresql(
         "install", release, str(CHART), "-n", namespace, "--wait=false", *set_args(values)
     )
     docs = release_objects(control_plane, release, namespace)
-    assert {"KopfPeering", "PodDisruptionBudget", "Role", "StatefulSet", "Secret"} <= set(
-        kinds(docs)
-    )
+    assert {"PodDisruptionBudget", "Role", "StatefulSet", "Secret"} <= set(kinds(docs))
+    assert not [k for k in kinds(docs) if "Peering" in k]
+    assert one(docs, "Deployment")["spec"]["replicas"] == 3
     assert_all_exist(control_plane, docs, namespace)
     # An upgrade must keep the generated database password (a new one locks the operator
     # out of the database the StatefulSet initialised with the old one).
@@ -465,6 +567,21 @@ def test_kustomize_base_equals_chart_defaults(control_plane: ControlPlane) -> No
     base = kustomize(control_plane, MANIFESTS / "base")
     chart = template(control_plane, {})
     assert comparable(base) == comparable(chart)
+
+
+@pytest.mark.parametrize("path", ["base", "overlays/example", "overlays/with-server"])
+def test_kustomize_has_no_kopf_peering(control_plane: ControlPlane, path: str) -> None:
+    text = control_plane.kubectl("kustomize", str(MANIFESTS / path)).stdout
+    assert PEERING.findall(text) == []
+    # with-server adds the server's Deployment: only the operator's is judged.
+    docs = [
+        d
+        for d in yaml.safe_load_all(text)
+        if d and not (d["kind"] == "Deployment" and d["metadata"]["name"] != "maestro")
+    ]
+    op = operator_container(docs)
+    assert {"--replica=$(POD_NAME)", "--lease-seconds=5", "--renew-seconds=1"} <= set(op["args"])
+    assert field_refs(op)["POD_NAME"] == "metadata.name"
 
 
 def test_kustomize_overlay_changes_what_it_says(control_plane: ControlPlane) -> None:

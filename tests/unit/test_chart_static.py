@@ -34,18 +34,60 @@ def test_crd_copies_are_identical(copy_dir: str, name: str) -> None:
 
 
 def test_chart_ships_only_known_crds() -> None:
-    # A stale CRD left in the chart would be installed with every release.
+    # A stale CRD left in the chart would be installed with every release (Kopf's peering
+    # CRDs went with peering: the replicas share the runs through the store).
     names = sorted(p.name for p in (CHART / "crds").iterdir())
-    assert names == sorted([*TOP_CRDS, "kopf.dev_peerings.yaml"])
+    assert names == TOP_CRDS
 
 
-def test_kopf_peering_crds_match_kopf() -> None:
-    docs = list(yaml.safe_load_all((CHART / "crds" / "kopf.dev_peerings.yaml").read_text()))
-    found = {(d["metadata"]["name"], d["spec"]["scope"], d["spec"]["names"]["kind"]) for d in docs}
-    assert found == {
-        ("kopfpeerings.kopf.dev", "Namespaced", "KopfPeering"),
-        ("clusterkopfpeerings.kopf.dev", "Cluster", "ClusterKopfPeering"),
-    }
+def _packaging_files() -> list[Path]:
+    return sorted(p for root in (CHART, REPO / "manifests") for p in root.rglob("*") if p.is_file())
+
+
+def test_no_kopf_peering_left_in_chart_or_manifests() -> None:
+    found = [
+        f"{p.relative_to(REPO)}:{n}"
+        for p in _packaging_files()
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if re.search(r"peering|kopf\.dev", line, re.I)
+    ]
+    assert found == []
+    assert not (CHART / "templates" / "peering.yaml").exists()
+
+
+def test_values_have_lease_settings_and_no_peering() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert values["lease"] == {"seconds": 5, "renewSeconds": 1}
+    assert "peering" not in values
+    assert "peering" not in schema["properties"]
+    lease = schema["properties"]["lease"]
+    assert lease["additionalProperties"] is False
+    assert set(lease["properties"]) == set(values["lease"])
+
+
+def test_deployment_template_passes_replica_and_lease_flags() -> None:
+    text = (CHART / "templates" / "deployment.yaml").read_text()
+    assert "- --replica=$(POD_NAME)\n" in text
+    assert "- --lease-seconds={{ .Values.lease.seconds }}\n" in text
+    assert "- --renew-seconds={{ .Values.lease.renewSeconds }}\n" in text
+    assert re.search(
+        r"- name: POD_NAME\n\s+valueFrom:\n\s+fieldRef:\n\s+fieldPath: metadata\.name\n", text
+    )
+
+
+def test_manifests_base_deployment_passes_replica_and_lease_flags() -> None:
+    deployment = yaml.safe_load((REPO / "manifests" / "base" / "deployment.yaml").read_text())
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    lease = values["lease"]
+    assert {
+        "--replica=$(POD_NAME)",
+        f"--lease-seconds={lease['seconds']}",
+        f"--renew-seconds={lease['renewSeconds']}",
+    } <= set(container["args"])
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
 
 
 def test_lock_pins_every_runtime_dependency() -> None:

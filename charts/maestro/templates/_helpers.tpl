@@ -47,11 +47,6 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
-{{/* Peering is on with more than one replica: two active operators would both drive runs. */}}
-{{- define "maestro.peering" -}}
-{{- if or .Values.peering.enabled (gt (int .Values.replicas) 1) }}true{{ end }}
-{{- end }}
-
 {{- define "maestro.postgresql.fullname" -}}
 {{- printf "%s-postgresql" (include "maestro.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -74,11 +69,12 @@ The operator's permissions, shared by the ClusterRole (cluster-wide) and the
 per-namespace Roles. Each rule names the call that needs it.
 */}}
 {{- define "maestro.rbac.namespacedRules" -}}
-# Kopf watches both kinds; on runs it also patches its finalizer and annotations.
-# (Workflows are only read: their conditions go through workflows/status.)
+# Kopf watches Workflows (only read: their conditions go through workflows/status).
 - apiGroups: [maestro.dev]
   resources: [workflows]
   verbs: [get, list, watch]
+# Each replica's supervisor lists and watches the runs, and adds and removes its own
+# finalizer (maestro.dev/finalizer) with a patch: patch, no update.
 - apiGroups: [maestro.dev]
   resources: [workflowruns]
   verbs: [get, list, watch, patch]
