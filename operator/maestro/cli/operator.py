@@ -72,6 +72,14 @@ def _default_replica() -> str:
     help="How often leases are renewed and buckets rebalanced (well under --lease-seconds).",
 )
 @click.option(
+    "--db-pool-size",
+    type=click.IntRange(min=2),
+    default=30,
+    show_default=True,
+    help="Database connections this replica keeps (a third more in bursts, plus one for "
+    "its leases): replicas x that must fit the server's max_connections.",
+)
+@click.option(
     "--listen-address",
     default="127.0.0.1",
     show_default=True,
@@ -142,6 +150,7 @@ def operator_cmd(
     replica: str | None,
     lease_seconds: float,
     renew_seconds: float,
+    db_pool_size: int,
     listen_address: str,
     health_port: int,
     metrics_port: int,
@@ -179,6 +188,7 @@ def operator_cmd(
         replica=replica or _default_replica(),
         lease_seconds=lease_seconds,
         renew_seconds=renew_seconds,
+        db_pool_size=db_pool_size,
         listen_address=listen_address,
         health_port=health_port,
         metrics_port=metrics_port,
@@ -202,6 +212,7 @@ async def _main(config: OperatorConfig) -> int:
             migrate=config.migrate,
             connect_timeout=config.connect_timeout,
             max_output_bytes=config.max_output_bytes,
+            pool_size=config.db_pool_size,
         )
     except StoreError as err:
         # Fail fast, one line, before any watch starts (no silent fallback).

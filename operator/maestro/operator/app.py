@@ -47,6 +47,7 @@ class OperatorConfig:
     # A crashed replica's buckets are taken over this long after its last renewal.
     lease_seconds: float = 5.0
     renew_seconds: float = 1.0
+    db_pool_size: int = 30
     listen_address: str = "127.0.0.1"
     health_port: int = 8080
     metrics_port: int = 8080
@@ -163,8 +164,13 @@ async def run_operator(
             ),
             tracer,
         )
+        # Renewals on a connection of their own: drivers that use up the main pool must
+        # never make this replica's leases lapse.
+        lease_store = await Store.open(
+            config.database_url, connect_timeout=config.connect_timeout, pool_size=1
+        )
         supervisor = Supervisor(
-            Leases(store, config.replica, config.lease_seconds),
+            Leases(lease_store, config.replica, config.lease_seconds),
             runs,
             kube,
             container,
@@ -200,6 +206,7 @@ async def run_operator(
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await lease_store.close()
             tracer.shutdown()
             await health.stop()
             await kube.close()

@@ -20,7 +20,12 @@ from maestro.store.urls import describe, scrub
 SQLITE_BUSY_TIMEOUT = 30.0
 
 
-def make_engine(url: URL, *, connect_timeout: float) -> AsyncEngine:
+#: Connections one process keeps to PostgreSQL (a third more in bursts): a replica's
+#: share of the server's max_connections (docs/operator.md, sizing).
+POOL_SIZE = 30
+
+
+def make_engine(url: URL, *, connect_timeout: float, pool_size: int = POOL_SIZE) -> AsyncEngine:
     """Create (without connecting) the async engine for a URL from :func:`parse_url`."""
     if url.get_backend_name() == "sqlite":
         engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
@@ -34,8 +39,8 @@ def make_engine(url: URL, *, connect_timeout: float) -> AsyncEngine:
         # The operator drives every run concurrently. Connections beyond pool_size are
         # closed when returned and reopened on the next burst (a TCP handshake, auth and an
         # address lookup in a thread each time), so keep the working set in the pool.
-        pool_size=30,
-        max_overflow=10,
+        pool_size=pool_size,
+        max_overflow=pool_size // 3,
     )
 
 

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
 from maestro.api.phases import RUN_TRANSITIONS, TASK_TRANSITIONS, RunPhase, TaskPhase
-from maestro.store.database import connect, make_engine, unavailable
+from maestro.store.database import POOL_SIZE, connect, make_engine, unavailable
 from maestro.store.errors import (
     AttemptNotFound,
     InvalidOutputs,
@@ -178,6 +178,7 @@ class Store:
         migrate: bool = False,
         connect_timeout: float = 5.0,
         max_output_bytes: int = 64 * 1024,
+        pool_size: int = POOL_SIZE,
     ) -> Store:
         """Connect to ``url`` and check (or, with ``migrate``, upgrade) its schema.
 
@@ -187,7 +188,7 @@ class Store:
         the one this Maestro needs. No message ever contains the password.
         """
         parsed = parse_url(url)
-        engine = make_engine(parsed, connect_timeout=connect_timeout)
+        engine = make_engine(parsed, connect_timeout=connect_timeout, pool_size=pool_size)
         try:
             async with connect(engine, parsed, connect_timeout) as conn:
                 await ensure_schema(conn, parsed, migrate=migrate)
