@@ -1,8 +1,9 @@
-"""``maestro db upgrade|current|prune``, in-process and as a real process."""
+"""``maestro db upgrade|current|prune|owners``, in-process and as a real process."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import subprocess
@@ -16,6 +17,7 @@ from click.testing import CliRunner, Result
 from maestro.api.phases import RunPhase
 from maestro.cli.db import Duration, db
 from maestro.store import Store, head
+from maestro.store.leases import BUCKETS, Leases
 
 UNREACHABLE = "postgresql://nobody:s3cret@127.0.0.1:1/x"
 OPERATOR_SRC = str(Path(__file__).parents[2] / "operator")
@@ -115,3 +117,26 @@ def test_unreachable_database_as_a_process() -> None:
     assert result.stderr.startswith("maestro: error: cannot connect to database 'x' at 127.0.0.1:1")
     assert "Traceback" not in result.stderr
     assert "s3cret" not in result.stderr
+
+
+async def test_owners_shows_each_replicas_buckets(database_url: str) -> None:
+    store = await Store.open(database_url, migrate=True)
+    try:
+        a, b = Leases(store, "replica-a", 5.0), Leases(store, "replica-b", 5.0)
+        for lease in (a, b, a, b):
+            await lease.tick()
+        await a.release()  # a graceful stop: a leaves, its buckets are unheld until b ticks
+    finally:
+        await store.close()
+    runner = CliRunner()
+    shown = await asyncio.to_thread(
+        runner.invoke, db, ["owners", "--database-url", database_url, "-o", "json"]
+    )
+    assert shown.exit_code == 0, shown.output
+    found = json.loads(shown.stdout)
+    assert [r["name"] for r in found["replicas"]] == ["replica-b"]
+    assert len(found["replicas"][0]["buckets"]) == BUCKETS // 2
+    assert len(found["unheld"]) == BUCKETS // 2
+    table = await asyncio.to_thread(runner.invoke, db, ["owners", "--database-url", database_url])
+    assert table.stdout.splitlines()[1].split()[:3] == ["replica-b", "live", str(BUCKETS // 2)]
+    assert "held by no live replica: 0," in table.stdout

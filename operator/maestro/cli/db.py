@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import sys
 from collections.abc import Callable, Coroutine
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import click
 
 from maestro.store import Store, StoreError, current, head, upgrade
+from maestro.store.leases import owners
 
 T = TypeVar("T")
 
@@ -106,3 +108,47 @@ def prune_cmd(older_than: timedelta, database_url: str, connect_timeout: float) 
     """Delete finished runs (with their attempts and events) older than a duration."""
     count = _run(_prune(database_url, connect_timeout, older_than))
     click.echo(f"pruned {count} finished run{'' if count == 1 else 's'}")
+
+
+async def _owners(url: str, connect_timeout: float) -> dict[str, Any]:
+    store = await Store.open(url, connect_timeout=connect_timeout)
+    try:
+        buckets, replicas = await owners(store)
+    finally:
+        await store.close()
+    now = datetime.now(UTC)
+    held: dict[str, list[int]] = {}
+    for b in buckets:
+        if b.holder is not None and b.expires_at is not None and b.expires_at > now:
+            held.setdefault(b.holder, []).append(b.bucket)
+    return {
+        "replicas": [
+            {
+                "name": name,
+                "live": expires > now,
+                "expiresInSeconds": round((expires - now).total_seconds(), 1),
+                "buckets": held.get(name, []),
+            }
+            for name, expires in replicas
+        ],
+        "unheld": [b.bucket for b in buckets if not any(b.bucket in h for h in held.values())],
+        "buckets": [{"bucket": b.bucket, "holder": b.holder, "epoch": b.epoch} for b in buckets],
+    }
+
+
+@db.command("owners")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+@_database_options
+def owners_cmd(output: str, database_url: str, connect_timeout: float) -> None:
+    """Which operator replica holds which buckets of runs (and which are held by none)."""
+    found = _run(_owners(database_url, connect_timeout))
+    if output == "json":
+        click.echo(json.dumps(found, indent=2))
+        return
+    click.echo(f"{'REPLICA':<40} {'STATE':<8} {'BUCKETS':>7}  HELD")
+    for r in found["replicas"]:
+        state = "live" if r["live"] else "gone"
+        held = ",".join(map(str, r["buckets"])) or "-"
+        click.echo(f"{r['name']:<40} {state:<8} {len(r['buckets']):>7}  {held}")
+    unheld = found["unheld"]
+    click.echo(f"held by no live replica: {','.join(map(str, unheld)) if unheld else 'none'}")
