@@ -213,6 +213,9 @@ async def _main(config: OperatorConfig) -> int:
             connect_timeout=config.connect_timeout,
             max_output_bytes=config.max_output_bytes,
             pool_size=config.db_pool_size,
+            # A replica paused mid-transaction past its lease must not keep holding the
+            # rows of runs and buckets others have taken over (docs/operator.md).
+            idle_in_transaction=config.lease_seconds,
         )
     except StoreError as err:
         # Fail fast, one line, before any watch starts (no silent fallback).

@@ -167,7 +167,10 @@ async def run_operator(
         # Renewals on a connection of their own: drivers that use up the main pool must
         # never make this replica's leases lapse.
         lease_store = await Store.open(
-            config.database_url, connect_timeout=config.connect_timeout, pool_size=1
+            config.database_url,
+            connect_timeout=config.connect_timeout,
+            pool_size=1,
+            idle_in_transaction=config.lease_seconds,
         )
         supervisor = Supervisor(
             Leases(lease_store, config.replica, config.lease_seconds),

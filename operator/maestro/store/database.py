@@ -25,16 +25,31 @@ SQLITE_BUSY_TIMEOUT = 30.0
 POOL_SIZE = 30
 
 
-def make_engine(url: URL, *, connect_timeout: float, pool_size: int = POOL_SIZE) -> AsyncEngine:
-    """Create (without connecting) the async engine for a URL from :func:`parse_url`."""
+def make_engine(
+    url: URL,
+    *,
+    connect_timeout: float,
+    pool_size: int = POOL_SIZE,
+    idle_in_transaction: float | None = None,
+) -> AsyncEngine:
+    """Create (without connecting) the async engine for a URL from :func:`parse_url`.
+
+    ``idle_in_transaction``: seconds after which PostgreSQL ends a transaction whose
+    client went quiet (a replica paused mid-write): its row locks, which would keep
+    others from its runs and buckets, go with it, and its late commit fails.
+    """
     if url.get_backend_name() == "sqlite":
         engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
         _make_sqlite_transactions_immediate(engine)
         return engine
     # libpq takes whole seconds and treats anything below 2 as 2.
+    connect_args: dict[str, Any] = {"connect_timeout": max(2, math.ceil(connect_timeout))}
+    if idle_in_transaction:
+        ms = int(idle_in_transaction * 1000)
+        connect_args["options"] = f"-c idle_in_transaction_session_timeout={ms}"
     return create_async_engine(
         url,
-        connect_args={"connect_timeout": max(2, math.ceil(connect_timeout))},
+        connect_args=connect_args,
         pool_pre_ping=True,
         # The operator drives every run concurrently. Connections beyond pool_size are
         # closed when returned and reopened on the next burst (a TCP handshake, auth and an

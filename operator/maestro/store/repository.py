@@ -179,6 +179,7 @@ class Store:
         connect_timeout: float = 5.0,
         max_output_bytes: int = 64 * 1024,
         pool_size: int = POOL_SIZE,
+        idle_in_transaction: float | None = None,
     ) -> Store:
         """Connect to ``url`` and check (or, with ``migrate``, upgrade) its schema.
 
@@ -188,7 +189,12 @@ class Store:
         the one this Maestro needs. No message ever contains the password.
         """
         parsed = parse_url(url)
-        engine = make_engine(parsed, connect_timeout=connect_timeout, pool_size=pool_size)
+        engine = make_engine(
+            parsed,
+            connect_timeout=connect_timeout,
+            pool_size=pool_size,
+            idle_in_transaction=idle_in_transaction,
+        )
         try:
             async with connect(engine, parsed, connect_timeout) as conn:
                 await ensure_schema(conn, parsed, migrate=migrate)
