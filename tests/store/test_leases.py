@@ -145,3 +145,21 @@ async def test_concurrent_ticks_never_give_a_bucket_to_two(store: Store) -> None
     assert Counter(r.holder for r in rows) == Counter(
         {name: len(t.held) for name, t in zip(["r0", "r1", "r2"], ticks, strict=True)}
     )
+
+
+async def test_a_lapsed_lease_no_one_claimed_is_renewed_under_the_same_epoch(
+    store: Store, make_run: MakeRun
+) -> None:
+    a = Leases(store, "a", 5.0)
+    run = await make_run(uid="uid-3")
+    bucket = bucket_of("uid-3")
+    held = (await a.tick()).held
+    await _expire(store, "a")
+    mine = Fence(bucket, "a", held[bucket])
+    with fenced(mine), pytest.raises(Fenced):
+        await store.set_run_phase(run.id, RunPhase.RUNNING)  # refused while lapsed
+    again = await a.tick()
+    assert again.held == held
+    assert again.claimed == []
+    with fenced(mine):
+        assert await store.set_run_phase(run.id, RunPhase.RUNNING)

@@ -137,8 +137,11 @@ class Supervisor:
     async def run(self) -> None:
         """Watch and renew until cancelled or :meth:`shutdown`."""
         watches = [asyncio.create_task(w.run()) for w in (*self.run_watches, *self.pod_watches)]
+        # Apart from the renewals, which must never wait behind the main pool or the API.
+        watches.append(asyncio.create_task(self._sweeps()))
         try:
             await self.leases.check()
+            due = time.monotonic()
             while not self._stopping:
                 started = time.perf_counter()
                 try:
@@ -149,8 +152,8 @@ class Supervisor:
                     self.metrics.lease_renew_seconds.observe(time.perf_counter() - started)
                     self.renewed = True
                     self._apply(tick)
-                await self._sweep()
-                await asyncio.sleep(self.renew_seconds)
+                due = max(due + self.renew_seconds, time.monotonic())
+                await asyncio.sleep(due - time.monotonic())
         finally:
             for task in watches:
                 task.cancel()
@@ -192,11 +195,13 @@ class Supervisor:
         for uid in [u for u in self._done if bucket_of(u) in lost]:
             self._done.discard(uid)
             self.runs.forget(uid)
-        if gained:
-            self._unswept |= gained
-            for body in list(self.index.values()):
-                if bucket_of(_uid(body)) in gained:
-                    self._consider(body)
+        self._unswept |= gained
+        # Level-triggered: any run of a held bucket without a driver gets one (a bucket
+        # gained, or a driver that ended on a write refused while the lease had lapsed).
+        for body in list(self.index.values()):
+            uid = _uid(body)
+            if bucket_of(uid) in self.held and uid not in self._drivers and uid not in self._done:
+                self._consider(body)
         if set(before) != set(self.held):
             self._retarget_pods()
 
@@ -365,6 +370,14 @@ class Supervisor:
                 log.warning("run %s: deletion not recorded yet: %s", body["metadata"]["name"], err)
                 await asyncio.sleep(RETRY_SECONDS)
         self._done.discard(uid)
+
+    async def _sweeps(self) -> None:
+        while True:
+            await asyncio.sleep(self.renew_seconds)
+            try:
+                await self._sweep()
+            except Exception:  # the next round tries again; renewals go on regardless
+                log.exception("sweep of gained buckets")
 
     async def _sweep(self) -> None:
         """Stored runs of gained buckets whose WorkflowRun is gone: record them Cancelled.

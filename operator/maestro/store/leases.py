@@ -112,9 +112,11 @@ class Leases:
             share = math.ceil(BUCKETS / max(1, len(replicas)))
             if keep is not None:
                 share = min(share, keep)
+            # Still ours even if the lease ran out meanwhile, as long as no one claimed it
+            # (a claim changes the holder): writes in the gap were refused by the fence.
             rows = await session.execute(
                 update(BucketRow)
-                .where(BucketRow.holder == self.replica, BucketRow.expires_at > now)
+                .where(BucketRow.holder == self.replica)
                 .values(expires_at=expires)
                 .returning(BucketRow.bucket, BucketRow.epoch)
             )
