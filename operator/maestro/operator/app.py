@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,6 +100,38 @@ async def _ready_when(
     watching.set()
 
 
+async def _stop_gracefully(
+    supervisor: Supervisor,
+    kopf_ready: asyncio.Event,
+    stop: asyncio.Event | None,
+    kopf_stop: asyncio.Event,
+) -> None:
+    """On SIGTERM/SIGINT (or ``stop``): hand the buckets over first, then stop Kopf.
+
+    Kopf's own signal handlers would stop Kopf first (its schedule daemons, seconds),
+    while this replica's runs wait for nobody; ours replace them once Kopf has started.
+    """
+    signalled = asyncio.Event()
+    await kopf_ready.wait()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, signalled.set)
+    waits = [asyncio.ensure_future(signalled.wait())]
+    if stop is not None:
+        waits.append(asyncio.ensure_future(stop.wait()))
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for fut in waits:
+            fut.cancel()
+    log.info("stopping: handing this replica's buckets over")
+    try:
+        await supervisor.shutdown()
+    finally:
+        kopf_stop.set()
+
+
 def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     """Keep Kopf's bookkeeping small and out of our status."""
     settings.persistence.finalizer = f"{GROUP}/finalizer"
@@ -188,9 +222,11 @@ async def run_operator(
             owns=supervisor.owns,
         )
         registry = build_registry(kube, schedules)
+        kopf_stop = asyncio.Event()
         tasks = [
             asyncio.create_task(supervisor.run()),
             asyncio.create_task(_ready_when(kopf_ready, supervisor, watching)),
+            asyncio.create_task(_stop_gracefully(supervisor, kopf_ready, stop, kopf_stop)),
         ]
         settings = kopf.OperatorSettings()
         configure_kopf(settings, config)
@@ -202,7 +238,7 @@ async def run_operator(
                 namespaces=config.namespaces,
                 standalone=True,
                 ready_flag=kopf_ready,
-                stop_flag=stop,
+                stop_flag=kopf_stop,
             )
         finally:
             await supervisor.shutdown()

@@ -160,7 +160,11 @@ class Supervisor:
             await asyncio.gather(*watches, return_exceptions=True)
 
     async def shutdown(self) -> None:
-        """A graceful stop: stop every driver, then give every bucket back at once."""
+        """A graceful stop: stop every driver, then give every bucket back at once.
+
+        Idempotent (the operator also calls it on its way out after any other stop)."""
+        if self._stopping:
+            return
         self._stopping = True
         drivers = list(self._drivers.values())
         for driver in drivers:
