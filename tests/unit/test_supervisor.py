@@ -8,7 +8,10 @@ on the local plane) is tests/e2e/test_scale_out.py.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +19,12 @@ import pytest
 
 from maestro.executors.container import ContainerExecutor
 from maestro.k8s.client import FINALIZER, NotFound
+from maestro.operator.leasing import LeaseKeeper
 from maestro.operator.metrics import Metrics
 from maestro.operator.supervisor import Stopped, Supervisor
 from maestro.store import Store
 from maestro.store.fencing import FENCE
-from maestro.store.leases import BUCKETS, Fence, Leases, Tick, bucket_of
+from maestro.store.leases import BUCKETS, Fence, Tick, bucket_of
 
 
 class FakeKube:
@@ -93,7 +97,7 @@ def _supervisor(store: Store) -> tuple[Supervisor, FakeRuns, FakeKube]:
     runs, kube = FakeRuns(store), FakeKube()
     metrics = Metrics(store, api_writes=lambda: 0.0, watching=lambda: True)
     sup = Supervisor(
-        Leases(store, "me", 5.0),
+        LeaseKeeper(lambda: asyncio.sleep(0, store), "me", lease_seconds=5.0, renew_seconds=1.0),
         runs,  # type: ignore[arg-type]
         kube,  # type: ignore[arg-type]
         ContainerExecutor(kube, lambda run_id: None),  # type: ignore[arg-type]
@@ -174,3 +178,45 @@ async def test_a_gained_bucket_cancels_stored_runs_whose_resource_is_gone(store:
     for _ in range(20):
         await _settle()
     assert runs.deleted == ["gone"]
+
+
+async def test_the_lease_thread_renews_delivers_and_gives_everything_back(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'leases.db'}"
+    await (await Store.open(url, migrate=True)).close()
+    ticks: list[Tick] = []
+    keeper = LeaseKeeper(lambda: Store.open(url), "me", lease_seconds=2.0, renew_seconds=0.1)
+    ended = keeper.start(lambda tick, seconds: ticks.append(tick))
+    for _ in range(100):
+        if len(ticks) >= 3:
+            break
+        await asyncio.sleep(0.05)
+    assert sorted(ticks[0].held) == list(range(BUCKETS))  # alone: every bucket
+    assert ticks[-1].held == ticks[0].held  # renewed under the same epochs
+    assert sorted(await keeper.release()) == list(range(BUCKETS))
+    await asyncio.wait_for(ended, 5)  # the thread ends after giving back
+
+
+async def test_the_lease_thread_stops_renewing_when_the_operator_loop_is_frozen(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'leases.db'}"
+    await (await Store.open(url, migrate=True)).close()
+    ticks: list[Tick] = []
+    keeper = LeaseKeeper(lambda: Store.open(url), "me", lease_seconds=1.0, renew_seconds=0.1)
+    keeper.start(lambda tick, seconds: ticks.append(tick))
+    for _ in range(100):
+        if ticks:
+            break
+        await asyncio.sleep(0.05)
+    assert ticks
+    # The operator's loop freezes for longer than the lease: the thread must stop renewing
+    # after half a lease, so the leases run out (others may take the buckets).
+    time.sleep(1.6)  # noqa: ASYNC251 (the freeze is the point)
+    with sqlite3.connect(tmp_path / "leases.db") as db:
+        (latest,) = db.execute("SELECT max(expires_at) FROM buckets").fetchone()
+    assert datetime.fromisoformat(latest).replace(tzinfo=UTC) < datetime.now(UTC)
+    await asyncio.sleep(0.5)  # the loop answers again: renewals resume
+    with sqlite3.connect(tmp_path / "leases.db") as db:
+        (latest,) = db.execute("SELECT max(expires_at) FROM buckets").fetchone()
+    assert datetime.fromisoformat(latest).replace(tzinfo=UTC) > datetime.now(UTC)
+    await asyncio.to_thread(keeper.stop)

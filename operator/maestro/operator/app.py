@@ -22,6 +22,7 @@ from maestro.executors.secrets import KubeSecrets
 from maestro.executors.workflow import ClusterWorkflows
 from maestro.k8s.client import Kube, load_config
 from maestro.operator.health import Health
+from maestro.operator.leasing import LeaseKeeper
 from maestro.operator.metrics import Metrics
 from maestro.operator.runs import RunController, Settings
 from maestro.operator.schedules import ScheduleController, ScheduleSettings
@@ -29,7 +30,6 @@ from maestro.operator.supervisor import Supervisor
 from maestro.operator.tracing import RunTracer
 from maestro.operator.workflows import reconcile_workflow
 from maestro.store import Store
-from maestro.store.leases import Leases
 
 log = logging.getLogger("maestro.operator")
 
@@ -198,16 +198,21 @@ async def run_operator(
             ),
             tracer,
         )
-        # Renewals on a connection of their own: drivers that use up the main pool must
-        # never make this replica's leases lapse.
-        lease_store = await Store.open(
-            config.database_url,
-            connect_timeout=config.connect_timeout,
-            pool_size=1,
-            idle_in_transaction=config.lease_seconds,
+        # Renewals on a thread, loop and connection of their own: busy drivers must never
+        # make this replica's leases lapse.
+        keeper = LeaseKeeper(
+            lambda: Store.open(
+                config.database_url,
+                connect_timeout=config.connect_timeout,
+                pool_size=1,
+                idle_in_transaction=config.lease_seconds,
+            ),
+            config.replica,
+            lease_seconds=config.lease_seconds,
+            renew_seconds=config.renew_seconds,
         )
         supervisor = Supervisor(
-            Leases(lease_store, config.replica, config.lease_seconds),
+            keeper,
             runs,
             kube,
             container,
@@ -223,8 +228,16 @@ async def run_operator(
         )
         registry = build_registry(kube, schedules)
         kopf_stop = asyncio.Event()
+        supervising = asyncio.create_task(supervisor.run())
+
+        def failed(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("cannot keep the bucket leases: %s", task.exception())
+                kopf_stop.set()  # fail fast: a replica without leases drives nothing
+
+        supervising.add_done_callback(failed)
         tasks = [
-            asyncio.create_task(supervisor.run()),
+            supervising,
             asyncio.create_task(_ready_when(kopf_ready, supervisor, watching)),
             asyncio.create_task(_stop_gracefully(supervisor, kopf_ready, stop, kopf_stop)),
         ]
@@ -245,7 +258,8 @@ async def run_operator(
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await lease_store.close()
             tracer.shutdown()
             await health.stop()
             await kube.close()
+    if not supervising.cancelled() and (error := supervising.exception()) is not None:
+        raise error

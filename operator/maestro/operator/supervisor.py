@@ -2,7 +2,8 @@
 
 Every replica is active. The runs are split into fixed buckets (a hash of the
 WorkflowRun uid, :mod:`maestro.store.leases`); each replica renews its leases every
-``renew_seconds`` and the store balances the buckets over the live replicas. This
+``renew_seconds`` (on a thread of its own, :mod:`maestro.operator.leasing`) and the
+store balances the buckets over the live replicas. This
 replaces Kopf's per-object daemons for WorkflowRuns, which could not follow ownership
 (a daemon's filter is re-checked only when an event comes, and daemons need Kopf's
 finalizer, which a replica that does not own the run would remove).
@@ -25,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,10 +33,11 @@ from typing import Any
 from maestro.executors.container import LABEL_BUCKET, LABEL_RUN_ID, ContainerExecutor
 from maestro.k8s.client import FINALIZER, RUNS, APIError, Kube, NotFound
 from maestro.k8s.watch import Labels, Watch
+from maestro.operator.leasing import LeaseKeeper
 from maestro.operator.metrics import Metrics
 from maestro.operator.runs import RunController
 from maestro.store import Fenced, Store, StoreError
-from maestro.store.leases import BUCKETS, Fence, Leases, Tick, bucket_of, fenced
+from maestro.store.leases import BUCKETS, Fence, Tick, bucket_of, fenced
 
 log = logging.getLogger("maestro.supervisor")
 
@@ -84,7 +85,7 @@ class Supervisor:
 
     def __init__(
         self,
-        leases: Leases,
+        keeper: LeaseKeeper,
         runs: RunController,
         kube: Kube,
         container: ContainerExecutor,
@@ -94,7 +95,7 @@ class Supervisor:
         renew_seconds: float,
     ) -> None:
         """One watch of runs and one of task pods per watched namespace (or all)."""
-        self.leases, self.runs, self.kube, self.metrics = leases, runs, kube, metrics
+        self.keeper, self.runs, self.kube, self.metrics = keeper, runs, kube, metrics
         self.store: Store = runs.engine.store
         self.namespaces = namespaces
         self.renew_seconds = renew_seconds
@@ -123,7 +124,7 @@ class Supervisor:
     def ownership(self) -> dict[str, Any]:
         """This replica, its buckets and how many runs it drives."""
         return {
-            "replica": self.leases.replica,
+            "replica": self.keeper.replica,
             "buckets": sorted(self.held),
             "runsDriven": len(self._drivers),
         }
@@ -135,29 +136,25 @@ class Supervisor:
     # The loop ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Watch and renew until cancelled or :meth:`shutdown`."""
-        watches = [asyncio.create_task(w.run()) for w in (*self.run_watches, *self.pod_watches)]
-        # Apart from the renewals, which must never wait behind the main pool or the API.
-        watches.append(asyncio.create_task(self._sweeps()))
+        """Watch and renew until cancelled or :meth:`shutdown`; a renewal thread that
+        cannot go on (a schema it does not know) ends it with that error."""
+        tasks = [asyncio.create_task(w.run()) for w in (*self.run_watches, *self.pod_watches)]
+        tasks.append(asyncio.create_task(self._sweeps()))
         try:
-            await self.leases.check()
-            due = time.monotonic()
-            while not self._stopping:
-                started = time.perf_counter()
-                try:
-                    tick = await self.leases.tick()
-                except StoreError as err:
-                    log.warning("bucket leases not renewed: %s", err)
-                else:
-                    self.metrics.lease_renew_seconds.observe(time.perf_counter() - started)
-                    self.renewed = True
-                    self._apply(tick)
-                due = max(due + self.renew_seconds, time.monotonic())
-                await asyncio.sleep(due - time.monotonic())
+            await self.keeper.start(self._renewed)
         finally:
-            for task in watches:
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*watches, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.to_thread(self.keeper.stop)
+
+    def _renewed(self, tick: Tick, seconds: float) -> None:
+        """A renewal, delivered from the lease thread."""
+        if self._stopping:
+            return
+        self.metrics.lease_renew_seconds.observe(seconds)
+        self.renewed = True
+        self._apply(tick)
 
     async def shutdown(self) -> None:
         """A graceful stop: stop every driver, then give every bucket back at once.
@@ -169,15 +166,17 @@ class Supervisor:
         drivers = list(self._drivers.values())
         for driver in drivers:
             driver.stopped.set()
-        await self._reap([d.task for d in drivers])
+        # Given back before the drivers have wound down: the fence refuses whatever they
+        # still try to write, and the others need not wait for them.
         try:
-            released = await self.leases.release()
+            released = await self.keeper.release()
         except StoreError as err:
             log.warning("buckets not given back (they expire instead): %s", err)
-            return
+            released = []
         self.metrics.handovers.labels(direction="released").inc(len(released))
         self.held = {}
         log.info("gave back %d buckets", len(released))
+        await self._reap([d.task for d in drivers])
 
     def _apply(self, tick: Tick) -> None:
         """Start and stop drivers for what the renewal says is held now."""
@@ -258,7 +257,7 @@ class Supervisor:
         elif uid in self._drivers or uid in self._done:
             self._chore(body, self.runs.sync_controls(body))
         else:
-            self._start(body, Fence(bucket, self.leases.replica, self.held[bucket]))
+            self._start(body, Fence(bucket, self.keeper.replica, self.held[bucket]))
 
     def _chore(self, body: Mapping[str, Any], work: Any) -> None:
         """Run ``work`` for this run after its previous chore (Kopf's one-at-a-time per
@@ -275,7 +274,7 @@ class Supervisor:
             if epoch is None:
                 work.close()
                 return
-            with fenced(Fence(bucket, self.leases.replica, epoch)):
+            with fenced(Fence(bucket, self.keeper.replica, epoch)):
                 try:
                     await work
                 except Fenced:
