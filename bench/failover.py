@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import subprocess
 import tempfile
 import time
 import urllib.error
@@ -67,6 +68,16 @@ def held(op: OperatorProcess) -> set[int] | None:
     except ValueError:
         return None
     return {int(b) for b in data.get("buckets") or []}
+
+
+def stop(op: OperatorProcess) -> None:
+    """SIGTERM, and SIGKILL when it has not exited within 60 s (a loaded machine)."""
+    try:
+        if op.proc is not None and op.proc.poll() is None:
+            op.proc.send_signal(signal.SIGTERM)
+            op.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        op.kill(signal.SIGKILL)
 
 
 def balanced(counts: list[int]) -> bool:
@@ -164,7 +175,7 @@ def measure(repeats: int) -> dict[str, Any]:
                     victim = (victim + 1) % REPLICAS
         finally:
             for op in ops:
-                op.kill(signal.SIGTERM)
+                stop(op)
     return result
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import TEN_TASKS, Figure, Outcome, Postgres, postgres, use_test_fixtures
-from bench.failover import held, wait_balanced
+from bench.failover import held, stop, wait_balanced
 from bench.operator_e2e import _cpu_s, _crds, _manifests, _prepare, _store_counts, _vm_hwm_kib
 
 use_test_fixtures()
@@ -96,7 +96,7 @@ def one_pass(plane: ControlPlane, pg: Postgres, logs: Path, n: int, runs: int) -
         return _drive(plane, pg, db, namespace, ops, runs)
     finally:
         for op in ops:
-            op.kill(signal.SIGTERM)
+            stop(op)
 
 
 def _drive(
@@ -204,7 +204,14 @@ def measure(runs: int, counts: tuple[int, ...] = COUNTS) -> dict[int, dict[str, 
         tempfile.TemporaryDirectory(prefix="maestro-bench-scale-") as logs,
     ):
         _crds(plane)
-        return {n: one_pass(plane, pg, Path(logs), n, runs) for n in counts}
+        results: dict[int, dict[str, Any]] = {}
+        for n in counts:
+            try:
+                results[n] = one_pass(plane, pg, Path(logs), n, runs)
+            except Exception as err:  # one failed pass must not lose the others' figures
+                results[n] = {"replicas": n, "error": f"{type(err).__name__}: {err}"}
+            print(f"scaleout {n}: {json.dumps(results[n], default=str)}", file=sys.stderr)
+        return results
 
 
 def _figures(r: dict[str, Any]) -> list[Figure]:
@@ -234,5 +241,6 @@ def run(quick: bool = False) -> Outcome:
     results = measure(20 if quick else 100)
     out = Outcome(details={str(n): r for n, r in results.items()})
     for r in results.values():
-        out.figures += _figures(r)
+        if "error" not in r:
+            out.figures += _figures(r)
     return out
