@@ -1,9 +1,10 @@
 """``python -m bench all`` (or ``python -m bench NAME ...``): run, print one table, write JSON.
 
 Names: ``dag``, ``engine``, ``overhead``, ``db``, ``operator`` (the operator pass also
-gives the recovery figures), ``failover`` (peering failover after a SIGKILL), ``image``
-(the operator image's size and build time), ``server`` (history pages and the run page
-of the web UI).
+gives the recovery figures), ``failover`` (bucket takeover between three active
+replicas after a SIGKILL and a graceful stop, and their balance), ``scaleout``
+(throughput and CPU per replica with 1, 2 and 3 replicas), ``image`` (the operator
+image's size and build time), ``server`` (history pages and the run page of the web UI).
 ``--quick`` shrinks every benchmark for a smoke run.
 The JSON lands in ``bench/results/<UTC date and time>.json`` (git-ignored).
 """
@@ -25,7 +26,17 @@ from typing import Any
 
 from bench.common import REPO, Figure, Outcome, fmt
 
-NAMES = ("dag", "engine", "overhead", "db", "operator", "failover", "image", "server")
+NAMES = (
+    "dag",
+    "engine",
+    "overhead",
+    "db",
+    "operator",
+    "failover",
+    "scaleout",
+    "image",
+    "server",
+)
 MODULES = {
     "dag": "bench.dag_scale",
     "engine": "bench.engine_latency",
@@ -34,6 +45,7 @@ MODULES = {
     "image": "bench.image",
     "server": "bench.server_list",
     "failover": "bench.failover",
+    "scaleout": "bench.scale_out",
 }
 
 
