@@ -53,21 +53,20 @@ class Driver:
 
     def __init__(
         self,
-        engine: Engine,
-        kube: Kube,
         waker: Waker,
-        metrics: Metrics,
         settings: Settings,
-        tracer: RunTracer,
-        *,
         known: Known,
         controls: Controls,
         publisher: Publisher,
     ) -> None:
-        """The controller's shared parts: its memory of runs, controls and publisher."""
-        self.engine, self.kube, self.waker, self.metrics = engine, kube, waker, metrics
-        self.settings, self.tracer = settings, tracer
+        """The controller's shared parts; the engine, API client, metrics and tracer are
+        the publisher's (one of each per controller)."""
+        self.waker, self.settings = waker, settings
         self.known, self.controls, self.publisher = known, controls, publisher
+        self.engine: Engine = publisher.engine
+        self.kube: Kube = publisher.kube
+        self.metrics: Metrics = publisher.metrics
+        self.tracer: RunTracer = publisher.tracer
 
     async def drive(
         self,

@@ -76,17 +76,7 @@ class RunController:
         self.starter = Starter(engine, kube, metrics, settings, self.known)
         self.controls = Controls(engine, kube, waker, self.known)
         self.publisher = Publisher(engine, kube, metrics, tracer)
-        self.driver = Driver(
-            engine,
-            kube,
-            waker,
-            metrics,
-            settings,
-            tracer,
-            known=self.known,
-            controls=self.controls,
-            publisher=self.publisher,
-        )
+        self.driver = Driver(waker, settings, self.known, self.controls, self.publisher)
 
     async def ensure_run(self, body: Mapping[str, Any]) -> RunRecord:
         """The store's run for this WorkflowRun, created (with its snapshot) on first sight."""
