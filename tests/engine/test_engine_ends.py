@@ -175,10 +175,10 @@ async def test_events_are_posted_once_even_when_a_post_fails_midway(h: Harness) 
     latest = await h.latest(run.id)
     api.fail_after = 2  # the API goes away after two Events
     with pytest.raises(TransientAPIError):
-        await controller._post_events(run, body, latest, spec)
+        await controller.publisher.post_events(run, body, latest, spec)
     api.fail_after = None
-    await controller._post_events(run, body, latest, spec)
-    await controller._post_events(run, body, latest, spec)  # nothing left: posts nothing
+    await controller.publisher.post_events(run, body, latest, spec)
+    await controller.publisher.post_events(run, body, latest, spec)  # nothing left: posts nothing
     reasons = sorted(api.posted.values())
     assert reasons == ["RunFailed", "RunStarted", "TaskFailed", "TaskFailed", "TaskFailed"]
     assert api.calls == 6  # 5 Events + the one refused once; none posted before was re-sent

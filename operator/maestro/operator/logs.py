@@ -14,12 +14,15 @@ import logging
 from contextvars import ContextVar
 from typing import Any
 
+from maestro.k8s.client import APIError
 from maestro.store import EventRecord
 
 #: The fields a run's log lines carry, in the order the JSON shows them.
 RUN_FIELDS = ("namespace", "run", "run_id", "task")
 
 _run: ContextVar[dict[str, str] | None] = ContextVar("maestro_run", default=None)
+
+_operator_log = logging.getLogger("maestro.operator")
 
 
 def bind_run(namespace: str, name: str, run_id: str | None = None) -> None:
@@ -46,6 +49,18 @@ def event_line(e: EventRecord) -> tuple[str, dict[str, Any]]:
     if e.reason:
         extra["reason"] = e.reason
     return text, extra
+
+
+def log_trouble(namespace: str, name: str, err: Exception) -> None:
+    """Log a run's pass that went wrong and is retried: one line for the API's trouble
+    (expected, it comes back), a traceback for anything else (a bug).
+
+    Call it from the ``except`` block, where the traceback is still at hand.
+    """
+    if isinstance(err, APIError):
+        _operator_log.warning("run %s/%s: Kubernetes API: %s; retrying", namespace, name, err)
+    else:
+        _operator_log.exception("run %s/%s: unexpected error; retrying", namespace, name)
 
 
 class RunContextFilter(logging.Filter):
