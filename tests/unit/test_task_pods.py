@@ -15,6 +15,7 @@ from security_kit import attempt
 from maestro.engine.executor import StartRejected
 from maestro.executors.container import ContainerExecutor
 from maestro.k8s.client import NamespaceTerminating, NotFound
+from maestro.store.leases import bucket_of
 
 
 class FakePods:
@@ -83,6 +84,8 @@ def test_pod_is_owned_by_the_run_never_restarts_and_has_the_task_deadline() -> N
         "maestro.dev/run-id": "run-1",
         "maestro.dev/task": "t",
         "maestro.dev/attempt": "1",
+        # The replica holding the run's bucket watches its pods by this label.
+        "maestro.dev/bucket": str(bucket_of("uid-1")),
     }
     assert pod["metadata"]["annotations"] == {"note": "x"}
     assert pod["spec"]["restartPolicy"] == "Never"
