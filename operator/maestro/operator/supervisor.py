@@ -108,6 +108,7 @@ class Supervisor:
         self._drivers: dict[str, _Driver] = {}  # uid -> the driver of a run in a held bucket
         self._done: set[str] = set()  # uids whose driver returned: the run has finished
         self._chores: dict[str, asyncio.Task[None]] = {}  # uid -> its latest sync or delete
+        self._deleting: set[str] = set()  # uids whose deletion is being recorded
         self._unswept: set[int] = set()  # gained buckets not yet checked for deleted runs
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = False
@@ -253,7 +254,9 @@ class Supervisor:
         if self._stopping or bucket not in self.held:
             return
         if body["metadata"].get("deletionTimestamp"):
-            self._chore(body, self._deleted(body))
+            if uid not in self._deleting:  # one recording at a time (renewals ask again)
+                self._deleting.add(uid)
+                self._chore(body, self._deleted(body))
         elif uid in self._drivers or uid in self._done:
             self._chore(body, self.runs.sync_controls(body))
         else:
@@ -352,6 +355,12 @@ class Supervisor:
     async def _deleted(self, body: Mapping[str, Any]) -> None:
         """Record the deletion (pods stopped, run Cancelled), then let the object go."""
         uid = _uid(body)
+        try:
+            await self._record_deletion(uid, body)
+        finally:
+            self._deleting.discard(uid)
+
+    async def _record_deletion(self, uid: str, body: Mapping[str, Any]) -> None:
         driver = self._drivers.get(uid)
         if driver is not None:
             self._stop(uid)
