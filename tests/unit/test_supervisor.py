@@ -30,15 +30,12 @@ from maestro.store.leases import BUCKETS, Fence, Tick, bucket_of
 class FakeKube:
     def __init__(self) -> None:
         self.finalizers: list[tuple[str, bool]] = []
-        self.objects: dict[str, dict[str, Any]] = {}  # what a GET finds, by name
 
     async def change_run_finalizers(self, namespace: str, name: str, body: Any, add: bool) -> None:
         self.finalizers.append((name, add))
 
     async def get_run(self, namespace: str, name: str) -> dict[str, Any]:
-        if name not in self.objects:
-            raise NotFound(f"workflowrun {namespace}/{name}", "not found")
-        return self.objects[name]
+        raise NotFound(f"workflowrun {namespace}/{name}", "not found")
 
 
 class FakeEngine:
@@ -96,12 +93,6 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
-def _event(sup: Supervisor, kube: FakeKube, body: dict[str, Any]) -> None:
-    """A watch event for ``body``, which a GET then finds too."""
-    kube.objects[body["metadata"]["name"]] = body
-    sup._on_run(body, False)
-
-
 def _supervisor(store: Store) -> tuple[Supervisor, FakeRuns, FakeKube]:
     runs, kube = FakeRuns(store), FakeKube()
     metrics = Metrics(store, api_writes=lambda: 0.0, watching=lambda: True)
@@ -124,8 +115,8 @@ def _tick(held: dict[int, int]) -> Tick:
 async def test_drives_only_the_runs_of_held_buckets_under_their_fence(store: Store) -> None:
     sup, runs, kube = _supervisor(store)
     mine, theirs = _uid_in(3), _uid_in(4)
-    _event(sup, kube, _run("mine", mine))
-    _event(sup, kube, _run("theirs", theirs))
+    sup._on_run(_run("mine", mine), False)
+    sup._on_run(_run("theirs", theirs), False)
     await _settle()
     assert runs.driving == {}  # nothing is held before the first renewal
     sup._apply(_tick({3: 7}))
@@ -135,18 +126,12 @@ async def test_drives_only_the_runs_of_held_buckets_under_their_fence(store: Sto
     assert sup.ownership() == {"replica": "me", "buckets": [3], "runsDriven": 1}
     assert sup.owns(mine)
     assert not sup.owns(theirs)
-    # Another replica's run is kept slim; the driver of a gained one reads it whole first.
-    assert "spec" not in sup.index[("ns", "theirs")]
-    sup._apply(_tick({3: 7, 4: 1}))
-    await _settle()
-    assert runs.driving["theirs"] == Fence(4, "me", 1)
-    assert "spec" in sup.index[("ns", "theirs")]
 
 
 async def test_a_lost_or_reclaimed_bucket_stops_its_drivers(store: Store) -> None:
-    sup, runs, kube = _supervisor(store)
+    sup, runs, _ = _supervisor(store)
     uid = _uid_in(5)
-    _event(sup, kube, _run("r", uid))
+    sup._on_run(_run("r", uid), False)
     sup._apply(_tick({5: 1}))
     await _settle()
     sup._apply(_tick({5: 2}))  # lapsed and claimed again: a new epoch, a new driver
@@ -165,14 +150,14 @@ async def test_spec_edits_go_to_the_driver_and_a_deletion_is_recorded_then_let_g
 ) -> None:
     sup, runs, kube = _supervisor(store)
     uid = _uid_in(6)
-    _event(sup, kube, _run("r", uid, finalizers=[FINALIZER]))
+    sup._on_run(_run("r", uid, finalizers=[FINALIZER]), False)
     sup._apply(_tick({6: 1}))
     await _settle()
-    _event(sup, kube, _run("r", uid, finalizers=[FINALIZER], generation=2))
+    sup._on_run(_run("r", uid, finalizers=[FINALIZER], generation=2), False)
     await _settle()
     assert runs.synced == ["r"]
     deleting = _run("r", uid, finalizers=[FINALIZER], deletionTimestamp="2026-12-07T00:00:00Z")
-    _event(sup, kube, deleting)
+    sup._on_run(deleting, False)
     for _ in range(20):
         await _settle()
     assert runs.stopped == ["r"]

@@ -80,15 +80,6 @@ def _uid(body: Mapping[str, Any]) -> str:
     return str(body["metadata"].get("uid") or "")
 
 
-# What a replica keeps of a run it does not drive: enough to find it and to see it go.
-_SLIM = ("namespace", "name", "uid", "resourceVersion", "generation", "deletionTimestamp")
-
-
-def _slim(obj: Mapping[str, Any]) -> dict[str, Any]:
-    meta = obj["metadata"]
-    return {"metadata": {k: meta[k] for k in (*_SLIM, "finalizers") if k in meta}}
-
-
 class Supervisor:
     """The runs this replica drives, following the buckets it holds."""
 
@@ -246,17 +237,15 @@ class Supervisor:
             if _uid(body) and self.owns(_uid(body)):
                 self._chore(body, self._deleted(body))
             return
-        # Whole only when ours: memory grows with the runs a replica drives, not the cluster's.
-        content = obj if self.owns(_uid(obj)) else _slim(obj)
         if known is not None and _uid(known) == _uid(obj):
             # In place, as Kopf does: a driver holding the body sees the newest one.
             known.clear()
-            known.update(content)
+            known.update(obj)
             body = known
         else:
             if known is not None and self.owns(_uid(known)):
                 self._chore(known, self._deleted(known))  # replaced under the same name
-            body = self.index[key] = content
+            body = self.index[key] = obj
         self._consider(body)
 
     def _consider(self, body: dict[str, Any]) -> None:
@@ -314,8 +303,6 @@ class Supervisor:
         uid = _uid(body)
         with fenced(fence):
             try:
-                if not await self._whole(body, stopped):
-                    return
                 await self._hold_finalizer(body, stopped)
                 await self.runs.daemon(body, stopped)
                 if not stopped:
@@ -326,25 +313,6 @@ class Supervisor:
                 driver = self._drivers.get(uid)
                 if driver is not None and driver.fence == fence:
                     del self._drivers[uid]
-
-    async def _whole(self, body: dict[str, Any], stopped: Stopped) -> bool:
-        """The whole object for a run kept slim while another replica drove it; False
-        when it is gone (its DELETED event, or the sweep, records it)."""
-        while "spec" not in body and not stopped:
-            meta = body["metadata"]
-            try:
-                fresh = await self.kube.get_run(meta["namespace"], meta["name"])
-            except NotFound:
-                return False
-            except APIError as err:
-                log.warning("run %s: not read: %s", meta["name"], err)
-                await stopped.wait(RETRY_SECONDS)
-                continue
-            if _uid(fresh) != _uid(body):
-                return False
-            body.clear()
-            body.update(fresh)
-        return not stopped
 
     async def _hold_finalizer(self, body: dict[str, Any], stopped: Stopped) -> None:
         """The finalizer first, so a deletion waits until its owner has recorded it."""
