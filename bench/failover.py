@@ -86,6 +86,15 @@ def balanced(counts: list[int]) -> bool:
     return all(abs(c - share) <= 1 for c in counts)
 
 
+def start_all(ops: list[OperatorProcess]) -> None:
+    """Start every replica: the first alone (it migrates the database), then the rest at once."""
+    ops[0].start()
+    for op in ops[1:]:
+        op.start(wait_ready=False)
+    for op in ops[1:]:
+        op.wait_ready(timeout=120)
+
+
 def wait_balanced(ops: list[OperatorProcess], timeout: float = 120) -> tuple[float, list[int]]:
     """Seconds until every bucket has exactly one holder and the counts are balanced;
     and the buckets per replica then."""
@@ -147,11 +156,7 @@ def measure(repeats: int) -> dict[str, Any]:
                      "--renew-seconds", str(RENEW_S)]  # fmt: skip
             ops.append(OperatorProcess(plane.kubeconfig, url, NAMESPACE, logs, extra=extra))
         try:
-            ops[0].start()  # the first migrates the database alone
-            for op in ops[1:]:
-                op.start(wait_ready=False)
-            for op in ops[1:]:
-                op.wait_ready(timeout=120)
+            start_all(ops)
             result["first_balance_s"], counts = wait_balanced(ops)
             result["balance"].append(counts)
             victim = 0

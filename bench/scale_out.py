@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import TEN_TASKS, Figure, Outcome, Postgres, postgres, use_test_fixtures
-from bench.failover import held, stop, wait_balanced
+from bench.failover import held, start_all, stop, wait_balanced
 from bench.operator_e2e import _cpu_s, _crds, _manifests, _prepare, _store_counts, _vm_hwm_kib
 
 use_test_fixtures()
@@ -87,11 +87,7 @@ def one_pass(plane: ControlPlane, pg: Postgres, logs: Path, n: int, runs: int) -
         extra = ["--replica", f"scale{n}-{i}", "--status-interval", "1"]
         ops.append(OperatorProcess(plane.kubeconfig, url, namespace, logs / f"n{n}-{i}", extra))
     try:
-        ops[0].start()  # the first migrates the database alone
-        for op in ops[1:]:
-            op.start(wait_ready=False)
-        for op in ops[1:]:
-            op.wait_ready(timeout=120)
+        start_all(ops)
         wait_balanced(ops)
         return _drive(plane, pg, db, namespace, ops, runs)
     finally:

@@ -28,6 +28,7 @@ from maestro.operator.metrics import Metrics
 from maestro.operator.publishing import StatusWriter, k8s_event
 from maestro.operator.runs import Clock, RunController, Settings, event_name
 from maestro.operator.starting import WORKFLOW_RETRY_SECONDS
+from maestro.operator.supervisor import Stopped
 from maestro.operator.tracing import RunTracer
 from maestro.store import Store
 
@@ -93,7 +94,7 @@ class FakeKube:
         return namespace in self.terminating
 
 
-class FakeStopped:
+class FakeStopped(Stopped):
     """The supervisor's stop flag, where a timed wait passes on the fake clock at once.
 
     ``budget`` timed waits may pass; the next one stops the driver (a test that only
@@ -101,20 +102,13 @@ class FakeStopped:
     """
 
     def __init__(self, clock: FakeClock, budget: int = 1000) -> None:
+        super().__init__()
         self.clock, self.budget = clock, budget
         self.waits: list[float] = []
-        self._event = asyncio.Event()
-
-    def __bool__(self) -> bool:
-        return self._event.is_set()
-
-    def set(self) -> None:
-        self._event.set()
 
     async def wait(self, seconds: float | None = None) -> bool:
         if seconds is None:
-            await self._event.wait()
-            return True
+            return await super().wait()
         self.waits.append(seconds)
         if len(self.waits) > self.budget:
             self.set()
