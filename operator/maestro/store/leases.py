@@ -88,7 +88,7 @@ class Leases:
 
     async def check(self) -> None:
         """Fail fast on a buckets table this Maestro does not expect."""
-        async with self.store.writing() as session:
+        async with self.store.reading() as session:
             count = await session.scalar(select(func.count()).select_from(BucketRow))
         if count != BUCKETS:
             raise SchemaError(f"the store has {count} buckets, this Maestro needs {BUCKETS}")
