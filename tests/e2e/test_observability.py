@@ -286,7 +286,7 @@ def test_json_logs_tell_one_runs_story(
     finally:
         op.kill(signal.SIGTERM)
     lines = [json.loads(line) for line in op.log().splitlines() if line.startswith("{")]
-    assert len(lines) == len(op.log().splitlines())  # every line is JSON
+    assert len(lines) == len(op.log().splitlines()), op.log()[-3000:]  # every line is JSON
     run_id = bad["status"]["runId"]
     story = [e for e in lines if e.get("run_id") == run_id]
     assert {(e["namespace"], e["run"]) for e in story} == {(namespace, "bad")}

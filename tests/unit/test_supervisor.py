@@ -194,6 +194,9 @@ async def test_the_lease_thread_renews_delivers_and_gives_everything_back(tmp_pa
     assert ticks[-1].held == ticks[0].held  # renewed under the same epochs
     assert sorted(await keeper.release()) == list(range(BUCKETS))
     await asyncio.wait_for(ended, 5)  # the thread ends after giving back
+    # The operator's way out stops the keeper after a release: its loop has closed by then.
+    await asyncio.to_thread(keeper.stop)
+    assert await keeper.release() == []
 
 
 async def test_the_lease_thread_stops_renewing_when_the_operator_loop_is_frozen(

@@ -46,7 +46,10 @@ class LeaseKeeper:
         self._answered = time.monotonic()  # when the operator's loop last ran our ping
         self._stop = threading.Event()
         self._released: concurrent.futures.Future[list[int]] | None = None
+        # The thread's loop while it runs; the lock keeps a poke from landing on it after it
+        # closed (a graceful stop releases, the thread ends, then the operator stops it).
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_lock = threading.Lock()
         self._wake: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
 
@@ -78,19 +81,26 @@ class LeaseKeeper:
 
     async def release(self) -> list[int]:
         """Give every bucket back (and stop renewing): a graceful stop."""
-        if self._thread is None or not self._thread.is_alive() or self._loop is None:
+        released: concurrent.futures.Future[list[int]] = concurrent.futures.Future()
+        self._released = released
+        if not self._wake_thread():
             return []
-        self._released = concurrent.futures.Future()
-        self._loop.call_soon_threadsafe(self._poke)
-        return await asyncio.wrap_future(self._released)
+        return await asyncio.wrap_future(released)
 
     def stop(self) -> None:
         """Stop renewing without giving anything back (the leases run out)."""
         self._stop.set()
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._poke)
+        self._wake_thread()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+    def _wake_thread(self) -> bool:
+        """Poke the thread's loop; False when it is not running (never started, or ended)."""
+        with self._loop_lock:
+            if self._loop is None:
+                return False
+            self._loop.call_soon_threadsafe(self._poke)
+            return True
 
     def _answer(self) -> None:
         self._answered = time.monotonic()
@@ -100,24 +110,32 @@ class LeaseKeeper:
             self._wake.set()
 
     async def _renewals(self, main: asyncio.AbstractEventLoop, deliver: OnTick) -> None:
-        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
-        store = await self.open_store()
+        wake = self._wake = asyncio.Event()
+        with self._loop_lock:
+            self._loop = asyncio.get_running_loop()
         try:
-            leases = Leases(store, self.replica, self.lease_seconds)
-            await leases.check()
-            due = time.monotonic()
-            while not self._stop.is_set():
-                self._wake.clear()  # before looking: a poke from now on is not lost
-                main.call_soon_threadsafe(self._answer)
-                if self._released is not None:
-                    await self._release(leases, self._released)
-                    return
-                await self._renew(leases, main, deliver)
-                due = max(due + self.renew_seconds, time.monotonic())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), due - time.monotonic())
+            async with contextlib.AsyncExitStack() as stack:
+                store = await self.open_store()
+                stack.push_async_callback(store.close)
+                leases = Leases(store, self.replica, self.lease_seconds)
+                await leases.check()
+                due = time.monotonic()
+                while not self._stop.is_set():
+                    wake.clear()  # before looking: a poke from now on is not lost
+                    main.call_soon_threadsafe(self._answer)
+                    if self._released is not None:
+                        await self._release(leases, self._released)
+                        return
+                    await self._renew(leases, main, deliver)
+                    due = max(due + self.renew_seconds, time.monotonic())
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), due - time.monotonic())
         finally:
-            await store.close()
+            with self._loop_lock:
+                self._loop = None
+            # A release asked for as the thread ended (stopped, or failed) gives back nothing.
+            if self._released is not None and not self._released.done():
+                self._released.set_result([])
 
     async def _renew(
         self, leases: Leases, main: asyncio.AbstractEventLoop, deliver: OnTick
