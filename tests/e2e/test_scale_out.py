@@ -146,7 +146,8 @@ def test_three_replicas_share_200_runs_through_kill_pause_and_graceful_stop(
     took = _eventually(lambda: _covered([a, b]), "a and b cover the stopped replica's buckets")
     print(f"takeover after a graceful stop: {took:.1f}s")
     assert "gave back" in c.log()
-    assert c.proc is not None and c.proc.returncode == 0, c.log()[-3000:]  # a clean exit
+    assert c.proc is not None
+    assert c.proc.returncode == 0, c.log()[-3000:]  # a clean exit
 
     def all_ended() -> bool:
         return all(

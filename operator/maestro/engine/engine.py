@@ -429,6 +429,9 @@ class Engine:
             if isinstance(a, Start)
         ]
         launch: list[tuple[Executor, AttemptContext]] = []
+        if not decision.actions and not decision.run:
+            # Nothing to write (a pod event that changed no task): no transaction at all.
+            return Pass(held.run, decision, progressed, dict(held.latest))
         async with self._writes(held) as writes:
             for action in decision.actions:
                 if not isinstance(action, Start):
