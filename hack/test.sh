@@ -14,6 +14,9 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 bash hack/control-plane.sh build
 
-echo "== ruff"; .venv/bin/ruff check . && .venv/bin/ruff format --check .
+# One command a line: under `set -e` a failure on the left of `&&` would not stop the run.
+echo "== ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 echo "== mypy"; .venv/bin/mypy
 echo "== pytest"; exec .venv/bin/python -m pytest "$@"

@@ -19,18 +19,18 @@ from typing import Any, cast
 
 import pytest
 
-from maestro.api.phases import RunPhase
+from maestro.api.phases import RunPhase, TaskPhase
 from maestro.engine.driver import Waker
 from maestro.engine.executor import AttemptContext, Result
 from maestro.executors.noop import NoopExecutor, noop_engine
 from maestro.k8s.client import RUNS, NotFound, TransientAPIError
 from maestro.operator.metrics import Metrics
-from maestro.operator.publishing import StatusWriter, k8s_event
+from maestro.operator.publishing import StatusWriter, announced, k8s_event
 from maestro.operator.runs import Clock, RunController, Settings, event_name
 from maestro.operator.starting import WORKFLOW_RETRY_SECONDS
 from maestro.operator.supervisor import Stopped
 from maestro.operator.tracing import RunTracer
-from maestro.store import Store
+from maestro.store import EventRecord, Store
 
 NS = "team"
 # Hang guard only: each run here ends in well under a second when it works.
@@ -148,6 +148,7 @@ class Rig:
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     store = await Store.open(f"sqlite:///{tmp_path / 'maestro.db'}", migrate=True)
     engine, _, waker = noop_engine(store)
+    engine.announced = announced  # as the operator wires it
     failing = FailingNoop(waker)
     engine.executors = {**engine.executors, "container": failing}
     clock = FakeClock()
@@ -251,6 +252,42 @@ async def test_each_store_event_is_one_kubernetes_event_also_after_a_failed_post
     assert max(Counter(name for name, _ in rig.kube.events).values()) == 1
     assert rig.kube.event_attempts == len(wanted) + 1  # the failed one, then each once
     assert stopped.waits[:1] == [0.5]  # the retry backoff, on the fake clock
+    assert await rig.store.unposted_events(run.id) == []
+
+
+def test_the_outbox_filter_is_exactly_the_events_that_become_kubernetes_events() -> None:
+    phases = [None, *RunPhase, *TaskPhase]
+    for kind in ("RunPhase", "TaskPhase", "Approved", "Controls"):
+        for before in phases:
+            for after in phases:
+                e = EventRecord(1, "r", "t", 1, kind, before, after, None, None, datetime.now(UTC))
+                assert announced(kind, before, after) == (k8s_event(e) is not None), e
+
+
+async def test_only_events_that_become_kubernetes_events_are_marked_after_a_pass(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marked: list[list[int]] = []
+    mark = rig.store.mark_posted
+
+    async def recorded(ids: Any) -> None:
+        marked.append(list(ids))
+        await mark(ids)
+
+    monkeypatch.setattr(rig.store, "mark_posted", recorded)
+    await rig.daemon(body_of({"workflowSpec": chain(3)}))
+    run = await rig.store.find_run(NS, "uid-1")
+    assert run is not None
+    assert run.phase is RunPhase.SUCCEEDED
+    events = await rig.store.events(run.id)
+    posted = {e.id for e in events if k8s_event(e) is not None}
+    assert [reason for _, reason in rig.kube.events] == ["RunStarted", "RunSucceeded"]
+    # The task phase changes of the passes (most of the log) were written out of the
+    # outbox at once. Marked afterwards: the two Events' ids and the run's creation
+    # (written with the run, before any pass), and the outbox is empty.
+    created = events[0]
+    assert (created.kind, created.to_phase, created.reason) == ("RunPhase", "Pending", "Created")
+    assert sorted(i for ids in marked for i in ids) == sorted({created.id, *posted})
     assert await rig.store.unposted_events(run.id) == []
 
 

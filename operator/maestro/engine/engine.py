@@ -13,11 +13,12 @@ idempotent for the crash between the CAS and the start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -44,6 +45,7 @@ from maestro.dag.scheduler import (
 from maestro.dag.validate import Plan, field_problems, plan, resolve_params, validate
 from maestro.engine.executor import AttemptContext, Executor, Result, StartRejected
 from maestro.store import (
+    Announced,
     AttemptRecord,
     Batch,
     EventRecord,
@@ -111,6 +113,9 @@ class _Held:
     run: RunRecord
     latest: dict[str, AttemptRecord]  # each task's newest attempt
     outbox: list[EventRecord]  # store events whose Kubernetes Events are not posted yet
+    # Outbox events written already marked in the store (see Store.batch): only logged,
+    # measured and traced from here, never marked again.
+    handled: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -133,11 +138,17 @@ class Engine:
         executors: Mapping[str, Executor],
         *,
         clock: Callable[[], datetime] = utcnow,
+        announced: Announced | None = None,
     ) -> None:
-        """Wire the engine to its store and executors (``container``, ``http``, ``approval``)."""
+        """Wire the engine to its store and executors (``container``, ``http``, ``approval``).
+
+        ``announced`` says which events of its passes need the store's outbox (the
+        operator's: those that become Kubernetes Events); without it, all do.
+        """
         self.store = store
         self.executors = executors
         self.clock = clock
+        self.announced = announced
         self._plans: dict[str, tuple[WorkflowSpec, Plan]] = {}
         self._held: dict[str, _Held] = {}  # run id -> the run while this process drives it
         # Fan-out items by (run id, task): the same inputs always give the same items.
@@ -303,17 +314,28 @@ class Engine:
     @asynccontextmanager
     async def _writes(self, held: _Held) -> AsyncIterator[Batch]:
         """One transaction; the held copy takes in what it wrote (or is dropped on a lost
-        compare-and-set, so the next look starts from the store again)."""
-        async with self.store.batch(held.run.id) as writes:
-            yield writes
+        compare-and-set, or on any error, so the next look starts from the store again:
+        a pass may have taken in writes before the block, which then rolled back)."""
+        try:
+            async with self.store.batch(held.run.id, announced=self.announced) as writes:
+                yield writes
+        except BaseException:
+            self._held.pop(held.run.id, None)
+            raise
         if writes.lost:
             self._held.pop(held.run.id, None)
             return
+        self._take_in(held, writes)
+        held.handled |= writes.handled
+        held.outbox.extend(writes.events)
+
+    @staticmethod
+    def _take_in(held: _Held, writes: Batch) -> None:
+        """The rows the batch wrote so far, into the held copy (again and again is fine)."""
         held.run = writes.run or held.run
         for task, att in writes.attempts.items():
             if task not in held.latest or held.latest[task].attempt <= att.attempt:
                 held.latest[task] = att
-        held.outbox.extend(writes.events)
 
     async def pending_events(self, run_id: str) -> list[EventRecord]:
         """The run's store events not yet marked posted, oldest first (the outbox): from
@@ -325,11 +347,14 @@ class Engine:
 
     async def mark_posted(self, run_id: str, event_ids: Collection[int]) -> None:
         """Take events out of the outbox, in the store and in memory."""
-        await self.store.mark_posted(event_ids)
         held = self._held.get(run_id)
-        if held is not None:
-            done = set(event_ids)
-            held.outbox = [e for e in held.outbox if e.id not in done]
+        if held is None:
+            await self.store.mark_posted(event_ids)
+            return
+        done = set(event_ids)
+        await self.store.mark_posted(sorted(done - held.handled))
+        held.outbox = [e for e in held.outbox if e.id not in done]
+        held.handled -= done
 
     async def update_controls(self, run_id: str, **changes: Any) -> RunRecord:
         """Change a run's controls (suspend, cancel, approvals; see Store.update_controls).
@@ -365,9 +390,10 @@ class Engine:
         """One level-triggered pass over a run.
 
         The run's state is read from the store once and then held: each pass polls the
-        running attempts, decides on the held state, writes every transition in one
-        transaction and only then creates what it started (a pod exists only for an
-        attempt whose move to Running committed), marking those in a second one.
+        running attempts, decides on the held state, writes the results and every
+        transition they lead to in one transaction (none when nothing changed) and only
+        then creates what it started (a pod exists only for an attempt whose move to
+        Running committed), marking those in a second one.
         """
         held = await self._recall(run_id)
         run = held.run
@@ -396,43 +422,67 @@ class Engine:
                 results.append((name, att.attempt, result))
         if unlaunched:
             progressed |= await self._launch(held, unlaunched, raise_errors=True)
-        if results:
-            async with self._writes(held) as writes:
+            if run_id not in self._held:
+                return await self._lost(run_id)
+        launch: list[tuple[Executor, AttemptContext]] = []
+        async with contextlib.AsyncExitStack() as stack:
+            # The results and what they let start share one transaction (a pass that moves
+            # the run costs one commit, not two); it is committed early only when requests
+            # or reads must come before the rest (stops, cached tasks).
+            writes: Batch | None = None
+            if results:
+                writes = await stack.enter_async_context(self._writes(held))
                 for name, attempt, result in results:
                     progressed |= await self._record_result(writes, name, attempt, result)
-        if run_id not in self._held:
-            return await self._lost(run_id)
-
-        latest = held.latest
-        state = RunState(
-            spec=spec,
-            plan=the_plan,
-            phase=run.phase,
-            started_at=run.started_at,
-            controls=controls_of(run),
-            tasks={n: _state(a) for n, a in latest.items()},
-            params=run.params,
-            run_info=_run_info(run),
-        )
-        # Off the event loop: `when` expressions run inside, and although their budgets
-        # bound them (time, integer size, length), the probes and other runs never wait.
-        decision = await asyncio.to_thread(decide, state, self.clock())
-        # Stops touch the API before the transaction: no row stays locked over a request.
-        for action in decision.actions:
-            if isinstance(action, Stop):
-                task = tasks[fanout.base(action.task)]
-                ctx = self._running_context(run, task, latest[action.task], latest)
+                if writes.lost:
+                    await stack.aclose()
+                    return await self._lost(run_id)
+                self._take_in(held, writes)  # the decision below sees the results
+            latest = held.latest
+            state = RunState(
+                spec=spec,
+                plan=the_plan,
+                phase=run.phase,
+                started_at=run.started_at,
+                controls=controls_of(run),
+                tasks={n: _state(a) for n, a in latest.items()},
+                params=run.params,
+                run_info=_run_info(run),
+            )
+            # Off the event loop: `when` expressions run inside, and although their budgets
+            # bound them (time, integer size, length), the probes and other runs never wait.
+            decision = await asyncio.to_thread(decide, state, self.clock())
+            stops = [a for a in decision.actions if isinstance(a, Stop)]
+            cached = any(
+                tasks[fanout.base(a.task)].cache is not None
+                for a in decision.actions
+                if isinstance(a, Start)
+            )
+            if writes is not None and (stops or cached):
+                # No row stays locked over a request, and the cache is read on another
+                # connection (SQLite's write lock would keep it waiting).
+                await stack.aclose()
+                writes = None
+                if run_id not in self._held:
+                    return await self._lost(run_id, decision)
+            for stop in stops:
+                task = tasks[fanout.base(stop.task)]
+                ctx = self._running_context(run, task, latest[stop.task], latest)
                 await self.executors[task.kind].stop(ctx)
-        starts = [
-            await self._prepare(run, tasks[fanout.base(a.task)], latest, a, decision)
-            for a in decision.actions
-            if isinstance(a, Start)
-        ]
-        launch: list[tuple[Executor, AttemptContext]] = []
-        if not decision.actions and not decision.run:
-            # Nothing to write (a pod event that changed no task): no transaction at all.
-            return Pass(held.run, decision, progressed, dict(held.latest))
-        async with self._writes(held) as writes:
+            starts = [
+                await self._prepare(run, tasks[fanout.base(a.task)], latest, a, decision)
+                for a in decision.actions
+                if isinstance(a, Start)
+            ]
+            if not decision.actions and not decision.run:
+                # Nothing (more) to write: a pod event that changed no task costs no
+                # transaction at all.
+                await stack.aclose()
+                if run_id not in self._held:
+                    return await self._lost(run_id, decision)
+                return Pass(held.run, decision, progressed, dict(held.latest))
+            if writes is None:
+                writes = await stack.enter_async_context(self._writes(held))
             for action in decision.actions:
                 if not isinstance(action, Start):
                     progressed |= await self._apply(writes, action)

@@ -235,7 +235,13 @@ class Kube:
         self.writes += 1
         try:
             with api_errors(f"create pod {namespace}/{pod['metadata']['name']}"):
-                await self.core.create_namespaced_pod(namespace, cast(Any, pod))
+                # The pod sent back is not read: decoding it into the client's models cost
+                # more than the request (the watch brings it anyway).
+                await _body(
+                    await self.core.create_namespaced_pod(
+                        namespace, cast(Any, pod), _preload_content=False
+                    )
+                )
         except Conflict:
             return False
         return True
@@ -651,7 +657,7 @@ class Kube:
         # The generated signature omits _content_type, which the client does accept.
         patch = cast(Any, self.custom.patch_namespaced_custom_object_status)
         with api_errors(f"status of {plural} {namespace}/{name}"):
-            await patch(
+            rsp = await patch(
                 GROUP,
                 VERSION,
                 namespace,
@@ -659,7 +665,9 @@ class Kube:
                 name,
                 {"status": status},
                 _content_type=MERGE_PATCH,
+                _preload_content=False,  # the object sent back is not needed
             )
+            await _body(rsp)
 
     async def delete_run(self, namespace: str, name: str) -> None:
         """Delete a WorkflowRun (TTL after finish)."""
@@ -707,4 +715,8 @@ class Kube:
             count=1,
         )
         with contextlib.suppress(Conflict), api_errors(f"event {reason} on {meta['name']}"):
-            await self.core.create_namespaced_event(meta["namespace"], body)
+            await _body(
+                await self.core.create_namespaced_event(
+                    meta["namespace"], body, _preload_content=False
+                )
+            )

@@ -24,6 +24,7 @@ from maestro.k8s.client import Kube, load_config
 from maestro.operator.health import Health
 from maestro.operator.leasing import LeaseKeeper
 from maestro.operator.metrics import Metrics
+from maestro.operator.publishing import announced
 from maestro.operator.runs import RunController, Settings
 from maestro.operator.schedules import ScheduleController, ScheduleSettings
 from maestro.operator.supervisor import Supervisor
@@ -184,7 +185,7 @@ async def run_operator(
             "approval": ApprovalExecutor(),
             "workflow": ClusterWorkflows(kube, store),
         }
-        engine = Engine(store, executors)
+        engine = Engine(store, executors, announced=announced)
         tracer = RunTracer.configure(config.otlp_endpoint)
         runs = RunController(
             engine,

@@ -88,15 +88,27 @@ _RUN_EVENTS = {
 }
 
 
+def _run_event(from_phase: str | None, to_phase: str | None) -> tuple[str, bool] | None:
+    """The Event reason (and whether a warning) of a run's phase change, if any."""
+    found = _RUN_EVENTS.get((from_phase, to_phase or "")) or _RUN_EVENTS.get((None, to_phase or ""))
+    if found is None or (found[0] == "RunStarted" and from_phase not in (None, "Pending")):
+        return None
+    return found
+
+
+def announced(kind: str, from_phase: str | None, to_phase: str | None) -> bool:
+    """Whether a store event becomes a Kubernetes Event (the engine's outbox filter: the
+    others, most task phase changes, are logged, measured and traced from memory)."""
+    if kind == "RunPhase":
+        return _run_event(from_phase, to_phase) is not None
+    return (kind == "TaskPhase" and to_phase == "Failed") or kind == "Approved"
+
+
 def k8s_event(e: EventRecord) -> tuple[str, str, bool] | None:
     """The Kubernetes Event (reason, message, warning) for a store event, if any."""
     if e.kind == "RunPhase":
-        found = _RUN_EVENTS.get((e.from_phase, e.to_phase or "")) or _RUN_EVENTS.get(
-            (None, e.to_phase or "")
-        )
-        if found is None or (found[0] == "RunStarted" and e.from_phase not in (None, "Pending")):
-            return None
-        return found[0], e.message or e.to_phase or "", found[1]
+        found = _run_event(e.from_phase, e.to_phase)
+        return None if found is None else (found[0], e.message or e.to_phase or "", found[1])
     if e.kind == "TaskPhase" and e.to_phase == "Failed":
         reason = "TaskTimedOut" if e.reason == "TimedOut" else "TaskFailed"
         return reason, f"{e.task} attempt {e.attempt}: {e.message or 'failed'}", True

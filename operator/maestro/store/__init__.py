@@ -16,10 +16,11 @@ from maestro.store.errors import (
 )
 from maestro.store.migrate import current, head, upgrade
 from maestro.store.records import AttemptRecord, EventRecord, RunRecord
-from maestro.store.repository import DEFAULT_CONTROLS, Batch, Store
+from maestro.store.repository import DEFAULT_CONTROLS, Announced, Batch, Store
 
 __all__ = [
     "DEFAULT_CONTROLS",
+    "Announced",
     "AttemptNotFound",
     "AttemptRecord",
     "Batch",

@@ -50,7 +50,10 @@ def make_engine(
     return create_async_engine(
         url,
         connect_args=connect_args,
-        pool_pre_ping=True,
+        # No ping before each checkout: it was one more round trip on every transaction.
+        # A connection the server dropped (a restart) fails its transaction once, which
+        # callers retry anyway, and SQLAlchemy then renews the whole pool.
+        pool_pre_ping=False,
         # The operator drives every run concurrently. Connections beyond pool_size are
         # closed when returned and reopened on the next burst (a TCP handshake, auth and an
         # address lookup in a thread each time), so keep the working set in the pool.

@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Insert, delete, func, select, text, update
+from sqlalchemy import Insert, delete, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
@@ -32,6 +32,7 @@ from maestro.store.fencing import check_fence
 from maestro.store.migrate import ensure_schema
 from maestro.store.models import AttemptRow, EventRow, RunRow
 from maestro.store.records import AttemptRecord, EventRecord, RunRecord
+from maestro.store.types import UTCDateTime
 from maestro.store.urls import describe, parse_url
 
 #: The keys a run's ``controls`` may hold, with their values for a new run.
@@ -47,6 +48,10 @@ _Phase = TypeVar("_Phase", RunPhase, TaskPhase)
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+# Which store events need the outbox, by (kind, from phase, to phase): see Store.batch.
+Announced = Callable[[str, str | None, str | None], bool]
 
 
 def _check_controls(changes: Mapping[str, Any]) -> None:
@@ -110,25 +115,29 @@ async def _compare_and_set(
     """Move one row's phase from any of ``sources`` to ``new``: the phase it left and the
     row as written (from RETURNING, not read again), or None.
 
-    The row is locked first (PostgreSQL: FOR NO KEY UPDATE, so inserts of events and
-    attempts that reference it are not blocked), and the UPDATE repeats the phase
-    condition, so a concurrent writer that got there first makes this one a no-op.
+    The UPDATE carries the phase condition, so a concurrent writer that got there first
+    makes this one a no-op (PostgreSQL re-checks the condition on the row it waited for).
+    With one source, the phase left is known and the UPDATE alone does it (what every
+    engine pass does); with several, the row is locked and read first (PostgreSQL: FOR
+    NO KEY UPDATE, so inserts of events and attempts that reference it are not blocked).
     """
-    found = (
-        await session.execute(
-            select(model.phase, model.started_at).where(*key).with_for_update(key_share=True)
-        )
-    ).one_or_none()
-    if found is None:
-        raise missing
-    current = type(new)(found.phase)
-    if current not in sources:
-        return None
-    changes = {**values, "phase": new.value}
-    if new.value == "Running" and found.started_at is None:
-        changes["started_at"] = now
+    changes: dict[str, Any] = {**values, "phase": new.value}
+    if new.value == "Running":
+        # Kept when set: a retried start of the same attempt did not start it anew.
+        changes["started_at"] = func.coalesce(model.started_at, literal(now, UTCDateTime()))
     if new.finished:
         changes["finished_at"] = now
+    if len(sources) == 1:
+        (current,) = sources
+    else:
+        found = await session.scalar(
+            select(model.phase).where(*key).with_for_update(key_share=True)
+        )
+        if found is None:
+            raise missing
+        current = type(new)(found)
+        if current not in sources:
+            return None
     moved = await session.scalar(
         update(model)
         .where(*key, model.phase == current.value)
@@ -136,7 +145,11 @@ async def _compare_and_set(
         .returning(model)
         .execution_options(synchronize_session=False, populate_existing=True)
     )
-    return (current, moved) if moved is not None else None
+    if moved is not None:
+        return current, moved
+    if len(sources) == 1 and await session.scalar(select(model.phase).where(*key)) is None:
+        raise missing
+    return None
 
 
 async def _latest(session: AsyncSession, run_id: str) -> dict[str, AttemptRecord]:
@@ -216,11 +229,17 @@ class Store:
 
     async def ping(self) -> None:
         """Check the database answers within a short timeout, else raise StoreUnavailable."""
-        try:
-            async with asyncio.timeout(PING_TIMEOUT), self._engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-        except (OSError, SQLAlchemyError, TimeoutError) as exc:
-            raise unavailable(exc, self._url, PING_TIMEOUT) from None
+        for retry in (True, False):
+            try:
+                async with asyncio.timeout(PING_TIMEOUT), self._engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+                return
+            except DBAPIError as exc:
+                if retry and exc.connection_invalidated:
+                    continue  # a pooled connection from before a server restart: renewed now
+                raise unavailable(exc, self._url, PING_TIMEOUT) from None
+            except (OSError, SQLAlchemyError, TimeoutError) as exc:
+                raise unavailable(exc, self._url, PING_TIMEOUT) from None
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncSession]:
@@ -411,13 +430,18 @@ class Store:
     # Task attempts
 
     @asynccontextmanager
-    async def batch(self, run_id: str) -> AsyncIterator[Batch]:
+    async def batch(
+        self, run_id: str, *, announced: Announced | None = None
+    ) -> AsyncIterator[Batch]:
         """Writes to one run in one transaction: what an engine pass costs the database.
 
-        Committed when the block ends; nothing of it when the block raises.
+        Committed when the block ends; nothing of it when the block raises. With
+        ``announced``, the events it rejects are written out of the outbox already
+        (:attr:`Batch.handled`): whoever holds the run handles them from memory, and
+        marking them later would cost a transaction of its own.
         """
         async with self.writing() as session:
-            writes = Batch(self, session, run_id)
+            writes = Batch(self, session, run_id, announced)
             yield writes
             await writes.close()
 
@@ -618,17 +642,27 @@ class Batch:
     the run back.
     """
 
-    def __init__(self, store: Store, session: AsyncSession, run_id: str) -> None:
+    def __init__(
+        self, store: Store, session: AsyncSession, run_id: str, announced: Announced | None
+    ) -> None:
         """Use :meth:`Store.batch`."""
         self.store, self.session, self.run_id = store, session, run_id
+        self.announced = announced
         self.run: RunRecord | None = None
         self.attempts: dict[str, AttemptRecord] = {}  # task -> newest attempt written
         self.events: list[EventRecord] = []
         self.lost = False
         self._events: list[EventRow] = []
+        self._run_checked = False  # whether this transaction has seen the run's row
+        self.handled: set[int] = set()  # ids of events written already out of the outbox
 
     def _event(self, kind: str, **fields: Any) -> None:
-        self._events.append(_add_event(self.session, self.run_id, kind, **fields))
+        row = _add_event(self.session, self.run_id, kind, **fields)
+        if self.announced is not None and not self.announced(
+            kind, fields.get("from_phase"), fields.get("to_phase")
+        ):
+            row.posted_at = row.at
+        self._events.append(row)
 
     def _wrote(self, row: AttemptRow) -> None:
         held = self.attempts.get(row.task)
@@ -639,6 +673,7 @@ class Batch:
         """Give the events their ids (the outbox needs them)."""
         await self.session.flush()
         self.events = [EventRecord.of(row) for row in self._events]
+        self.handled = {row.id for row in self._events if row.posted_at is not None}
 
     async def set_run_phase(
         self,
@@ -708,27 +743,36 @@ class Batch:
         return made
 
     async def _insert_pending(
-        self, task: str, attempt: int, not_before: datetime | None, now: datetime
+        self,
+        task: str,
+        attempt: int,
+        not_before: datetime | None,
+        now: datetime,
+        started: dict[str, Any] | None = None,
     ) -> AttemptRow | None:
-        """Insert a Pending attempt and its event; None when it already exists."""
+        """Insert a Pending attempt and its event; None when it already exists.
+
+        With ``started`` (the Running move's values) the row is written Running at once
+        with both events: a row this insert made cannot have been started by anyone
+        else, so the compare-and-set of the move is not needed (two statements fewer
+        on every task start)."""
         if attempt < 1:
             raise ValueError(f"attempt numbers start at 1, got {attempt}")
+        values: dict[str, Any] = {"phase": TaskPhase.PENDING.value, "not_before": not_before}
+        if started is not None:
+            values = {**started, "phase": TaskPhase.RUNNING.value, "started_at": now}
         stmt = (
             self.store._insert(AttemptRow)
-            .values(
-                run_id=self.run_id,
-                task=task,
-                attempt=attempt,
-                phase=TaskPhase.PENDING.value,
-                not_before=not_before,
-                created_at=now,
-            )
+            .values(run_id=self.run_id, task=task, attempt=attempt, created_at=now, **values)
             .on_conflict_do_nothing(index_elements=["run_id", "task", "attempt"])
             .returning(AttemptRow)
             .execution_options(populate_existing=True)
         )
-        if await self.session.get(RunRow, self.run_id) is None:
-            raise RunNotFound(f"run {self.run_id} not found")
+        if not self._run_checked:
+            # Once per batch, and only the key: the row's spec is not decoded for this.
+            if await self.session.scalar(select(RunRow.id).where(RunRow.id == self.run_id)) is None:
+                raise RunNotFound(f"run {self.run_id} not found")
+            self._run_checked = True
         row: AttemptRow | None = await self.session.scalar(stmt)
         if row is None:
             return None
@@ -741,6 +785,17 @@ class Batch:
             to_phase=TaskPhase.PENDING,
             reason="Created",
         )
+        if started is not None:
+            self._event(
+                "TaskPhase",
+                at=now,
+                task=task,
+                attempt=attempt,
+                from_phase=TaskPhase.PENDING,
+                to_phase=TaskPhase.RUNNING,
+                reason=started.get("reason"),
+                message=started.get("message"),
+            )
         return row
 
     async def start_attempt(
@@ -758,13 +813,13 @@ class Batch:
         starting a task costs. False when another writer started it. ``cache_key`` makes
         the attempt, once Succeeded, a cache entry (:meth:`Store.find_cached`)."""
         now = _now()
-        if create:
-            await self._insert_pending(task, attempt, None, now)
         values: dict[str, Any] = {"reason": reason, "message": message}
         if job_name is not None:
             values["job_name"] = job_name
         if cache_key is not None:
             values["cache_key"] = cache_key
+        if create and await self._insert_pending(task, attempt, None, now, values) is not None:
+            return True
         return await self._move_attempt(
             task, attempt, TaskPhase.RUNNING, {TaskPhase.PENDING}, values, now
         )
