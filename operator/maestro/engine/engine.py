@@ -52,6 +52,7 @@ from maestro.store import (
     InvalidOutputs,
     OutputsTooLarge,
     RunRecord,
+    Starting,
     Store,
 )
 
@@ -486,6 +487,7 @@ class Engine:
             for action in decision.actions:
                 if not isinstance(action, Start):
                     progressed |= await self._apply(writes, action)
+            starting: list[tuple[Executor, AttemptContext, Starting]] = []
             for start in starts:
                 if isinstance(start, Settle):  # it cannot start (a template failed)
                     progressed |= await self._settle(writes, start)
@@ -500,16 +502,25 @@ class Engine:
                     )
                     continue
                 executor, ctx, create, cache_key = start
-                won = await writes.start_attempt(
-                    ctx.task.name,
-                    ctx.attempt,
-                    create=create,
-                    reason=Reason.STARTED,
-                    message=_start_message(ctx.task),
-                    job_name=ctx.handle,
-                    cache_key=cache_key,
+                starting.append(
+                    (
+                        executor,
+                        ctx,
+                        Starting(
+                            ctx.task.name,
+                            ctx.attempt,
+                            create,
+                            reason=Reason.STARTED,
+                            message=_start_message(ctx.task),
+                            job_name=ctx.handle,
+                            cache_key=cache_key,
+                        ),
+                    )
                 )
-                if won:  # else another writer started it (or it moved on): never twice
+            # Ready tasks start together: one statement for the new attempts of the pass.
+            won = await writes.start_attempts([s for _, _, s in starting])
+            for (executor, ctx, _), started in zip(starting, won, strict=True):
+                if started:  # else another writer started it (or it moved on): never twice
                     progressed = True
                     launch.append((executor, ctx))
             phase = run.phase
@@ -684,22 +695,28 @@ class Engine:
         outcomes = await asyncio.gather(*(start(e, c) for e, c in items), return_exceptions=True)
         trouble: Exception | None = None
         progressed = False
-        async with self._writes(held) as writes:
-            for (_, ctx), outcome in zip(items, outcomes, strict=True):
-                name = ctx.task.name
-                if isinstance(outcome, Result):
-                    progressed |= await self._finish(writes, name, ctx.attempt, outcome)
-                elif isinstance(outcome, Exception):
-                    log.warning(
-                        "starting %s/%s attempt %d failed, retried: %s",
-                        ctx.run.name, name, ctx.attempt, outcome,
-                        extra={"task": name, "attempt": ctx.attempt},
-                    )  # fmt: skip
-                    trouble = trouble or outcome
-                elif isinstance(outcome, BaseException):
-                    raise outcome
-                elif ctx.handle is not None:
-                    await writes.mark_launched(name, ctx.attempt)
+        refused: list[tuple[str, int, Result]] = []
+        launched: list[tuple[str, int]] = []
+        for (_, ctx), outcome in zip(items, outcomes, strict=True):
+            name = ctx.task.name
+            if isinstance(outcome, Result):
+                refused.append((name, ctx.attempt, outcome))
+            elif isinstance(outcome, Exception):
+                log.warning(
+                    "starting %s/%s attempt %d failed, retried: %s",
+                    ctx.run.name, name, ctx.attempt, outcome,
+                    extra={"task": name, "attempt": ctx.attempt},
+                )  # fmt: skip
+                trouble = trouble or outcome
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            elif ctx.handle is not None:
+                launched.append((name, ctx.attempt))
+        if refused or launched:
+            async with self._writes(held) as writes:
+                for name, attempt, result in refused:
+                    progressed |= await self._finish(writes, name, attempt, result)
+                await writes.mark_launched(launched)
         if trouble is not None and raise_errors:
             raise trouble
         return progressed

@@ -16,7 +16,7 @@ from maestro.store.errors import (
 )
 from maestro.store.migrate import current, head, upgrade
 from maestro.store.records import AttemptRecord, EventRecord, RunRecord
-from maestro.store.repository import DEFAULT_CONTROLS, Announced, Batch, Store
+from maestro.store.repository import DEFAULT_CONTROLS, Announced, Batch, Starting, Store
 
 __all__ = [
     "DEFAULT_CONTROLS",
@@ -32,6 +32,7 @@ __all__ = [
     "RunNotFound",
     "RunRecord",
     "SchemaError",
+    "Starting",
     "Store",
     "StoreError",
     "StoreUnavailable",

@@ -5,16 +5,23 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Insert, delete, func, literal, select, text, update
+from sqlalchemy import Insert, delete, func, literal, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
@@ -49,6 +56,9 @@ _Phase = TypeVar("_Phase", RunPhase, TaskPhase)
 def _now() -> datetime:
     return datetime.now(UTC)
 
+
+# Attempts inserted by one statement, at most (10 columns each).
+INSERT_CHUNK = 500
 
 # Which store events need the outbox, by (kind, from phase, to phase): see Store.batch.
 Announced = Callable[[str, str | None, str | None], bool]
@@ -631,6 +641,20 @@ class Store:
             return len(deleted.all())
 
 
+@dataclass(frozen=True)
+class Starting:
+    """One attempt an engine pass starts (see :meth:`Batch.start_attempts`); a
+    ``cache_key`` makes it, once Succeeded, a cache entry (:meth:`Store.find_cached`)."""
+
+    task: str
+    attempt: int
+    create: bool  # the attempt is new (a first attempt), not a retry already recorded
+    reason: str | None = None
+    message: str | None = None
+    job_name: str | None = None
+    cache_key: str | None = None
+
+
 class Batch:
     """The writes of one engine pass on one run, sharing one transaction.
 
@@ -653,7 +677,6 @@ class Batch:
         self.events: list[EventRecord] = []
         self.lost = False
         self._events: list[EventRow] = []
-        self._run_checked = False  # whether this transaction has seen the run's row
         self.handled: set[int] = set()  # ids of events written already out of the outbox
 
     def _event(self, kind: str, **fields: Any) -> None:
@@ -736,93 +759,110 @@ class Batch:
     async def create_attempts(self, tasks: Collection[str]) -> int:
         """Record a Pending first attempt of each of ``tasks`` (a fan-out's instances: in
         one transaction, all or none exist); those that exist are left. The count made."""
-        now = _now()
-        made = 0
-        for task in tasks:
-            made += await self._insert_pending(task, 1, None, now) is not None
-        return made
+        if not tasks:
+            return 0
+        pending = TaskPhase.PENDING.value
+        rows = await self._insert_attempts(
+            [{"task": t, "attempt": 1, "phase": pending, "not_before": None} for t in tasks],
+            _now(),
+        )
+        return len(rows)
 
     async def _insert_pending(
-        self,
-        task: str,
-        attempt: int,
-        not_before: datetime | None,
-        now: datetime,
-        started: dict[str, Any] | None = None,
+        self, task: str, attempt: int, not_before: datetime | None, now: datetime
     ) -> AttemptRow | None:
-        """Insert a Pending attempt and its event; None when it already exists.
-
-        With ``started`` (the Running move's values) the row is written Running at once
-        with both events: a row this insert made cannot have been started by anyone
-        else, so the compare-and-set of the move is not needed (two statements fewer
-        on every task start)."""
+        """Insert a Pending attempt and its event; None when it already exists."""
         if attempt < 1:
             raise ValueError(f"attempt numbers start at 1, got {attempt}")
-        values: dict[str, Any] = {"phase": TaskPhase.PENDING.value, "not_before": not_before}
-        if started is not None:
-            values = {**started, "phase": TaskPhase.RUNNING.value, "started_at": now}
-        stmt = (
-            self.store._insert(AttemptRow)
-            .values(run_id=self.run_id, task=task, attempt=attempt, created_at=now, **values)
-            .on_conflict_do_nothing(index_elements=["run_id", "task", "attempt"])
-            .returning(AttemptRow)
-            .execution_options(populate_existing=True)
-        )
-        if not self._run_checked:
-            # Once per batch, and only the key: the row's spec is not decoded for this.
-            if await self.session.scalar(select(RunRow.id).where(RunRow.id == self.run_id)) is None:
-                raise RunNotFound(f"run {self.run_id} not found")
-            self._run_checked = True
-        row: AttemptRow | None = await self.session.scalar(stmt)
-        if row is None:
-            return None
-        self._wrote(row)
-        self._event(
-            "TaskPhase",
-            at=now,
-            task=task,
-            attempt=attempt,
-            to_phase=TaskPhase.PENDING,
-            reason="Created",
-        )
-        if started is not None:
-            self._event(
-                "TaskPhase",
-                at=now,
-                task=task,
-                attempt=attempt,
-                from_phase=TaskPhase.PENDING,
-                to_phase=TaskPhase.RUNNING,
-                reason=started.get("reason"),
-                message=started.get("message"),
-            )
-        return row
+        pending = {"phase": TaskPhase.PENDING.value, "not_before": not_before}
+        rows = await self._insert_attempts([{"task": task, "attempt": attempt, **pending}], now)
+        return rows[0] if rows else None
 
-    async def start_attempt(
-        self,
-        task: str,
-        attempt: int,
-        *,
-        create: bool,
-        reason: str | None = None,
-        message: str | None = None,
-        job_name: str | None = None,
-        cache_key: str | None = None,
-    ) -> bool:
-        """Create the attempt (when ``create``) and move it Pending -> Running: what
-        starting a task costs. False when another writer started it. ``cache_key`` makes
-        the attempt, once Succeeded, a cache entry (:meth:`Store.find_cached`)."""
+    async def _insert_attempts(
+        self, values: list[dict[str, Any]], now: datetime
+    ) -> list[AttemptRow]:
+        """Insert attempts (one statement per :data:`INSERT_CHUNK`), skipping those that
+        exist; the rows made, in the order given, each with its creation event (and its
+        start's, for one inserted Running)."""
+        rows: list[AttemptRow] = []
+        try:
+            # In chunks: a statement's bind parameters are limited (SQLite: 32,766).
+            for i in range(0, len(values), INSERT_CHUNK):
+                stmt = (
+                    self.store._insert(AttemptRow)
+                    .values(
+                        [
+                            {"run_id": self.run_id, "created_at": now, **v}
+                            for v in values[i : i + INSERT_CHUNK]
+                        ]
+                    )
+                    .on_conflict_do_nothing(index_elements=["run_id", "task", "attempt"])
+                    .returning(AttemptRow)
+                    .execution_options(populate_existing=True)
+                )
+                rows += await self.session.scalars(stmt)
+        except IntegrityError:
+            # The one constraint an insert that skips duplicates can break: the reference
+            # to the run (no read of the run first: a statement fewer per start).
+            raise RunNotFound(f"run {self.run_id} not found") from None
+        made = {(row.task, row.attempt): row for row in rows}
+        ordered = [made[k] for v in values if (k := (v["task"], v["attempt"])) in made]
+        for row in ordered:
+            self._wrote(row)
+            at = {"at": now, "task": row.task, "attempt": row.attempt}
+            self._event("TaskPhase", **at, to_phase=TaskPhase.PENDING, reason="Created")
+            if row.phase == TaskPhase.RUNNING.value:
+                self._event(
+                    "TaskPhase",
+                    **at,
+                    from_phase=TaskPhase.PENDING,
+                    to_phase=TaskPhase.RUNNING,
+                    reason=row.reason,
+                    message=row.message,
+                )
+        return ordered
+
+    async def start_attempts(self, starts: Sequence[Starting]) -> list[bool]:
+        """Move each attempt Pending -> Running (creating those marked ``create``): what
+        starting tasks costs. For each, False when another writer started it first.
+
+        The attempts to create are inserted Running in one statement: a row this insert
+        made cannot have been started by anyone else, so no compare-and-set is needed;
+        the others (retries, rows that existed) move by compare-and-set.
+        """
         now = _now()
-        values: dict[str, Any] = {"reason": reason, "message": message}
-        if job_name is not None:
-            values["job_name"] = job_name
-        if cache_key is not None:
-            values["cache_key"] = cache_key
-        if create and await self._insert_pending(task, attempt, None, now, values) is not None:
-            return True
-        return await self._move_attempt(
-            task, attempt, TaskPhase.RUNNING, {TaskPhase.PENDING}, values, now
-        )
+        fresh = [
+            {
+                "task": s.task,
+                "attempt": s.attempt,
+                "phase": TaskPhase.RUNNING.value,
+                "started_at": now,
+                "reason": s.reason,
+                "message": s.message,
+                "job_name": s.job_name,
+                "cache_key": s.cache_key,
+            }
+            for s in starts
+            if s.create
+        ]
+        made = await self._insert_attempts(fresh, now) if fresh else []
+        inserted = {(row.task, row.attempt) for row in made}
+        won = []
+        for s in starts:
+            if (s.task, s.attempt) in inserted:
+                won.append(True)
+                continue
+            values: dict[str, Any] = {"reason": s.reason, "message": s.message}
+            if s.job_name is not None:
+                values["job_name"] = s.job_name
+            if s.cache_key is not None:
+                values["cache_key"] = s.cache_key
+            won.append(
+                await self._move_attempt(
+                    s.task, s.attempt, TaskPhase.RUNNING, {TaskPhase.PENDING}, values, now
+                )
+            )
+        return won
 
     async def reuse_cached(
         self, task: str, attempt: int, *, create: bool, source: AttemptRecord, message: str
@@ -924,23 +964,25 @@ class Batch:
             values["job_name"] = job_name
         return await self._move_attempt(task, attempt, new, sources, values, _now())
 
-    async def mark_launched(self, task: str, attempt: int) -> None:
-        """Record that the attempt's executor object (a pod) now exists.
+    async def mark_launched(self, attempts: Collection[tuple[str, int]]) -> None:
+        """Record that these attempts' executor objects (pods), given as (task, attempt),
+        now exist: one statement for all of them.
 
         From then on a missing pod means it vanished (a failed attempt), never that it
         still has to be created: the same attempt is never launched twice.
         """
-        key = (
-            AttemptRow.run_id == self.run_id,
-            AttemptRow.task == task,
-            AttemptRow.attempt == attempt,
-        )
-        row = await self.session.scalar(
+        if not attempts:
+            return
+        rows = await self.session.scalars(
             update(AttemptRow)
-            .where(*key, AttemptRow.launched_at.is_(None))
+            .where(
+                AttemptRow.run_id == self.run_id,
+                tuple_(AttemptRow.task, AttemptRow.attempt).in_(list(attempts)),
+                AttemptRow.launched_at.is_(None),
+            )
             .values(launched_at=_now())
             .returning(AttemptRow)
             .execution_options(synchronize_session=False, populate_existing=True)
         )
-        if row is not None:
+        for row in rows:
             self._wrote(row)
