@@ -479,9 +479,7 @@ class Engine:
                 # Nothing (more) to write: a pod event that changed no task costs no
                 # transaction at all.
                 await stack.aclose()
-                if run_id not in self._held:
-                    return await self._lost(run_id, decision)
-                return Pass(held.run, decision, progressed, dict(held.latest))
+                return await self._passed(run_id, held, decision, progressed)
             if writes is None:
                 writes = await stack.enter_async_context(self._writes(held))
             for action in decision.actions:
@@ -539,6 +537,11 @@ class Engine:
             # Ready tasks are independent of each other: created together, so the last of
             # a wide fan-out does not wait for every pod before it.
             await self._launch(self._held.get(run_id) or held, launch, raise_errors=False)
+        return await self._passed(run_id, held, decision, progressed)
+
+    async def _passed(self, run_id: str, held: _Held, decision: Decision, progressed: bool) -> Pass:
+        """What the pass did, or, when a write of it lost a compare-and-set, the run as
+        the store has it now."""
         if run_id not in self._held:
             return await self._lost(run_id, decision)
         return Pass(held.run, decision, progressed, dict(held.latest))

@@ -759,8 +759,6 @@ class Batch:
     async def create_attempts(self, tasks: Collection[str]) -> int:
         """Record a Pending first attempt of each of ``tasks`` (a fan-out's instances: in
         one transaction, all or none exist); those that exist are left. The count made."""
-        if not tasks:
-            return 0
         pending = TaskPhase.PENDING.value
         rows = await self._insert_attempts(
             [{"task": t, "attempt": 1, "phase": pending, "not_before": None} for t in tasks],
@@ -845,8 +843,7 @@ class Batch:
             for s in starts
             if s.create
         ]
-        made = await self._insert_attempts(fresh, now) if fresh else []
-        inserted = {(row.task, row.attempt) for row in made}
+        inserted = {(row.task, row.attempt) for row in await self._insert_attempts(fresh, now)}
         won = []
         for s in starts:
             if (s.task, s.attempt) in inserted:
