@@ -37,6 +37,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -45,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import urllib3
 import yaml
 
 from bench.common import (
@@ -127,37 +127,42 @@ class PodWatcher(threading.Thread):
 
     def __init__(self, plane: ControlPlane, namespace: str) -> None:
         super().__init__(daemon=True)
-        from kubernetes import client, config
-
-        self.core = client.CoreV1Api(config.new_client_from_config(str(plane.kubeconfig)))
+        self.plane = plane
         self.namespace = namespace
+        self.pods = f"/api/v1/namespaces/{namespace}/pods"
         self.created: dict[tuple[str, str], float] = {}
         self.succeeded: dict[tuple[str, str], float] = {}
         self.names: set[str] = set()  # every task pod seen
         self.stop = threading.Event()
-        listed = self.core.list_namespaced_pod(namespace)
-        self.version = listed.metadata.resource_version
+        self.proc: subprocess.Popen[bytes] | None = None  # the kubectl following the watch
+        # The raw list, not `kubectl get -o json` (whose client-side List has no version).
+        listed = orjson.loads(plane.kubectl("get", "--raw", self.pods).stdout)
+        self.version = listed["metadata"]["resourceVersion"]
 
     def _lines(self) -> Iterator[bytes]:
-        rsp = self.core.list_namespaced_pod(
-            self.namespace,
-            watch=True,
-            resource_version=self.version,
-            timeout_seconds=60,
-            _preload_content=False,
-        )
-        buffer = b""
-        for chunk in rsp.stream(65536):
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            yield from (line for line in lines if line.strip())
+        # kubectl copies the watch's body as it comes: one JSON event a line.
+        url = f"{self.pods}?watch=1&resourceVersion={self.version}&timeoutSeconds=60"
+        kubectl = [str(self.plane.bin_dir / "kubectl"), f"--kubeconfig={self.plane.kubeconfig}"]
+        with subprocess.Popen(
+            [*kubectl, "get", "--raw", url], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        ) as self.proc:
+            assert self.proc.stdout is not None
+            try:
+                yield from (line for line in self.proc.stdout if line.strip())
+            finally:
+                self.proc.kill()
+
+    def close(self) -> None:
+        """Stop watching (the kubectl now, not when its watch times out)."""
+        self.stop.set()
+        if self.proc is not None:
+            self.proc.kill()
 
     def run(self) -> None:
         while not self.stop.is_set():
-            try:
-                self._follow()
-            except urllib3.exceptions.HTTPError:
-                continue  # the API server ended the stream: resume from the last version
+            # Each pass ends when the API server ends the stream (or the connection
+            # breaks): resume from the last version.
+            self._follow()
 
     def _follow(self) -> None:
         """One watch request, noting what it shows."""
@@ -275,7 +280,7 @@ def one_pass(
     try:
         return _drive(plane, pg, db, op, watcher, shape, n, kill, spec)
     finally:
-        watcher.stop.set()
+        watcher.close()
         op.kill(signal.SIGTERM)
 
 

@@ -5,21 +5,23 @@ These tests guard the assumptions every other e2e test makes about the cluster.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import yaml
-from kubernetes import client
+from kubernetes_asyncio import client
 
 from fixtures.control_plane import ControlPlane, KubectlError, load_controlplane_module
+from maestro.k8s.client import load_config
 
 pytestmark = pytest.mark.e2e
 
@@ -29,22 +31,22 @@ CONTROL_PLANE_SH = REPO / "hack" / "control-plane.sh"
 T = TypeVar("T")
 
 
-def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 60) -> T:
-    """Poll ``fn`` until it returns something truthy; fail naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
+async def wait_for(what: str, fn: Callable[[], Awaitable[T | None]], seconds: float = 60) -> T:
+    """Poll ``fn`` until it returns something truthy; fail naming ``what`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
     while True:
-        value = fn()
+        value = await fn()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
+            pytest.fail(f"timed out after {seconds}s waiting for {what}")
+        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
-def api(control_plane: ControlPlane) -> Iterator[client.ApiClient]:
+async def api(control_plane: ControlPlane) -> AsyncIterator[client.ApiClient]:
     """An admin API client for the test cluster."""
-    with control_plane.api_client() as api_client:
+    async with await load_config(str(control_plane.kubeconfig)) as api_client:
         yield api_client
 
 
@@ -84,7 +86,7 @@ def _workflow(name: str, task_name: str) -> dict[str, Any]:
 
 
 @pytest.mark.usefixtures("crds")
-def test_schema_violations_are_rejected_with_the_field_named(
+async def test_schema_violations_are_rejected_with_the_field_named(
     control_plane: ControlPlane, namespace: str, api: client.ApiClient
 ) -> None:
     # A valid object goes in, so the rejections below are the schema's doing.
@@ -106,7 +108,7 @@ def test_schema_violations_are_rejected_with_the_field_named(
         "spec": {"workflowRef": {"name": "ok"}, "params": ["not", "a", "map"]},
     }
     with pytest.raises(client.ApiException) as excinfo:
-        custom.create_namespaced_custom_object(
+        await custom.create_namespaced_custom_object(
             "maestro.dev", "v1alpha1", namespace, "workflowruns", run
         )
     assert excinfo.value.status == 422
@@ -126,19 +128,21 @@ def _task_pod(name: str, annotations: dict[str, str], run: str = "r1") -> dict[s
     }
 
 
-def _ended(core: client.CoreV1Api, name: str, ns: str) -> client.V1Pod | None:
-    pod = core.read_namespaced_pod(name, ns)
+async def _ended(core: client.CoreV1Api, name: str, ns: str) -> client.V1Pod | None:
+    pod = await core.read_namespaced_pod(name, ns)
     return pod if pod.status.phase in ("Succeeded", "Failed") else None
 
 
-def test_task_pod_succeeds_through_kwok_with_termination_message(
+async def test_task_pod_succeeds_through_kwok_with_termination_message(
     namespace: str, api: client.ApiClient
 ) -> None:
     core = client.CoreV1Api(api)
     outputs = json.dumps({"version": "1.2.3", "quoted": 'a "b" \\ c'})
-    core.create_namespaced_pod(namespace, _task_pod("ok", {"maestro.dev/kwok-message": outputs}))
+    await core.create_namespaced_pod(
+        namespace, _task_pod("ok", {"maestro.dev/kwok-message": outputs})
+    )
 
-    pod = wait_for("pod ok to finish", lambda: _ended(core, "ok", namespace))
+    pod = await wait_for("pod ok to finish", lambda: _ended(core, "ok", namespace))
     assert pod.status.phase == "Succeeded"
     assert pod.spec.node_name == "kwok-node-0"  # bound by the real scheduler
     terminated = pod.status.container_statuses[0].state.terminated
@@ -147,35 +151,35 @@ def test_task_pod_succeeds_through_kwok_with_termination_message(
     assert json.loads(terminated.message) == json.loads(outputs)
 
 
-def test_task_pod_annotated_to_fail_fails(namespace: str, api: client.ApiClient) -> None:
+async def test_task_pod_annotated_to_fail_fails(namespace: str, api: client.ApiClient) -> None:
     core = client.CoreV1Api(api)
     annotations = {"maestro.dev/kwok-result": "Failed", "maestro.dev/kwok-message": "boom"}
-    core.create_namespaced_pod(namespace, _task_pod("bad", annotations))
+    await core.create_namespaced_pod(namespace, _task_pod("bad", annotations))
 
-    pod = wait_for("pod bad to finish", lambda: _ended(core, "bad", namespace))
+    pod = await wait_for("pod bad to finish", lambda: _ended(core, "bad", namespace))
     assert pod.status.phase == "Failed"
     terminated = pod.status.container_statuses[0].state.terminated
     assert (terminated.exit_code, terminated.reason, terminated.message) == (1, "Error", "boom")
 
 
-def test_kwok_delay_holds_a_task_pod_running_and_other_pods_run_on(
+async def test_kwok_delay_holds_a_task_pod_running_and_other_pods_run_on(
     namespace: str, api: client.ApiClient
 ) -> None:
     core = client.CoreV1Api(api)
     started = time.monotonic()
-    core.create_namespaced_pod(namespace, _task_pod("slow", {"maestro.dev/kwok-delay": "2s"}))
+    await core.create_namespaced_pod(namespace, _task_pod("slow", {"maestro.dev/kwok-delay": "2s"}))
     server = _task_pod("server", {})
     del server["metadata"]["labels"]  # not a task pod: a long-running process
-    core.create_namespaced_pod(namespace, server)
+    await core.create_namespaced_pod(namespace, server)
 
-    def running(name: str) -> bool:
-        return bool(core.read_namespaced_pod(name, namespace).status.phase == "Running")
+    async def running(name: str) -> bool:
+        return bool((await core.read_namespaced_pod(name, namespace)).status.phase == "Running")
 
-    wait_for("pod slow to run", lambda: running("slow"))
-    pod = wait_for("pod slow to finish", lambda: _ended(core, "slow", namespace))
+    await wait_for("pod slow to run", lambda: running("slow"))
+    pod = await wait_for("pod slow to finish", lambda: _ended(core, "slow", namespace))
     assert pod.status.phase == "Succeeded"
     assert time.monotonic() - started >= 2.0
-    assert running("server")
+    assert await running("server")
 
 
 def _token_kubeconfig(control_plane: ControlPlane, token: str, path: Path) -> Path:
@@ -197,36 +201,36 @@ def _token_kubeconfig(control_plane: ControlPlane, token: str, path: Path) -> Pa
     return path
 
 
-def test_service_account_without_rbac_is_refused_until_bound(
+async def test_service_account_without_rbac_is_refused_until_bound(
     control_plane: ControlPlane, namespace: str, api: client.ApiClient, tmp_path: Path
 ) -> None:
     core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
-    core.create_namespaced_service_account(
+    await core.create_namespaced_service_account(
         namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="robot"))
     )
     request = client.AuthenticationV1TokenRequest(
         spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600)
     )
-    token = core.create_namespaced_service_account_token("robot", namespace, request).status.token
+    token = (
+        await core.create_namespaced_service_account_token("robot", namespace, request)
+    ).status.token
     kubeconfig = _token_kubeconfig(control_plane, token, tmp_path / "robot.kubeconfig")
 
-    from kubernetes import config
-
-    with config.new_client_from_config(config_file=str(kubeconfig)) as robot_api:
+    async with await load_config(str(kubeconfig)) as robot_api:
         robot = client.CoreV1Api(robot_api)
         with pytest.raises(client.ApiException) as excinfo:
-            robot.list_namespaced_pod(namespace)
+            await robot.list_namespaced_pod(namespace)
         assert excinfo.value.status == 403
         assert f"system:serviceaccount:{namespace}:robot" in str(excinfo.value.body)
 
-        rbac.create_namespaced_role(
+        await rbac.create_namespaced_role(
             namespace,
             client.V1Role(
                 metadata=client.V1ObjectMeta(name="pod-reader"),
                 rules=[client.V1PolicyRule(api_groups=[""], resources=["pods"], verbs=["list"])],
             ),
         )
-        rbac.create_namespaced_role_binding(
+        await rbac.create_namespaced_role_binding(
             namespace,
             client.V1RoleBinding(
                 metadata=client.V1ObjectMeta(name="robot-reads-pods"),
@@ -239,24 +243,25 @@ def test_service_account_without_rbac_is_refused_until_bound(
             ),
         )
 
-        def allowed() -> bool:
+        async def allowed() -> bool:
             try:
-                robot.list_namespaced_pod(namespace)
+                await robot.list_namespaced_pod(namespace)
             except client.ApiException as err:
                 if err.status != 403:
                     raise
                 return False
             return True
 
-        wait_for("the RoleBinding to take effect", allowed, timeout=30)
+        await wait_for("the RoleBinding to take effect", allowed, seconds=30)
         # The binding is namespaced: elsewhere the account is still refused.
         with pytest.raises(client.ApiException) as excinfo:
-            robot.list_namespaced_pod("default")
+            await robot.list_namespaced_pod("default")
         assert excinfo.value.status == 403
 
     # kubectl sees the same refusal (and names the verb and resource).
     kubectl = str(control_plane.bin_dir / "kubectl")
-    proc = subprocess.run(
+    proc = await asyncio.to_thread(
+        subprocess.run,
         [kubectl, f"--kubeconfig={kubeconfig}", "get", "secrets", "-n", namespace],
         capture_output=True,
         text=True,

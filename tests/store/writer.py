@@ -39,7 +39,7 @@ def _stop_before_event(*_args: Any, **_kwargs: Any) -> None:
 
 async def hang(url: str, run_id: str) -> None:
     store = await Store.open(url)
-    repository._add_event = _stop_before_event
+    repository._event_values = _stop_before_event
     await store.transition_attempt(run_id, "build", 1, TaskPhase.RUNNING, job_name="doomed")
 
 

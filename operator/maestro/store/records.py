@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Row
+
 from maestro.api.phases import RunPhase, TaskPhase
 from maestro.store.models import AttemptRow, EventRow, RunRow
 
@@ -35,8 +37,8 @@ class RunRecord:
     parent_id: str | None = None  # the run whose workflow task started this one
 
     @classmethod
-    def of(cls, row: RunRow) -> RunRecord:
-        """Snapshot an ORM row."""
+    def of(cls, row: RunRow | Row[Any]) -> RunRecord:
+        """Snapshot a row (an ORM object or a Core row of the same columns)."""
         return cls(
             id=row.id,
             namespace=row.namespace,
@@ -80,8 +82,8 @@ class AttemptRecord:
     cached_from: dict[str, Any] | None = None  # {"runId", "task", "attempt"} when Cached
 
     @classmethod
-    def of(cls, row: AttemptRow) -> AttemptRecord:
-        """Snapshot an ORM row."""
+    def of(cls, row: AttemptRow | Row[Any]) -> AttemptRecord:
+        """Snapshot a row (an ORM object or a Core row of the same columns)."""
         return cls(
             run_id=row.run_id,
             task=row.task,
@@ -121,8 +123,8 @@ class EventRecord:
     actor: str | None = None
 
     @classmethod
-    def of(cls, row: EventRow) -> EventRecord:
-        """Snapshot an ORM row."""
+    def of(cls, row: EventRow | Row[Any]) -> EventRecord:
+        """Snapshot a row (an ORM object or a Core row of the same columns)."""
         return cls(
             id=row.id,
             run_id=row.run_id,

@@ -11,7 +11,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Insert, delete, func, literal, select, text, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Insert,
+    Row,
+    Table,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
@@ -41,6 +54,11 @@ from maestro.store.models import AttemptRow, EventRow, RunRow
 from maestro.store.records import AttemptRecord, EventRecord, RunRecord
 from maestro.store.types import UTCDateTime
 from maestro.store.urls import describe, parse_url
+
+# The tables under the models, for the statements of an engine pass (see _compare_and_set).
+RUNS: Table = RunRow.__table__  # type: ignore[assignment]
+ATTEMPTS: Table = AttemptRow.__table__  # type: ignore[assignment]
+EVENTS: Table = EventRow.__table__  # type: ignore[assignment]
 
 #: The keys a run's ``controls`` may hold, with their values for a new run.
 DEFAULT_CONTROLS: Mapping[str, Any] = {"suspend": False, "cancel": False, "approvals": []}
@@ -81,8 +99,7 @@ def _sources(
     return legal if expected is None else legal & frozenset(expected)
 
 
-def _add_event(
-    session: AsyncSession,
+def _event_values(
     run_id: str,
     kind: str,
     *,
@@ -94,34 +111,40 @@ def _add_event(
     reason: str | None = None,
     message: str | None = None,
     actor: str | None = None,
-) -> EventRow:
-    row = EventRow(
-        run_id=run_id,
-        task=task,
-        attempt=attempt,
-        kind=kind,
-        from_phase=from_phase,
-        to_phase=to_phase,
-        reason=reason,
-        message=message,
-        at=at,
-        actor=actor,
-    )
-    session.add(row)
-    return row
+    posted_at: datetime | None = None,
+) -> dict[str, Any]:
+    """The columns of one event row (phases as their values)."""
+    return {
+        "run_id": run_id,
+        "task": task,
+        "attempt": attempt,
+        "kind": kind,
+        "from_phase": None if from_phase is None else str(from_phase),
+        "to_phase": None if to_phase is None else str(to_phase),
+        "reason": reason,
+        "message": message,
+        "at": at,
+        "actor": actor,
+        "posted_at": posted_at,
+    }
+
+
+def _add_event(session: AsyncSession, run_id: str, kind: str, **fields: Any) -> None:
+    """Add one event row to the session (written at its next flush)."""
+    session.add(EventRow(**_event_values(run_id, kind, **fields)))
 
 
 async def _compare_and_set(
     session: AsyncSession,
-    model: type[RunRow] | type[AttemptRow],
-    key: tuple[Any, ...],
+    table: Table,
+    key: tuple[ColumnElement[bool], ...],
     sources: Collection[_Phase],
     new: _Phase,
     values: dict[str, Any],
     now: datetime,
     *,
     missing: StoreError,
-) -> tuple[_Phase, Any] | None:
+) -> tuple[_Phase, Row[Any]] | None:
     """Move one row's phase from any of ``sources`` to ``new``: the phase it left and the
     row as written (from RETURNING, not read again), or None.
 
@@ -130,34 +153,33 @@ async def _compare_and_set(
     With one source, the phase left is known and the UPDATE alone does it (what every
     engine pass does); with several, the row is locked and read first (PostgreSQL: FOR
     NO KEY UPDATE, so inserts of events and attempts that reference it are not blocked).
+    Core statements on the table (``key`` of its columns), not the ORM's: the ORM's
+    bookkeeping for a row nobody reads as an object cost more than the statement.
     """
+    phase = table.c.phase
     changes: dict[str, Any] = {**values, "phase": new.value}
     if new.value == "Running":
         # Kept when set: a retried start of the same attempt did not start it anew.
-        changes["started_at"] = func.coalesce(model.started_at, literal(now, UTCDateTime()))
+        changes["started_at"] = func.coalesce(table.c.started_at, literal(now, UTCDateTime()))
     if new.finished:
         changes["finished_at"] = now
     if len(sources) == 1:
         (current,) = sources
     else:
-        found = await session.scalar(
-            select(model.phase).where(*key).with_for_update(key_share=True)
-        )
+        found = await session.scalar(select(phase).where(*key).with_for_update(key_share=True))
         if found is None:
             raise missing
         current = type(new)(found)
         if current not in sources:
             return None
-    moved = await session.scalar(
-        update(model)
-        .where(*key, model.phase == current.value)
-        .values(**changes)
-        .returning(model)
-        .execution_options(synchronize_session=False, populate_existing=True)
-    )
+    moved = (
+        await session.execute(
+            update(table).where(*key, phase == current.value).values(**changes).returning(*table.c)
+        )
+    ).first()
     if moved is not None:
         return current, moved
-    if len(sources) == 1 and await session.scalar(select(model.phase).where(*key)) is None:
+    if len(sources) == 1 and await session.scalar(select(phase).where(*key)) is None:
         raise missing
     return None
 
@@ -271,7 +293,7 @@ class Store:
             await check_fence(session)
             yield session
 
-    def _insert(self, model: type[RunRow] | type[AttemptRow]) -> Any:
+    def _insert(self, model: type[RunRow] | Table) -> Any:
         # ON CONFLICT DO NOTHING is spelled the same on both, but lives in each dialect.
         insert = pg_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
         stmt: Insert = insert(model)
@@ -676,27 +698,38 @@ class Batch:
         self.attempts: dict[str, AttemptRecord] = {}  # task -> newest attempt written
         self.events: list[EventRecord] = []
         self.lost = False
-        self._events: list[EventRow] = []
+        self._events: list[dict[str, Any]] = []
         self.handled: set[int] = set()  # ids of events written already out of the outbox
 
     def _event(self, kind: str, **fields: Any) -> None:
-        row = _add_event(self.session, self.run_id, kind, **fields)
+        values = _event_values(self.run_id, kind, **fields)
         if self.announced is not None and not self.announced(
-            kind, fields.get("from_phase"), fields.get("to_phase")
+            kind, values["from_phase"], values["to_phase"]
         ):
-            row.posted_at = row.at
-        self._events.append(row)
+            values["posted_at"] = values["at"]
+        self._events.append(values)
 
-    def _wrote(self, row: AttemptRow) -> None:
+    def _wrote(self, row: Row[Any]) -> None:
         held = self.attempts.get(row.task)
         if held is None or held.attempt <= row.attempt:
             self.attempts[row.task] = AttemptRecord.of(row)
 
     async def close(self) -> None:
-        """Give the events their ids (the outbox needs them)."""
-        await self.session.flush()
-        self.events = [EventRecord.of(row) for row in self._events]
-        self.handled = {row.id for row in self._events if row.posted_at is not None}
+        """Write the pass's events in one statement; their ids are the outbox's."""
+        if not self._events:
+            return
+        ids = list(
+            await self.session.scalars(
+                insert(EVENTS).returning(EVENTS.c.id, sort_by_parameter_order=True), self._events
+            )
+        )
+        self.events = [
+            EventRecord(id=i, **{k: v for k, v in e.items() if k != "posted_at"})
+            for i, e in zip(ids, self._events, strict=True)
+        ]
+        self.handled = {
+            i for i, e in zip(ids, self._events, strict=True) if e["posted_at"] is not None
+        }
 
     async def set_run_phase(
         self,
@@ -723,8 +756,8 @@ class Batch:
         now = _now()
         moved = await _compare_and_set(
             self.session,
-            RunRow,
-            (RunRow.id == self.run_id,),
+            RUNS,
+            (RUNS.c.id == self.run_id,),
             sources,
             new,
             {
@@ -768,7 +801,7 @@ class Batch:
 
     async def _insert_pending(
         self, task: str, attempt: int, not_before: datetime | None, now: datetime
-    ) -> AttemptRow | None:
+    ) -> Row[Any] | None:
         """Insert a Pending attempt and its event; None when it already exists."""
         if attempt < 1:
             raise ValueError(f"attempt numbers start at 1, got {attempt}")
@@ -776,18 +809,16 @@ class Batch:
         rows = await self._insert_attempts([{"task": task, "attempt": attempt, **pending}], now)
         return rows[0] if rows else None
 
-    async def _insert_attempts(
-        self, values: list[dict[str, Any]], now: datetime
-    ) -> list[AttemptRow]:
+    async def _insert_attempts(self, values: list[dict[str, Any]], now: datetime) -> list[Row[Any]]:
         """Insert attempts (one statement per :data:`INSERT_CHUNK`), skipping those that
         exist; the rows made, in the order given, each with its creation event (and its
         start's, for one inserted Running)."""
-        rows: list[AttemptRow] = []
+        rows: list[Row[Any]] = []
         try:
             # In chunks: a statement's bind parameters are limited (SQLite: 32,766).
             for i in range(0, len(values), INSERT_CHUNK):
                 stmt = (
-                    self.store._insert(AttemptRow)
+                    self.store._insert(ATTEMPTS)
                     .values(
                         [
                             {"run_id": self.run_id, "created_at": now, **v}
@@ -795,10 +826,9 @@ class Batch:
                         ]
                     )
                     .on_conflict_do_nothing(index_elements=["run_id", "task", "attempt"])
-                    .returning(AttemptRow)
-                    .execution_options(populate_existing=True)
+                    .returning(*ATTEMPTS.c)
                 )
-                rows += await self.session.scalars(stmt)
+                rows += await self.session.execute(stmt)
         except IntegrityError:
             # The one constraint an insert that skips duplicates can break: the reference
             # to the run (no read of the run first: a statement fewer per start).
@@ -894,13 +924,13 @@ class Batch:
     ) -> bool:
         """Compare-and-set one attempt's phase and log the event."""
         key = (
-            AttemptRow.run_id == self.run_id,
-            AttemptRow.task == task,
-            AttemptRow.attempt == attempt,
+            ATTEMPTS.c.run_id == self.run_id,
+            ATTEMPTS.c.task == task,
+            ATTEMPTS.c.attempt == attempt,
         )
         moved = await _compare_and_set(
             self.session,
-            AttemptRow,
+            ATTEMPTS,
             key,
             sources,
             new,
@@ -970,16 +1000,15 @@ class Batch:
         """
         if not attempts:
             return
-        rows = await self.session.scalars(
-            update(AttemptRow)
+        rows = await self.session.execute(
+            update(ATTEMPTS)
             .where(
-                AttemptRow.run_id == self.run_id,
-                tuple_(AttemptRow.task, AttemptRow.attempt).in_(list(attempts)),
-                AttemptRow.launched_at.is_(None),
+                ATTEMPTS.c.run_id == self.run_id,
+                tuple_(ATTEMPTS.c.task, ATTEMPTS.c.attempt).in_(list(attempts)),
+                ATTEMPTS.c.launched_at.is_(None),
             )
             .values(launched_at=_now())
-            .returning(AttemptRow)
-            .execution_options(synchronize_session=False, populate_existing=True)
+            .returning(*ATTEMPTS.c)
         )
         for row in rows:
             self._wrote(row)
