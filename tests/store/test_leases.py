@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import update
 
 from maestro.api.phases import RunPhase
-from maestro.store import Fenced, RunRecord, Store
+from maestro.engine.launches import LaunchMarks
+from maestro.store import AttemptRecord, Fenced, Launch, RunRecord, Starting, Store
 from maestro.store.leases import BUCKETS, Fence, Leases, bucket_of, fenced, owners
 from maestro.store.models import BucketRow, ReplicaRow
 
@@ -163,3 +164,64 @@ async def test_a_lapsed_lease_no_one_claimed_is_renewed_under_the_same_epoch(
     assert again.claimed == []
     with fenced(mine):
         assert await store.set_run_phase(run.id, RunPhase.RUNNING)
+
+
+async def _started(store: Store, run: RunRecord, task: str) -> None:
+    async with store.batch(run.id) as writes:
+        assert await writes.start_attempts([Starting(task, 1, create=True, job_name=task)]) == [
+            True
+        ]
+
+
+async def test_launch_marks_of_several_runs_refuse_only_the_one_whose_fence_is_lost(
+    store: Store, make_run: MakeRun
+) -> None:
+    a, b = Leases(store, "a", 5.0), Leases(store, "b", 5.0)
+    kept, lost = await make_run(uid="uid-kept"), await make_run(uid="uid-lost")
+    for run in (kept, lost):
+        await _started(store, run, "build")
+    await _settle([a, b])
+    held = {**(await a.tick()).held}
+    bucket_kept, bucket_lost = bucket_of("uid-kept"), bucket_of("uid-lost")
+    fence_kept = Fence(bucket_kept, "a", held[bucket_kept]) if bucket_kept in held else None
+    # The lost run's fence names a holder that never held its bucket.
+    fence_lost = Fence(bucket_lost, "nobody", 1)
+    outcomes = await store.mark_launched(
+        [
+            Launch(kept.id, (("build", 1),), fence_kept),
+            Launch(lost.id, (("build", 1),), fence_lost),
+        ]
+    )
+    assert isinstance(outcomes[1], Fenced)
+    assert not isinstance(outcomes[0], Fenced)
+    assert [(r.task, r.attempt, r.launched_at is not None) for r in outcomes[0]] == [
+        ("build", 1, True)
+    ]
+    assert (await store.latest_attempts(lost.id))["build"].launched_at is None
+    # Marked once: a second mark of the same attempt writes nothing.
+    assert await store.mark_launched([Launch(kept.id, (("build", 1),), None)]) == [[]]
+
+
+async def test_launch_marks_waiting_together_share_one_transaction(
+    store: Store, make_run: MakeRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = [await make_run(uid=f"uid-{i}") for i in range(5)]
+    for run in runs:
+        await _started(store, run, "build")
+    groups: list[int] = []
+    write = store.mark_launched
+
+    async def counted(launches: list[Launch]) -> list[list[AttemptRecord] | Fenced]:
+        groups.append(len(launches))
+        return await write(launches)
+
+    monkeypatch.setattr(store, "mark_launched", counted)
+    marks = LaunchMarks(store)
+    marked = await asyncio.gather(*(marks.mark(run.id, [("build", 1)]) for run in runs))
+    assert [[(r.run_id, r.task) for r in m] for m in marked] == [
+        [(run.id, "build")] for run in runs
+    ]
+    # Asked for in the same turn of the loop, before the writer ran: one transaction.
+    assert groups == [5]
+    with fenced(Fence(bucket_of("uid-0"), "nobody", 1)), pytest.raises(Fenced):
+        await marks.mark(runs[0].id, [("build", 1)])

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -44,6 +44,7 @@ from maestro.dag.scheduler import (
 )
 from maestro.dag.validate import Plan, field_problems, plan, resolve_params, validate
 from maestro.engine.executor import AttemptContext, Executor, Result, StartRejected
+from maestro.engine.launches import LaunchMarks
 from maestro.store import (
     Announced,
     AttemptRecord,
@@ -152,6 +153,7 @@ class Engine:
         self.announced = announced
         self._plans: dict[str, tuple[WorkflowSpec, Plan]] = {}
         self._held: dict[str, _Held] = {}  # run id -> the run while this process drives it
+        self._marks = LaunchMarks(store)
         # Fan-out items by (run id, task): the same inputs always give the same items.
         self._items: dict[tuple[str, str], list[Any]] = {}
 
@@ -334,9 +336,13 @@ class Engine:
     def _take_in(held: _Held, writes: Batch) -> None:
         """The rows the batch wrote so far, into the held copy (again and again is fine)."""
         held.run = writes.run or held.run
-        for task, att in writes.attempts.items():
-            if task not in held.latest or held.latest[task].attempt <= att.attempt:
-                held.latest[task] = att
+        Engine._take_attempts(held, writes.attempts.values())
+
+    @staticmethod
+    def _take_attempts(held: _Held, attempts: Iterable[AttemptRecord]) -> None:
+        for att in attempts:
+            if att.task not in held.latest or held.latest[att.task].attempt <= att.attempt:
+                held.latest[att.task] = att
 
     async def pending_events(self, run_id: str) -> list[EventRecord]:
         """The run's store events not yet marked posted, oldest first (the outbox): from
@@ -679,8 +685,9 @@ class Engine:
         *,
         raise_errors: bool,
     ) -> bool:
-        """Start the attempts' executors together and record, in one transaction, which
-        objects now exist and which starts were refused for good (failed attempts).
+        """Start the attempts' executors together and record which starts were refused
+        for good (failed attempts, one transaction) and which objects now exist (marks
+        shared with other runs' passes: :class:`LaunchMarks`).
 
         Any other trouble leaves an attempt Running and unlaunched: the next pass creates
         it again (start is idempotent). With ``raise_errors`` the first such error is
@@ -715,11 +722,17 @@ class Engine:
                 raise outcome
             elif ctx.handle is not None:
                 launched.append((name, ctx.attempt))
-        if refused or launched:
+        if refused:
             async with self._writes(held) as writes:
                 for name, attempt, result in refused:
                     progressed |= await self._finish(writes, name, attempt, result)
-                await writes.mark_launched(launched)
+        if launched:
+            try:
+                marked = await self._marks.mark(held.run.id, launched)
+            except BaseException:
+                self._held.pop(held.run.id, None)  # as for any failed write (see _writes)
+                raise
+            self._take_attempts(held, marked)
         if trouble is not None and raise_errors:
             raise trouble
         return progressed

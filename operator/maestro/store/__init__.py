@@ -16,7 +16,14 @@ from maestro.store.errors import (
 )
 from maestro.store.migrate import current, head, upgrade
 from maestro.store.records import AttemptRecord, EventRecord, RunRecord
-from maestro.store.repository import DEFAULT_CONTROLS, Announced, Batch, Starting, Store
+from maestro.store.repository import (
+    DEFAULT_CONTROLS,
+    Announced,
+    Batch,
+    Launch,
+    Starting,
+    Store,
+)
 
 __all__ = [
     "DEFAULT_CONTROLS",
@@ -28,6 +35,7 @@ __all__ = [
     "Fenced",
     "InvalidDatabaseURL",
     "InvalidOutputs",
+    "Launch",
     "OutputsTooLarge",
     "RunNotFound",
     "RunRecord",

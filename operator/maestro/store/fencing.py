@@ -5,13 +5,13 @@ Kept apart from the leases so the repository can check it without importing them
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import ColumnElement, Table, func, select
+from sqlalchemy import ColumnElement, Table, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from maestro.store.errors import Fenced
@@ -51,27 +51,37 @@ def _live(session: AsyncSession) -> ColumnElement[bool]:
     return _BUCKETS.c.expires_at > now
 
 
-async def check_fence(session: AsyncSession) -> None:
-    """Raise :class:`Fenced` unless the current fence (if any) still holds.
-
-    Called first in every write transaction of the store; holds the bucket's row
-    ``FOR KEY SHARE`` until the transaction ends, so no one claims it meanwhile.
-    """
-    fence = FENCE.get()
-    if fence is None:
-        return
-    held = await session.scalar(
-        select(_BUCKETS.c.bucket)
+async def held_fences(session: AsyncSession, fences: Collection[Fence]) -> set[Fence]:
+    """Those of ``fences`` that still hold, their bucket rows held ``FOR KEY SHARE`` until
+    the transaction ends, so no one claims them meanwhile (one statement for them all)."""
+    if not fences:
+        return set()
+    rows = await session.execute(
+        select(_BUCKETS.c.bucket, _BUCKETS.c.holder, _BUCKETS.c.epoch)
         .where(
-            _BUCKETS.c.bucket == fence.bucket,
-            _BUCKETS.c.holder == fence.holder,
-            _BUCKETS.c.epoch == fence.epoch,
+            tuple_(_BUCKETS.c.bucket, _BUCKETS.c.holder, _BUCKETS.c.epoch).in_(
+                [(f.bucket, f.holder, f.epoch) for f in fences]
+            ),
             _live(session),
         )
         .with_for_update(read=True, key_share=True)
     )
-    if held is None:
-        raise Fenced(
-            f"bucket {fence.bucket} is no longer held by {fence.holder} under epoch "
-            f"{fence.epoch}: the write was refused"
-        )
+    return {Fence(bucket, holder, epoch) for bucket, holder, epoch in rows}
+
+
+def fenced_out(fence: Fence) -> Fenced:
+    """The error for a write refused because ``fence`` no longer holds."""
+    return Fenced(
+        f"bucket {fence.bucket} is no longer held by {fence.holder} under epoch "
+        f"{fence.epoch}: the write was refused"
+    )
+
+
+async def check_fence(session: AsyncSession) -> None:
+    """Raise :class:`Fenced` unless the current fence (if any) still holds.
+
+    Called first in every write transaction of the store (see :func:`held_fences`).
+    """
+    fence = FENCE.get()
+    if fence is not None and fence not in await held_fences(session, [fence]):
+        raise fenced_out(fence)

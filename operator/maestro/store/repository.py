@@ -43,12 +43,13 @@ from maestro.api.phases import RUN_TRANSITIONS, TASK_TRANSITIONS, RunPhase, Task
 from maestro.store.database import POOL_SIZE, connect, make_engine, unavailable
 from maestro.store.errors import (
     AttemptNotFound,
+    Fenced,
     InvalidOutputs,
     OutputsTooLarge,
     RunNotFound,
     StoreError,
 )
-from maestro.store.fencing import check_fence
+from maestro.store.fencing import Fence, check_fence, fenced_out, held_fences
 from maestro.store.migrate import ensure_schema
 from maestro.store.models import AttemptRow, EventRow, RunRow
 from maestro.store.records import AttemptRecord, EventRecord, RunRecord
@@ -636,6 +637,51 @@ class Store:
 
     # Retention
 
+    async def mark_launched(self, launches: Sequence[Launch]) -> list[list[AttemptRecord] | Fenced]:
+        """Record launches of several runs in one transaction: for each, the attempts as
+        written, or :class:`Fenced` (nothing written for it) when its fence no longer
+        holds. One statement checks the fences, one marks every attempt.
+
+        From then on a missing pod means it vanished (a failed attempt), never that it
+        still has to be created: the same attempt is never launched twice. The engine's
+        passes on many runs share this transaction (a group commit).
+        """
+        async with self._transaction() as session:
+            fences = {launch.fence for launch in launches if launch.fence is not None}
+            held = await held_fences(session, fences)
+            keys = [
+                (launch.run_id, task, attempt)
+                for launch in launches
+                if launch.fence is None or launch.fence in held
+                for task, attempt in launch.attempts
+            ]
+            rows: Sequence[Row[Any]] = (
+                (
+                    await session.execute(
+                        update(ATTEMPTS)
+                        .where(
+                            tuple_(ATTEMPTS.c.run_id, ATTEMPTS.c.task, ATTEMPTS.c.attempt).in_(
+                                keys
+                            ),
+                            ATTEMPTS.c.launched_at.is_(None),
+                        )
+                        .values(launched_at=_now())
+                        .returning(*ATTEMPTS.c)
+                    )
+                ).all()
+                if keys
+                else []
+            )
+            marked: dict[str, list[AttemptRecord]] = {}
+            for row in rows:
+                marked.setdefault(row.run_id, []).append(AttemptRecord.of(row))
+        return [
+            fenced_out(launch.fence)
+            if launch.fence is not None and launch.fence not in held
+            else marked.get(launch.run_id, [])
+            for launch in launches
+        ]
+
     async def prune(self, *, older_than: timedelta) -> int:
         """Delete runs that finished more than ``older_than`` ago, with their history.
 
@@ -661,6 +707,16 @@ class Store:
                 .execution_options(synchronize_session=False)
             )
             return len(deleted.all())
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Attempts of one run, as (task, attempt), whose executor objects (pods) now exist,
+    with the fence its driver writes under (see :meth:`Store.mark_launched`)."""
+
+    run_id: str
+    attempts: tuple[tuple[str, int], ...]
+    fence: Fence | None
 
 
 @dataclass(frozen=True)
@@ -990,25 +1046,3 @@ class Batch:
         if job_name is not None:
             values["job_name"] = job_name
         return await self._move_attempt(task, attempt, new, sources, values, _now())
-
-    async def mark_launched(self, attempts: Collection[tuple[str, int]]) -> None:
-        """Record that these attempts' executor objects (pods), given as (task, attempt),
-        now exist: one statement for all of them.
-
-        From then on a missing pod means it vanished (a failed attempt), never that it
-        still has to be created: the same attempt is never launched twice.
-        """
-        if not attempts:
-            return
-        rows = await self.session.execute(
-            update(ATTEMPTS)
-            .where(
-                ATTEMPTS.c.run_id == self.run_id,
-                tuple_(ATTEMPTS.c.task, ATTEMPTS.c.attempt).in_(list(attempts)),
-                ATTEMPTS.c.launched_at.is_(None),
-            )
-            .values(launched_at=_now())
-            .returning(*ATTEMPTS.c)
-        )
-        for row in rows:
-            self._wrote(row)
