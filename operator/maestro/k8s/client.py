@@ -12,6 +12,8 @@ import contextlib
 import json
 import logging
 import os
+import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -139,10 +141,34 @@ async def load_config(kubeconfig: str | None = None) -> client.ApiClient:
         and not os.environ.get("KUBECONFIG")
     ):
         config.load_incluster_config()  # type: ignore[no-untyped-call]
-        return client.ApiClient()
+        return _direct(client.ApiClient())
     cfg = client.Configuration()
     await config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
-    return client.ApiClient(configuration=cfg)
+    return _direct(client.ApiClient(configuration=cfg))
+
+
+def _direct(api: client.ApiClient) -> client.ApiClient:
+    """The client with the environment read once, not on every request.
+
+    kubernetes_asyncio's session trusts the environment, so aiohttp looks up the proxy
+    variables and reads ~/.netrc in a thread for every request (two thread hops and a
+    file read per pod created). The proxy for the API server is looked up here, once
+    (NO_PROXY honoured), and a session that does not look again takes over the same
+    connection pool; a netrc login never applies to the API server's own credentials.
+    """
+    rest = api.rest_client
+    server = urllib.parse.urlsplit(api.configuration.host or "")
+    proxy = urllib.request.getproxies().get(server.scheme)
+    if proxy and not rest.proxy and not urllib.request.proxy_bypass(server.hostname or ""):
+        rest.proxy = proxy
+    trusting = rest.pool_manager
+    rest.pool_manager = aiohttp.ClientSession(
+        connector=trusting.connector,
+        trust_env=False,
+        read_bufsize=2**21,  # as kubernetes_asyncio's: a watch event may be large
+    )
+    trusting.detach()  # the connector is the new session's now
+    return api
 
 
 @dataclass(frozen=True)
