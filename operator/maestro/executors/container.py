@@ -119,6 +119,8 @@ class ContainerExecutor:
         (scheduled, running, ready) change nothing the engine decides on.
         """
         meta = pod["metadata"]
+        # Held until the pod ends; who wrote which field is never read from a pod.
+        meta.pop("managedFields", None)
         key = (meta["namespace"], meta["name"])
         now = time.monotonic()
         if deleted:

@@ -154,11 +154,18 @@ def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig) -> N
     settings.peering.standalone = True
 
 
+# Connections to the API server for the operator's requests (pod creations, status
+# patches, Events), besides its watches: enough for a burst to keep the API server busy.
+REQUEST_CONNECTIONS = 16
+
+
 async def run_operator(
     config: OperatorConfig, store: Store, stop: asyncio.Event | None = None
 ) -> None:
     """Run until ``stop`` is set (or the process is signalled). The store is required."""
-    api = await load_config(config.kubeconfig)
+    # Two watches per namespace watched (runs, pods) hold a connection each for good.
+    watches = 2 * max(1, len(config.namespaces))
+    api = await load_config(config.kubeconfig, connections=REQUEST_CONNECTIONS + watches)
     kube = Kube(api)
     waker = Waker()
     watching = asyncio.Event()  # Kopf's watches and the pod watches all run
