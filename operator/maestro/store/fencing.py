@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import ColumnElement, Table, func, select, tuple_
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from maestro.store.errors import Fenced
 from maestro.store.models import BucketRow
@@ -45,24 +45,24 @@ def fenced(fence: Fence) -> Iterator[None]:
 _BUCKETS: Table = BucketRow.__table__  # type: ignore[assignment]
 
 
-def _live(session: AsyncSession) -> ColumnElement[bool]:
+def _live(conn: AsyncConnection) -> ColumnElement[bool]:
     # The database's clock on PostgreSQL; SQLite (one process) has only ours.
-    now = func.now() if session.get_bind().dialect.name == "postgresql" else datetime.now(UTC)
+    now = func.now() if conn.dialect.name == "postgresql" else datetime.now(UTC)
     return _BUCKETS.c.expires_at > now
 
 
-async def held_fences(session: AsyncSession, fences: Collection[Fence]) -> set[Fence]:
+async def held_fences(conn: AsyncConnection, fences: Collection[Fence]) -> set[Fence]:
     """Those of ``fences`` that still hold, their bucket rows held ``FOR KEY SHARE`` until
     the transaction ends, so no one claims them meanwhile (one statement for them all)."""
     if not fences:
         return set()
-    rows = await session.execute(
+    rows = await conn.execute(
         select(_BUCKETS.c.bucket, _BUCKETS.c.holder, _BUCKETS.c.epoch)
         .where(
             tuple_(_BUCKETS.c.bucket, _BUCKETS.c.holder, _BUCKETS.c.epoch).in_(
                 [(f.bucket, f.holder, f.epoch) for f in fences]
             ),
-            _live(session),
+            _live(conn),
         )
         .with_for_update(read=True, key_share=True)
     )
@@ -77,11 +77,11 @@ def fenced_out(fence: Fence) -> Fenced:
     )
 
 
-async def check_fence(session: AsyncSession) -> None:
+async def check_fence(conn: AsyncConnection) -> None:
     """Raise :class:`Fenced` unless the current fence (if any) still holds.
 
     Called first in every write transaction of the store (see :func:`held_fences`).
     """
     fence = FENCE.get()
-    if fence is not None and fence not in await held_fences(session, [fence]):
+    if fence is not None and fence not in await held_fences(conn, [fence]):
         raise fenced_out(fence)

@@ -36,7 +36,7 @@ from sqlalchemy.exc import (
     SQLAlchemyError,
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
 from maestro.api.phases import RUN_TRANSITIONS, TASK_TRANSITIONS, RunPhase, TaskPhase
@@ -136,7 +136,7 @@ def _add_event(session: AsyncSession, run_id: str, kind: str, **fields: Any) -> 
 
 
 async def _compare_and_set(
-    session: AsyncSession,
+    session: AsyncConnection,
     table: Table,
     key: tuple[ColumnElement[bool], ...],
     sources: Collection[_Phase],
@@ -291,7 +291,7 @@ class Store:
         """A transaction that writes: refused first (:class:`Fenced`) when made on behalf
         of a run whose bucket this replica no longer holds (store.fencing)."""
         async with self._transaction() as session:
-            await check_fence(session)
+            await check_fence(await session.connection())
             yield session
 
     def _insert(self, model: type[RunRow] | Table) -> Any:
@@ -474,7 +474,9 @@ class Store:
         marking them later would cost a transaction of its own.
         """
         async with self.writing() as session:
-            writes = Batch(self, session, run_id, announced)
+            # The session's connection, in its transaction: Core statements run on it
+            # directly, without the session's ORM layer (a pass has no ORM objects).
+            writes = Batch(self, await session.connection(), run_id, announced)
             yield writes
             await writes.close()
 
@@ -647,8 +649,9 @@ class Store:
         passes on many runs share this transaction (a group commit).
         """
         async with self._transaction() as session:
+            conn = await session.connection()
             fences = {launch.fence for launch in launches if launch.fence is not None}
-            held = await held_fences(session, fences)
+            held = await held_fences(conn, fences)
             keys = [
                 (launch.run_id, task, attempt)
                 for launch in launches
@@ -657,7 +660,7 @@ class Store:
             ]
             rows: Sequence[Row[Any]] = (
                 (
-                    await session.execute(
+                    await conn.execute(
                         update(ATTEMPTS)
                         .where(
                             tuple_(ATTEMPTS.c.run_id, ATTEMPTS.c.task, ATTEMPTS.c.attempt).in_(
@@ -745,7 +748,7 @@ class Batch:
     """
 
     def __init__(
-        self, store: Store, session: AsyncSession, run_id: str, announced: Announced | None
+        self, store: Store, session: AsyncConnection, run_id: str, announced: Announced | None
     ) -> None:
         """Use :meth:`Store.batch`."""
         self.store, self.session, self.run_id = store, session, run_id
