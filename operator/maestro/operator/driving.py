@@ -58,10 +58,13 @@ class Driver:
         known: Known,
         controls: Controls,
         publisher: Publisher,
+        admitting: asyncio.Semaphore,
     ) -> None:
         """The controller's shared parts; the engine, API client, metrics and tracer are
-        the publisher's (one of each per controller)."""
+        the publisher's (one of each per controller). A run's first pass holds one of
+        the ``admitting`` slots (see Settings.admissions)."""
         self.waker, self.settings = waker, settings
+        self.admitting = admitting
         self.known, self.controls, self.publisher = known, controls, publisher
         self.engine: Engine = publisher.engine
         self.kube: Kube = publisher.kube
@@ -87,15 +90,19 @@ class Driver:
         trace_id = self.tracer.trace_id(run.id)
         while not stopped:
             try:
-                if not synced:
-                    if trace_id is not None and run.trace_id != trace_id:
-                        await self.engine.store.set_trace_id(run.id, trace_id)
-                    await self.controls.sync(body)
-                    synced = True
-                timeout = await self._pass(
-                    run.id, body, writer, previous, stopped, include_spec, trace_id
-                )
+                async with self.admitting if not synced else contextlib.nullcontext():
+                    if not synced:
+                        if trace_id is not None and run.trace_id != trace_id:
+                            await self.engine.store.set_trace_id(run.id, trace_id)
+                        await self.controls.sync(body)
+                        synced = True
+                    timeout = await self._pass(
+                        run.id, body, writer, previous, stopped, include_spec, trace_id
+                    )
                 failures = 0
+                if isinstance(timeout, RunRecord):  # finished: deleted when its TTL ends
+                    await expire(self.kube, self.settings.clock, timeout, body, stopped)
+                    return
             except Fenced:
                 raise  # the bucket moved: its new holder drives the run
             except StoreError as err:
@@ -139,8 +146,10 @@ class Driver:
         stopped: Any,
         include_spec: bool,
         trace_id: str | None,
-    ) -> float | None:
-        """One reconcile, its Events and status; how long to wait, None when done."""
+    ) -> float | RunRecord | None:
+        """One reconcile, its Events and status: how long to wait; the run once it has
+        finished (its TTL is waited out by the caller, holding no admission slot); None
+        when its WorkflowRun is gone."""
         meta = body["metadata"]
         started = time.perf_counter()  # a measurement only: decisions use the clock
         step = await self.engine.reconcile(run_id)
@@ -176,8 +185,7 @@ class Driver:
                 # An edit that came while the final status was being written.
                 await self.controls.observe(meta, status, live, run.id)
             self.engine.forget(run.id)
-            await expire(self.kube, self.settings.clock, run, body, stopped)
-            return None
+            return run
         if step.progressed:
             return 0.0
         timeout = RESYNC_SECONDS

@@ -18,6 +18,7 @@ a module of its own, all sharing one :class:`~maestro.operator.known.Known`:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -73,10 +74,12 @@ class RunController:
         self.known = Known()
         self.active: set[str] = set()  # run ids whose loop runs in this process
         metrics.queue_depth.set_function(lambda: float(waker.woken(self.active)))
-        self.starter = Starter(engine, kube, metrics, settings, self.known)
+        # Shared by the start and the first pass of every run (Settings.admissions).
+        admitting = asyncio.Semaphore(settings.admissions)
+        self.starter = Starter(engine, kube, metrics, settings, self.known, admitting)
         self.controls = Controls(engine, kube, waker, self.known)
         self.publisher = Publisher(engine, kube, metrics, tracer)
-        self.driver = Driver(waker, settings, self.known, self.controls, self.publisher)
+        self.driver = Driver(waker, settings, self.known, self.controls, self.publisher, admitting)
 
     async def ensure_run(self, body: Mapping[str, Any]) -> RunRecord:
         """The store's run for this WorkflowRun, created (with its snapshot) on first sight."""

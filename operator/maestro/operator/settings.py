@@ -44,6 +44,9 @@ class Settings:
     """Operator tunables."""
 
     status_interval: float = 1.0
+    # Runs being started at once (created in the store, their first pass); the others
+    # wait their turn, so a burst of new runs does not hold back the runs already going.
+    admissions: int = 8
     # What a run acts as when neither it nor its Workflow names a ServiceAccount.
     default_service_account: str = "default"
     # Namespaces runs may not use (the operator's own, with its database Secret).

@@ -9,6 +9,7 @@ old run's snapshot. Nothing here drives a started run: :mod:`.driving` does.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from datetime import datetime
@@ -57,11 +58,19 @@ class Starter:
     """Creates the store's run for a WorkflowRun, once."""
 
     def __init__(
-        self, engine: Engine, kube: Kube, metrics: Metrics, settings: Settings, known: Known
+        self,
+        engine: Engine,
+        kube: Kube,
+        metrics: Metrics,
+        settings: Settings,
+        known: Known,
+        admitting: asyncio.Semaphore,
     ) -> None:
-        """Shares the controller's memory of runs: a started run is recorded in it."""
+        """Shares the controller's memory of runs (a started run is recorded in it) and
+        its admission slots (each try to start a run holds one; waits between tries none)."""
         self.engine, self.kube, self.metrics = engine, kube, metrics
         self.settings, self.known = settings, known
+        self.admitting = admitting
 
     async def start(
         self, body: Mapping[str, Any], writer: StatusWriter, previous: list[Any], stopped: Any
@@ -77,7 +86,8 @@ class Starter:
         failures = 0
         while not stopped:
             try:
-                return await self.ensure_run(body)
+                async with self.admitting:
+                    return await self.ensure_run(body)
             except Pending as why:
                 failures = 0
                 if not why.phase.finished and controls_of_spec(body.get("spec") or {})["cancel"]:
