@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -387,6 +387,46 @@ async def test_a_driver_stopped_during_the_ttl_deletes_nothing(rig: Rig) -> None
     await rig.daemon(body_of({"workflowSpec": chain(1), "ttlSecondsAfterFinished": 60}), stopped)
     assert len(stopped.waits) == 1
     assert rig.kube.deleted == []
+
+
+async def test_a_run_waiting_out_its_ttl_or_its_workflow_holds_no_admission_slot(
+    rig: Rig,
+) -> None:
+    one = RunController(
+        rig.runs.engine,
+        cast(Any, rig.kube),
+        rig.waker,
+        rig.metrics,
+        replace(rig.runs.settings, admissions=1),
+        RunTracer(None),
+    )
+    finished, waiting = Stopped(), Stopped()  # real waits: they last until set
+    ttl = asyncio.create_task(
+        one.daemon(
+            # Cancelled from the start: it ends in its first pass, which holds the slot.
+            body_of({"workflowSpec": chain(1), "cancel": True, "ttlSecondsAfterFinished": 3600}),
+            finished,
+        )
+    )
+    missing = asyncio.create_task(
+        one.daemon(body_of({"workflowRef": {"name": "absent"}}, name="w", uid="uid-w"), waiting)
+    )
+    try:
+        # Both wait (one for its TTL, one for its Workflow); the one slot is free.
+        await asyncio.wait_for(
+            one.daemon(body_of({"workflowSpec": chain(2)}, name="next", uid="uid-2"), Stopped()),
+            GUARD,
+        )
+        run = await rig.store.find_run(NS, "uid-2")
+        assert run is not None
+        assert run.phase is RunPhase.SUCCEEDED
+        assert not ttl.done()
+        assert not missing.done()
+    finally:
+        finished.set()
+        waiting.set()
+        await asyncio.wait_for(asyncio.gather(ttl, missing), GUARD)
+    assert rig.kube.deleted == []  # stopped during its TTL
 
 
 # Deletion ------------------------------------------------------------------------------
