@@ -136,7 +136,7 @@ def _add_event(session: AsyncSession, run_id: str, kind: str, **fields: Any) -> 
 
 
 async def _compare_and_set(
-    session: AsyncConnection,
+    conn: AsyncConnection,
     table: Table,
     key: tuple[ColumnElement[bool], ...],
     sources: Collection[_Phase],
@@ -167,20 +167,20 @@ async def _compare_and_set(
     if len(sources) == 1:
         (current,) = sources
     else:
-        found = await session.scalar(select(phase).where(*key).with_for_update(key_share=True))
+        found = await conn.scalar(select(phase).where(*key).with_for_update(key_share=True))
         if found is None:
             raise missing
         current = type(new)(found)
         if current not in sources:
             return None
     moved = (
-        await session.execute(
+        await conn.execute(
             update(table).where(*key, phase == current.value).values(**changes).returning(*table.c)
         )
     ).first()
     if moved is not None:
         return current, moved
-    if len(sources) == 1 and await session.scalar(select(phase).where(*key)) is None:
+    if len(sources) == 1 and await conn.scalar(select(phase).where(*key)) is None:
         raise missing
     return None
 
@@ -525,6 +525,52 @@ class Store:
                 job_name=job_name,
             )
 
+    async def mark_launched(self, launches: Sequence[Launch]) -> list[list[AttemptRecord] | Fenced]:
+        """Record launches of several runs in one transaction: for each, the attempts as
+        written, or :class:`Fenced` (nothing written for it) when its fence no longer
+        holds. One statement checks the fences, one marks every attempt.
+
+        From then on a missing pod means it vanished (a failed attempt), never that it
+        still has to be created: the same attempt is never launched twice. The engine's
+        passes on many runs share this transaction (a group commit).
+        """
+        async with self._transaction() as session:
+            conn = await session.connection()
+            fences = {launch.fence for launch in launches if launch.fence is not None}
+            lost = fences - await held_fences(conn, fences)
+            keys = [
+                (launch.run_id, task, attempt)
+                for launch in launches
+                if launch.fence not in lost
+                for task, attempt in launch.attempts
+            ]
+            rows: Sequence[Row[Any]] = (
+                (
+                    await conn.execute(
+                        update(ATTEMPTS)
+                        .where(
+                            tuple_(ATTEMPTS.c.run_id, ATTEMPTS.c.task, ATTEMPTS.c.attempt).in_(
+                                keys
+                            ),
+                            ATTEMPTS.c.launched_at.is_(None),
+                        )
+                        .values(launched_at=_now())
+                        .returning(*ATTEMPTS.c)
+                    )
+                ).all()
+                if keys
+                else []
+            )
+            marked: dict[str, list[AttemptRecord]] = {}
+            for row in rows:
+                marked.setdefault(row.run_id, []).append(AttemptRecord.of(row))
+        return [
+            fenced_out(launch.fence)
+            if launch.fence is not None and launch.fence in lost
+            else marked.get(launch.run_id, [])
+            for launch in launches
+        ]
+
     async def children(self, run_id: str) -> list[RunRecord]:
         """The runs the ``workflow`` tasks of ``run_id`` started, oldest first."""
         query = select(RunRow).where(RunRow.parent_id == run_id).order_by(RunRow.created_at)
@@ -639,52 +685,6 @@ class Store:
 
     # Retention
 
-    async def mark_launched(self, launches: Sequence[Launch]) -> list[list[AttemptRecord] | Fenced]:
-        """Record launches of several runs in one transaction: for each, the attempts as
-        written, or :class:`Fenced` (nothing written for it) when its fence no longer
-        holds. One statement checks the fences, one marks every attempt.
-
-        From then on a missing pod means it vanished (a failed attempt), never that it
-        still has to be created: the same attempt is never launched twice. The engine's
-        passes on many runs share this transaction (a group commit).
-        """
-        async with self._transaction() as session:
-            conn = await session.connection()
-            fences = {launch.fence for launch in launches if launch.fence is not None}
-            held = await held_fences(conn, fences)
-            keys = [
-                (launch.run_id, task, attempt)
-                for launch in launches
-                if launch.fence is None or launch.fence in held
-                for task, attempt in launch.attempts
-            ]
-            rows: Sequence[Row[Any]] = (
-                (
-                    await conn.execute(
-                        update(ATTEMPTS)
-                        .where(
-                            tuple_(ATTEMPTS.c.run_id, ATTEMPTS.c.task, ATTEMPTS.c.attempt).in_(
-                                keys
-                            ),
-                            ATTEMPTS.c.launched_at.is_(None),
-                        )
-                        .values(launched_at=_now())
-                        .returning(*ATTEMPTS.c)
-                    )
-                ).all()
-                if keys
-                else []
-            )
-            marked: dict[str, list[AttemptRecord]] = {}
-            for row in rows:
-                marked.setdefault(row.run_id, []).append(AttemptRecord.of(row))
-        return [
-            fenced_out(launch.fence)
-            if launch.fence is not None and launch.fence not in held
-            else marked.get(launch.run_id, [])
-            for launch in launches
-        ]
-
     async def prune(self, *, older_than: timedelta) -> int:
         """Delete runs that finished more than ``older_than`` ago, with their history.
 
@@ -748,10 +748,10 @@ class Batch:
     """
 
     def __init__(
-        self, store: Store, session: AsyncConnection, run_id: str, announced: Announced | None
+        self, store: Store, conn: AsyncConnection, run_id: str, announced: Announced | None
     ) -> None:
         """Use :meth:`Store.batch`."""
-        self.store, self.session, self.run_id = store, session, run_id
+        self.store, self.conn, self.run_id = store, conn, run_id
         self.announced = announced
         self.run: RunRecord | None = None
         self.attempts: dict[str, AttemptRecord] = {}  # task -> newest attempt written
@@ -778,7 +778,7 @@ class Batch:
         if not self._events:
             return
         ids = list(
-            await self.session.scalars(
+            await self.conn.scalars(
                 insert(EVENTS).returning(EVENTS.c.id, sort_by_parameter_order=True), self._events
             )
         )
@@ -814,7 +814,7 @@ class Batch:
             return False
         now = _now()
         moved = await _compare_and_set(
-            self.session,
+            self.conn,
             RUNS,
             (RUNS.c.id == self.run_id,),
             sources,
@@ -887,7 +887,7 @@ class Batch:
                     .on_conflict_do_nothing(index_elements=["run_id", "task", "attempt"])
                     .returning(*ATTEMPTS.c)
                 )
-                rows += await self.session.execute(stmt)
+                rows += await self.conn.execute(stmt)
         except IntegrityError:
             # The one constraint an insert that skips duplicates can break: the reference
             # to the run (no read of the run first: a statement fewer per start).
@@ -988,7 +988,7 @@ class Batch:
             ATTEMPTS.c.attempt == attempt,
         )
         moved = await _compare_and_set(
-            self.session,
+            self.conn,
             ATTEMPTS,
             key,
             sources,
