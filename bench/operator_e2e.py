@@ -142,9 +142,10 @@ class PodWatcher(threading.Thread):
     def _lines(self) -> Iterator[bytes]:
         # kubectl copies the watch's body as it comes: one JSON event a line.
         url = f"{self.pods}?watch=1&resourceVersion={self.version}&timeoutSeconds=60"
-        kubectl = [str(self.plane.bin_dir / "kubectl"), f"--kubeconfig={self.plane.kubeconfig}"]
         with subprocess.Popen(
-            [*kubectl, "get", "--raw", url], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+            self.plane.kubectl_argv("get", "--raw", url),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
         ) as self.proc:
             assert self.proc.stdout is not None
             try:
@@ -204,13 +205,7 @@ class PodWatcher(threading.Thread):
 
 
 def _prepare(plane: ControlPlane, namespace: str) -> None:
-    deadline = time.monotonic() + 60
-    plane.kubectl("create", "namespace", namespace)
-    # Pods are refused until the ServiceAccount controller has made "default".
-    while plane.kubectl("get", "-n", namespace, "sa", "default", check=False).returncode:
-        if time.monotonic() > deadline:
-            raise RuntimeError("no default ServiceAccount after 60 s")
-        time.sleep(0.2)
+    plane.create_namespace(namespace, timeout=60)
 
 
 def _crds(plane: ControlPlane) -> None:
