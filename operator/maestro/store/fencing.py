@@ -11,11 +11,12 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import ColumnElement, Table, func, select, tuple_
+from sqlalchemy import ColumnElement, Select, Table, bindparam, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from maestro.store.errors import Fenced
 from maestro.store.models import BucketRow
+from maestro.store.types import UTCDateTime
 
 
 @dataclass(frozen=True)
@@ -40,15 +41,23 @@ def fenced(fence: Fence) -> Iterator[None]:
         FENCE.reset(token)
 
 
-# Core, not ORM, statements: checked in every write transaction, the ORM's compile step
-# for it cost more than the round trip.
+# Core, not ORM, statements, built once: checked in every write transaction, where
+# building the statement (and its cache key) again each time cost more than the round trip.
 _BUCKETS: Table = BucketRow.__table__  # type: ignore[assignment]
 
 
-def _live(conn: AsyncConnection) -> ColumnElement[bool]:
-    # The database's clock on PostgreSQL; SQLite (one process) has only ours.
-    now = func.now() if conn.dialect.name == "postgresql" else datetime.now(UTC)
-    return _BUCKETS.c.expires_at > now
+def _held(live: ColumnElement[bool]) -> Select[int, str, int]:
+    key = tuple_(_BUCKETS.c.bucket, _BUCKETS.c.holder, _BUCKETS.c.epoch)
+    return (
+        select(_BUCKETS.c.bucket, _BUCKETS.c.holder, _BUCKETS.c.epoch)
+        .where(key.in_(bindparam("fences", expanding=True)), live)
+        .with_for_update(read=True, key_share=True)
+    )
+
+
+# The database's clock on PostgreSQL; SQLite (one process) has only ours.
+_HELD = _held(_BUCKETS.c.expires_at > func.now())
+_HELD_HERE = _held(_BUCKETS.c.expires_at > bindparam("now", type_=UTCDateTime()))
 
 
 async def held_fences(conn: AsyncConnection, fences: Collection[Fence]) -> set[Fence]:
@@ -56,16 +65,11 @@ async def held_fences(conn: AsyncConnection, fences: Collection[Fence]) -> set[F
     the transaction ends, so no one claims them meanwhile (one statement for them all)."""
     if not fences:
         return set()
-    rows = await conn.execute(
-        select(_BUCKETS.c.bucket, _BUCKETS.c.holder, _BUCKETS.c.epoch)
-        .where(
-            tuple_(_BUCKETS.c.bucket, _BUCKETS.c.holder, _BUCKETS.c.epoch).in_(
-                [(f.bucket, f.holder, f.epoch) for f in fences]
-            ),
-            _live(conn),
-        )
-        .with_for_update(read=True, key_share=True)
-    )
+    keys = [(f.bucket, f.holder, f.epoch) for f in fences]
+    if conn.dialect.name == "postgresql":
+        rows = await conn.execute(_HELD, {"fences": keys})
+    else:
+        rows = await conn.execute(_HELD_HERE, {"fences": keys, "now": datetime.now(UTC)})
     return {Fence(bucket, holder, epoch) for bucket, holder, epoch in rows}
 
 

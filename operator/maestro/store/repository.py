@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
@@ -12,14 +13,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import (
-    ColumnElement,
     Insert,
     Row,
+    Select,
     Table,
+    Update,
+    bindparam,
     delete,
     func,
     insert,
-    literal,
     select,
     text,
     tuple_,
@@ -61,6 +63,25 @@ RUNS: Table = RunRow.__table__  # type: ignore[assignment]
 ATTEMPTS: Table = AttemptRow.__table__  # type: ignore[assignment]
 EVENTS: Table = EventRow.__table__  # type: ignore[assignment]
 
+# The hot path's statements, built once (see _moves).
+_MARK_LAUNCHED = (
+    update(ATTEMPTS)
+    .where(
+        tuple_(ATTEMPTS.c.run_id, ATTEMPTS.c.task, ATTEMPTS.c.attempt).in_(
+            bindparam("keys", expanding=True)
+        ),
+        ATTEMPTS.c.launched_at.is_(None),
+    )
+    .values(launched_at=bindparam("now", type_=UTCDateTime()))
+    .returning(*ATTEMPTS.c)
+)
+_MARK_POSTED = (
+    update(EVENTS)
+    .where(EVENTS.c.id.in_(bindparam("ids", expanding=True)), EVENTS.c.posted_at.is_(None))
+    .values(posted_at=bindparam("now", type_=UTCDateTime()))
+)
+_INSERT_EVENTS = insert(EVENTS).returning(EVENTS.c.id, sort_by_parameter_order=True)
+
 #: The keys a run's ``controls`` may hold, with their values for a new run.
 DEFAULT_CONTROLS: Mapping[str, Any] = {"suspend": False, "cancel": False, "approvals": []}
 # Set only when known: who asked for the cancel (the run's message names them); whether
@@ -75,9 +96,6 @@ _Phase = TypeVar("_Phase", RunPhase, TaskPhase)
 def _now() -> datetime:
     return datetime.now(UTC)
 
-
-# Attempts inserted by one statement, at most (10 columns each).
-INSERT_CHUNK = 500
 
 # Which store events need the outbox, by (kind, from phase, to phase): see Store.batch.
 Announced = Callable[[str, str | None, str | None], bool]
@@ -135,10 +153,40 @@ def _add_event(session: AsyncSession, run_id: str, kind: str, **fields: Any) -> 
     session.add(EventRow(**_event_values(run_id, kind, **fields)))
 
 
+@functools.cache
+def _moves(
+    table: Table, key: tuple[str, ...], changes: tuple[str, ...]
+) -> tuple[Select[str], Select[str], Update]:
+    """The statements of a compare-and-set on ``table``, built once per shape: the row's
+    phase (locked, and not), and the UPDATE of ``changes`` on the row of phase ``was``.
+
+    Parameters: ``key_<column>`` for the row's ``key``, ``set_<column>`` for each change
+    (``started_at`` is kept when set, from ``now``) and ``was`` for the phase it leaves.
+    Built anew on every call, the statement and its cache key cost more than the round trip.
+    """
+    where = [table.c[k] == bindparam(f"key_{k}") for k in key]
+    values: dict[str, Any] = {
+        c: bindparam(f"set_{c}", type_=table.c[c].type) for c in changes if c != "started_at"
+    }
+    if "started_at" in changes:
+        # Kept when set: a retried start of the same attempt did not start it anew.
+        values["started_at"] = func.coalesce(
+            table.c.started_at, bindparam("set_started_at", type_=UTCDateTime())
+        )
+    phase = select(table.c.phase).where(*where)
+    move = (
+        update(table)
+        .where(*where, table.c.phase == bindparam("was"))
+        .values(values)
+        .returning(*table.c)
+    )
+    return phase.with_for_update(key_share=True), phase, move
+
+
 async def _compare_and_set(
     conn: AsyncConnection,
     table: Table,
-    key: tuple[ColumnElement[bool], ...],
+    key: Mapping[str, Any],
     sources: Collection[_Phase],
     new: _Phase,
     values: dict[str, Any],
@@ -154,33 +202,30 @@ async def _compare_and_set(
     With one source, the phase left is known and the UPDATE alone does it (what every
     engine pass does); with several, the row is locked and read first (PostgreSQL: FOR
     NO KEY UPDATE, so inserts of events and attempts that reference it are not blocked).
-    Core statements on the table (``key`` of its columns), not the ORM's: the ORM's
+    Core statements on the table (``key``: column -> value), not the ORM's: the ORM's
     bookkeeping for a row nobody reads as an object cost more than the statement.
     """
-    phase = table.c.phase
     changes: dict[str, Any] = {**values, "phase": new.value}
     if new.value == "Running":
-        # Kept when set: a retried start of the same attempt did not start it anew.
-        changes["started_at"] = func.coalesce(table.c.started_at, literal(now, UTCDateTime()))
+        changes["started_at"] = now
     if new.finished:
         changes["finished_at"] = now
+    locked, phase, move = _moves(table, tuple(key), tuple(changes))
+    params = {f"key_{k}": v for k, v in key.items()}
     if len(sources) == 1:
         (current,) = sources
     else:
-        found = await conn.scalar(select(phase).where(*key).with_for_update(key_share=True))
+        found = await conn.scalar(locked, params)
         if found is None:
             raise missing
         current = type(new)(found)
         if current not in sources:
             return None
-    moved = (
-        await conn.execute(
-            update(table).where(*key, phase == current.value).values(**changes).returning(*table.c)
-        )
-    ).first()
+    params |= {f"set_{c}": v for c, v in changes.items()}
+    moved = (await conn.execute(move, {**params, "was": current.value})).first()
     if moved is not None:
         return current, moved
-    if len(sources) == 1 and await conn.scalar(select(phase).where(*key)) is None:
+    if len(sources) == 1 and await conn.scalar(phase, params) is None:
         raise missing
     return None
 
@@ -215,6 +260,12 @@ class Store:
         self._connect_timeout = connect_timeout
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         self.max_output_bytes = max_output_bytes
+        # Built once: what starting tasks runs (see Batch._insert_attempts).
+        self._new_attempts = (
+            self._insert(ATTEMPTS)
+            .on_conflict_do_nothing(index_elements=["run_id", "task", "attempt"])
+            .returning(*ATTEMPTS.c)
+        )
 
     @classmethod
     async def open(
@@ -276,9 +327,22 @@ class Store:
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncSession]:
+        async with self._unavailable(), self._sessions.begin() as session:
+            yield session
+
+    @asynccontextmanager
+    async def _begin(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction on a bare connection, for Core statements only: what the hot
+        path (an engine pass, launch marks) writes in, without an ORM session to set up.
+        Its writes check the fence themselves (:func:`check_fence`, :func:`held_fences`)."""
+        async with self._unavailable(), self._engine.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _unavailable(self) -> AsyncIterator[None]:
+        """Translate a database that cannot be reached into :class:`StoreUnavailable`."""
         try:
-            async with self._sessions.begin() as session:
-                yield session
+            yield
         except (OSError, OperationalError, InterfaceError, PoolTimeout) as exc:
             raise unavailable(exc, self._url, self._connect_timeout) from None
 
@@ -473,10 +537,9 @@ class Store:
         (:attr:`Batch.handled`): whoever holds the run handles them from memory, and
         marking them later would cost a transaction of its own.
         """
-        async with self.writing() as session:
-            # The session's connection, in its transaction: Core statements run on it
-            # directly, without the session's ORM layer (a pass has no ORM objects).
-            writes = Batch(self, await session.connection(), run_id, announced)
+        async with self._begin() as conn:
+            await check_fence(conn)
+            writes = Batch(self, conn, run_id, announced)
             yield writes
             await writes.close()
 
@@ -534,8 +597,7 @@ class Store:
         still has to be created: the same attempt is never launched twice. The engine's
         passes on many runs share this transaction (a group commit).
         """
-        async with self._transaction() as session:
-            conn = await session.connection()
+        async with self._begin() as conn:
             fences = {launch.fence for launch in launches if launch.fence is not None}
             lost = fences - await held_fences(conn, fences)
             keys = [
@@ -545,19 +607,7 @@ class Store:
                 for task, attempt in launch.attempts
             ]
             rows: Sequence[Row[Any]] = (
-                (
-                    await conn.execute(
-                        update(ATTEMPTS)
-                        .where(
-                            tuple_(ATTEMPTS.c.run_id, ATTEMPTS.c.task, ATTEMPTS.c.attempt).in_(
-                                keys
-                            ),
-                            ATTEMPTS.c.launched_at.is_(None),
-                        )
-                        .values(launched_at=_now())
-                        .returning(*ATTEMPTS.c)
-                    )
-                ).all()
+                (await conn.execute(_MARK_LAUNCHED, {"keys": keys, "now": _now()})).all()
                 if keys
                 else []
             )
@@ -676,12 +726,9 @@ class Store:
         """Take events out of the outbox: their Kubernetes Events are posted."""
         if not event_ids:
             return
-        async with self.writing() as session:
-            await session.execute(
-                update(EventRow)
-                .where(EventRow.id.in_(list(event_ids)), EventRow.posted_at.is_(None))
-                .values(posted_at=_now())
-            )
+        async with self._begin() as conn:
+            await check_fence(conn)
+            await conn.execute(_MARK_POSTED, {"ids": list(event_ids), "now": _now()})
 
     # Retention
 
@@ -777,11 +824,7 @@ class Batch:
         """Write the pass's events in one statement; their ids are the outbox's."""
         if not self._events:
             return
-        ids = list(
-            await self.conn.scalars(
-                insert(EVENTS).returning(EVENTS.c.id, sort_by_parameter_order=True), self._events
-            )
-        )
+        ids = list(await self.conn.scalars(_INSERT_EVENTS, self._events))
         self.events = [
             EventRecord(id=i, **{k: v for k, v in e.items() if k != "posted_at"})
             for i, e in zip(ids, self._events, strict=True)
@@ -816,7 +859,7 @@ class Batch:
         moved = await _compare_and_set(
             self.conn,
             RUNS,
-            (RUNS.c.id == self.run_id,),
+            {"id": self.run_id},
             sources,
             new,
             {
@@ -869,25 +912,20 @@ class Batch:
         return rows[0] if rows else None
 
     async def _insert_attempts(self, values: list[dict[str, Any]], now: datetime) -> list[Row[Any]]:
-        """Insert attempts (one statement per :data:`INSERT_CHUNK`), skipping those that
-        exist; the rows made, in the order given, each with its creation event (and its
-        start's, for one inserted Running)."""
-        rows: list[Row[Any]] = []
+        """Insert attempts, skipping those that exist; the rows made, in the order given,
+        each with its creation event (and its start's, for one inserted Running).
+
+        One statement for them all, of constant text (SQLAlchemy's insertmanyvalues
+        pages it within the bind parameter limits): no statement to build per call."""
+        if not values:
+            return []
         try:
-            # In chunks: a statement's bind parameters are limited (SQLite: 32,766).
-            for i in range(0, len(values), INSERT_CHUNK):
-                stmt = (
-                    self.store._insert(ATTEMPTS)
-                    .values(
-                        [
-                            {"run_id": self.run_id, "created_at": now, **v}
-                            for v in values[i : i + INSERT_CHUNK]
-                        ]
-                    )
-                    .on_conflict_do_nothing(index_elements=["run_id", "task", "attempt"])
-                    .returning(*ATTEMPTS.c)
+            rows = list(
+                await self.conn.execute(
+                    self.store._new_attempts,
+                    [{"run_id": self.run_id, "created_at": now, **v} for v in values],
                 )
-                rows += await self.conn.execute(stmt)
+            )
         except IntegrityError:
             # The one constraint an insert that skips duplicates can break: the reference
             # to the run (no read of the run first: a statement fewer per start).
@@ -982,15 +1020,10 @@ class Batch:
         now: datetime,
     ) -> bool:
         """Compare-and-set one attempt's phase and log the event."""
-        key = (
-            ATTEMPTS.c.run_id == self.run_id,
-            ATTEMPTS.c.task == task,
-            ATTEMPTS.c.attempt == attempt,
-        )
         moved = await _compare_and_set(
             self.conn,
             ATTEMPTS,
-            key,
+            {"run_id": self.run_id, "task": task, "attempt": attempt},
             sources,
             new,
             values,
