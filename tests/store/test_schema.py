@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -25,6 +28,36 @@ from maestro.store.models import Base
 from maestro.store.urls import parse_url
 
 UNREACHABLE = "postgresql://nobody:s3cret@127.0.0.1:1/x"
+
+
+def test_head_read_from_the_file_names_is_alembics_head() -> None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from maestro.store import migrate
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrate._MIGRATIONS))
+    assert head() == ScriptDirectory.from_config(cfg).get_current_head()
+
+
+def test_a_current_store_is_opened_without_importing_alembic(tmp_path: Path) -> None:
+    # What keeps the operator's memory down (store.migrate): checked in a fresh
+    # interpreter, where nothing else imported Alembic first.
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    asyncio.run(upgrade(url))
+    probe = (
+        "import asyncio, sys\n"
+        "from maestro.store import Store\n"
+        "async def main():\n"
+        f"    await (await Store.open({url!r})).close()\n"
+        "asyncio.run(main())\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]"
 
 
 async def test_unmigrated_database_is_refused_unless_migrating(database_url: str) -> None:

@@ -190,6 +190,7 @@ class Engine:
             generation=generation,
             controls=dict(controls or {}),
             parent_id=parent_id,
+            announced=self.announced,
         )
 
     async def seed_from(self, run_id: str, source_id: str) -> list[str]:
@@ -309,8 +310,7 @@ class Engine:
         """The run as this process holds it, loaded from the store on first use."""
         held = self._held.get(run_id)
         if held is None:
-            run, latest = await self.store.snapshot(run_id)
-            outbox = await self.store.unposted_events(run_id)
+            run, latest, outbox = await self.store.snapshot(run_id)
             held = self._held[run_id] = _Held(run, dict(latest), outbox)
         return held
 

@@ -10,8 +10,9 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import ColumnElement, Select, Table, bindparam, func, select, tuple_
+from sqlalchemy import ColumnElement, Select, Table, and_, bindparam, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from maestro.store.errors import Fenced
@@ -44,20 +45,25 @@ def fenced(fence: Fence) -> Iterator[None]:
 # Core, not ORM, statements, built once: checked in every write transaction, where
 # building the statement (and its cache key) again each time cost more than the round trip.
 _BUCKETS: Table = BucketRow.__table__  # type: ignore[assignment]
+_KEY = (_BUCKETS.c.bucket, _BUCKETS.c.holder, _BUCKETS.c.epoch)
 
 
-def _held(live: ColumnElement[bool]) -> Select[int, str, int]:
-    key = tuple_(_BUCKETS.c.bucket, _BUCKETS.c.holder, _BUCKETS.c.epoch)
-    return (
-        select(_BUCKETS.c.bucket, _BUCKETS.c.holder, _BUCKETS.c.epoch)
-        .where(key.in_(bindparam("fences", expanding=True)), live)
-        .with_for_update(read=True, key_share=True)
-    )
+def _held(which: ColumnElement[bool], live: ColumnElement[bool]) -> Select[int, str, int]:
+    return select(*_KEY).where(which, live).with_for_update(read=True, key_share=True)
 
 
-# The database's clock on PostgreSQL; SQLite (one process) has only ours.
-_HELD = _held(_BUCKETS.c.expires_at > func.now())
-_HELD_HERE = _held(_BUCKETS.c.expires_at > bindparam("now", type_=UTCDateTime()))
+# One fence (every write transaction) by plain parameters: an expanding IN list is
+# rendered anew on every execution. The database's clock on PostgreSQL; SQLite (one
+# process) has only ours.
+_ONE = and_(*(column == bindparam(column.name) for column in _KEY))
+_ANY = tuple_(*_KEY).in_(bindparam("fences", expanding=True))
+_HERE = _BUCKETS.c.expires_at > bindparam("now", type_=UTCDateTime())
+_HELD = {
+    (True, True): _held(_ONE, _BUCKETS.c.expires_at > func.now()),
+    (True, False): _held(_ANY, _BUCKETS.c.expires_at > func.now()),
+    (False, True): _held(_ONE, _HERE),
+    (False, False): _held(_ANY, _HERE),
+}
 
 
 async def held_fences(conn: AsyncConnection, fences: Collection[Fence]) -> set[Fence]:
@@ -65,11 +71,16 @@ async def held_fences(conn: AsyncConnection, fences: Collection[Fence]) -> set[F
     the transaction ends, so no one claims them meanwhile (one statement for them all)."""
     if not fences:
         return set()
-    keys = [(f.bucket, f.holder, f.epoch) for f in fences]
-    if conn.dialect.name == "postgresql":
-        rows = await conn.execute(_HELD, {"fences": keys})
+    params: dict[str, Any]
+    if len(fences) == 1:
+        (fence,) = fences
+        params = {"bucket": fence.bucket, "holder": fence.holder, "epoch": fence.epoch}
     else:
-        rows = await conn.execute(_HELD_HERE, {"fences": keys, "now": datetime.now(UTC)})
+        params = {"fences": [(f.bucket, f.holder, f.epoch) for f in fences]}
+    here = conn.dialect.name != "postgresql"
+    if here:
+        params["now"] = datetime.now(UTC)
+    rows = await conn.execute(_HELD[not here, len(fences) == 1], params)
     return {Fence(bucket, holder, epoch) for bucket, holder, epoch in rows}
 
 

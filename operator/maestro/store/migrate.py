@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, inspect, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -18,7 +14,16 @@ from maestro.store.database import connect, make_engine
 from maestro.store.errors import SchemaError
 from maestro.store.urls import describe, parse_url, scrub
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# Alembic is imported only when a schema is not at head (to migrate, or to name what is
+# wrong): a process whose store is current (the operator, after the chart's initContainer
+# ran `maestro db upgrade`) never carries it, ~14 MiB of memory less.
+
 _MIGRATIONS = Path(__file__).parent / "migrations"
+# The table Alembic keeps the revision in (alembic.runtime.migration's default).
+_VERSION_TABLE = "alembic_version"
 
 # Serialises concurrent upgrades (e.g. two operator replicas starting together) on
 # PostgreSQL; the value is arbitrary but fixed ("maestro" in ASCII).
@@ -26,6 +31,8 @@ _ADVISORY_LOCK_KEY = 0x6D61657374726F
 
 
 def _config(connection: Connection | None = None) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(_MIGRATIONS))
     if connection is not None:
@@ -34,14 +41,21 @@ def _config(connection: Connection | None = None) -> Config:
 
 
 def head() -> str:
-    """The schema revision this Maestro needs (the newest migration)."""
-    rev = ScriptDirectory.from_config(_config()).get_current_head()
-    if rev is None:
+    """The schema revision this Maestro needs (the newest migration).
+
+    Read from the file names, without Alembic: each migration's revision is its file's
+    name, numbered in order (tests/store/test_schema.py holds Alembic to the same head).
+    """
+    revisions = sorted(p.stem for p in (_MIGRATIONS / "versions").glob("[0-9]*.py"))
+    if not revisions:
         raise SchemaError("no migrations are packaged with this Maestro")
-    return rev
+    return revisions[-1]
 
 
 def _known(rev: str) -> bool:
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
     try:
         return ScriptDirectory.from_config(_config()).get_revision(rev) is not None
     except CommandError:
@@ -49,13 +63,26 @@ def _known(rev: str) -> bool:
 
 
 def _current(connection: Connection) -> str | None:
-    return MigrationContext.configure(connection).get_current_revision()
+    if not inspect(connection).has_table(_VERSION_TABLE):
+        return None
+    version = connection.scalar(text(f"SELECT version_num FROM {_VERSION_TABLE}"))
+    return None if version is None else str(version)
+
+
+class _Failed(Exception):
+    """Alembic refused the upgrade (its CommandError, whose module is imported late)."""
 
 
 def _upgrade(connection: Connection) -> None:
+    from alembic import command
+    from alembic.util import CommandError
+
     if connection.dialect.name == "postgresql":
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
-    command.upgrade(_config(connection), "head")
+    try:
+        command.upgrade(_config(connection), "head")
+    except CommandError as exc:
+        raise _Failed(str(exc)) from None
 
 
 async def ensure_schema(conn: AsyncConnection, url: URL, *, migrate: bool) -> str:
@@ -83,7 +110,7 @@ async def ensure_schema(conn: AsyncConnection, url: URL, *, migrate: bool) -> st
     try:
         async with conn.begin():
             await conn.run_sync(_upgrade)
-    except (SQLAlchemyError, CommandError) as exc:
+    except (SQLAlchemyError, _Failed) as exc:
         raise SchemaError(
             f"migrating {describe(url)} to {need} failed: {scrub(str(exc), url)}"
         ) from None

@@ -39,7 +39,6 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import aliased
 
 from maestro.api.phases import RUN_TRANSITIONS, TASK_TRANSITIONS, RunPhase, TaskPhase
 from maestro.store.database import POOL_SIZE, connect, make_engine, unavailable
@@ -230,17 +229,29 @@ async def _compare_and_set(
     return None
 
 
-async def _latest(session: AsyncSession, run_id: str) -> dict[str, AttemptRecord]:
+def _newest(run_id: str) -> Select[Any]:
     # Only the newest attempt of each task: older ones (retried) are history, and
     # decoding their outputs on every engine pass would be wasted work.
-    older = aliased(AttemptRow)
+    older = ATTEMPTS.alias("older")
     newest = (
-        select(func.max(older.attempt))
-        .where(older.run_id == AttemptRow.run_id, older.task == AttemptRow.task)
+        select(func.max(older.c.attempt))
+        .where(older.c.run_id == ATTEMPTS.c.run_id, older.c.task == ATTEMPTS.c.task)
         .scalar_subquery()
     )
-    query = select(AttemptRow).where(AttemptRow.run_id == run_id, AttemptRow.attempt == newest)
-    return {row.task: AttemptRecord.of(row) for row in await session.scalars(query)}
+    return select(ATTEMPTS).where(ATTEMPTS.c.run_id == run_id, ATTEMPTS.c.attempt == newest)
+
+
+def _unposted(run_id: str) -> Select[Any]:
+    # The outbox: the partial index ix_events_unposted serves it.
+    return (
+        select(EVENTS)
+        .where(EVENTS.c.run_id == run_id, EVENTS.c.posted_at.is_(None))
+        .order_by(EVENTS.c.id)
+    )
+
+
+def _by_uid(namespace: str, uid: str | None) -> Select[Any]:
+    return select(RUNS).where(RUNS.c.namespace == namespace, RUNS.c.uid == uid)
 
 
 class Store:
@@ -333,8 +344,9 @@ class Store:
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
         """A transaction on a bare connection, for Core statements only: what the hot
-        path (an engine pass, launch marks) writes in, without an ORM session to set up.
-        Its writes check the fence themselves (:func:`check_fence`, :func:`held_fences`)."""
+        path (a run's creation and first read, engine passes, launch marks) runs in,
+        without an ORM session to set up. Writes in it check the fence themselves
+        (:func:`check_fence`, :func:`held_fences`)."""
         async with self._unavailable(), self._engine.begin() as conn:
             yield conn
 
@@ -378,15 +390,17 @@ class Store:
         generation: int = 1,
         controls: dict[str, Any] | None = None,
         parent_id: str | None = None,
+        announced: Announced | None = None,
     ) -> RunRecord:
         """Record a new Pending run; replaying the same (namespace, uid) returns the first one.
 
-        ``parent_id``: the run whose ``workflow`` task this one is."""
+        ``parent_id``: the run whose ``workflow`` task this one is; ``announced`` as for
+        :meth:`batch` (the creation event)."""
         _check_controls(controls or {})
         now = _now()
         run_id = str(uuid.uuid4())
         stmt = (
-            self._insert(RunRow)
+            self._insert(RUNS)
             .values(
                 id=run_id,
                 namespace=namespace,
@@ -403,18 +417,13 @@ class Store:
                 parent_id=parent_id,
             )
             .on_conflict_do_nothing(index_elements=["namespace", "uid"])
-            .returning(RunRow.id)
+            .returning(*RUNS.c)
         )
-        async with self.writing() as session:
-            if (await session.execute(stmt)).scalar_one_or_none() is None:
-                existing = await session.scalars(
-                    select(RunRow).where(RunRow.namespace == namespace, RunRow.uid == uid)
-                )
-                return RunRecord.of(existing.one())
-            _add_event(
-                session, run_id, "RunPhase", at=now, to_phase=RunPhase.PENDING, reason="Created"
-            )
-            row = await session.get_one(RunRow, run_id)
+        async with self.batch(run_id, announced=announced) as writes:
+            row = (await writes.conn.execute(stmt)).first()
+            if row is None:
+                return RunRecord.of((await writes.conn.execute(_by_uid(namespace, uid))).one())
+            writes.event("RunPhase", at=now, to_phase=RunPhase.PENDING, reason="Created")
             return RunRecord.of(row)
 
     async def get_run(self, run_id: str) -> RunRecord:
@@ -427,10 +436,8 @@ class Store:
 
     async def find_run(self, namespace: str, uid: str) -> RunRecord | None:
         """The run created for the Kubernetes object with this uid, if any."""
-        async with self._transaction() as session:
-            row = await session.scalar(
-                select(RunRow).where(RunRow.namespace == namespace, RunRow.uid == uid)
-            )
+        async with self._begin() as conn:
+            row = (await conn.execute(_by_uid(namespace, uid))).first()
             return None if row is None else RunRecord.of(row)
 
     async def list_runs(
@@ -660,19 +667,22 @@ class Store:
 
     async def latest_attempts(self, run_id: str) -> dict[str, AttemptRecord]:
         """The newest attempt of each task in the run, by task name."""
-        async with self._transaction() as session:
-            return await _latest(session, run_id)
+        async with self._begin() as conn:
+            return {row.task: AttemptRecord.of(row) for row in await conn.execute(_newest(run_id))}
 
-    async def snapshot(self, run_id: str) -> tuple[RunRecord, dict[str, AttemptRecord]]:
-        """The run and the newest attempt of each task, read in one transaction.
-
-        What an engine pass reads first; raises :class:`RunNotFound`.
-        """
-        async with self._transaction() as session:
-            row = await session.get(RunRow, run_id)
+    async def snapshot(
+        self, run_id: str
+    ) -> tuple[RunRecord, dict[str, AttemptRecord], list[EventRecord]]:
+        """The run, the newest attempt of each task and the outbox (:meth:`unposted_events`),
+        read in one transaction: what an engine first reads of a run. Raises
+        :class:`RunNotFound`."""
+        async with self._begin() as conn:
+            row = (await conn.execute(select(RUNS).where(RUNS.c.id == run_id))).first()
             if row is None:
                 raise RunNotFound(f"run {run_id} not found")
-            return RunRecord.of(row), await _latest(session, run_id)
+            latest = {r.task: AttemptRecord.of(r) for r in await conn.execute(_newest(run_id))}
+            outbox = [EventRecord.of(r) for r in await conn.execute(_unposted(run_id))]
+            return RunRecord.of(row), latest, outbox
 
     async def events(self, run_id: str, *, after: int = 0) -> list[EventRecord]:
         """The run's event log in the order it was written; only ids above ``after``."""
@@ -714,13 +724,8 @@ class Store:
 
     async def unposted_events(self, run_id: str) -> list[EventRecord]:
         """The run's events the operator has not handled yet (the outbox), oldest first."""
-        query = (
-            select(EventRow)
-            .where(EventRow.run_id == run_id, EventRow.posted_at.is_(None))
-            .order_by(EventRow.id)
-        )
-        async with self._transaction() as session:
-            return [EventRecord.of(row) for row in await session.scalars(query)]
+        async with self._begin() as conn:
+            return [EventRecord.of(row) for row in await conn.execute(_unposted(run_id))]
 
     async def mark_posted(self, event_ids: Collection[int]) -> None:
         """Take events out of the outbox: their Kubernetes Events are posted."""
@@ -807,7 +812,8 @@ class Batch:
         self._events: list[dict[str, Any]] = []
         self.handled: set[int] = set()  # ids of events written already out of the outbox
 
-    def _event(self, kind: str, **fields: Any) -> None:
+    def event(self, kind: str, **fields: Any) -> None:
+        """Log an event of this run (written when the batch ends)."""
         values = _event_values(self.run_id, kind, **fields)
         if self.announced is not None and not self.announced(
             kind, values["from_phase"], values["to_phase"]
@@ -876,7 +882,7 @@ class Batch:
             return False
         current, row = moved
         self.run = RunRecord.of(row)
-        self._event(
+        self.event(
             "RunPhase", at=now, from_phase=current, to_phase=new, reason=reason, message=message
         )
         return True
@@ -935,9 +941,9 @@ class Batch:
         for row in ordered:
             self._wrote(row)
             at = {"at": now, "task": row.task, "attempt": row.attempt}
-            self._event("TaskPhase", **at, to_phase=TaskPhase.PENDING, reason="Created")
+            self.event("TaskPhase", **at, to_phase=TaskPhase.PENDING, reason="Created")
             if row.phase == TaskPhase.RUNNING.value:
-                self._event(
+                self.event(
                     "TaskPhase",
                     **at,
                     from_phase=TaskPhase.PENDING,
@@ -1037,7 +1043,7 @@ class Batch:
             return False
         current, row = moved
         self._wrote(row)
-        self._event(
+        self.event(
             "TaskPhase",
             at=now,
             task=task,
