@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -159,6 +160,19 @@ def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig) -> N
 REQUEST_CONNECTIONS = 16
 
 
+def _settle_garbage_collector() -> None:
+    """Keep the collector off what lives as long as the process, and let it run less often.
+
+    Everything made so far (modules, the API client's ~800 model classes, settings) stays
+    to the end: frozen, a full collection no longer walks it. Every engine pass allocates
+    thousands of short-lived objects (rows, statements, JSON), so the default first
+    threshold (700) ran a collection every few passes: ~0.5 s of CPU in the 100-run
+    benchmark, ~0.06 s with these (docs/performance.md).
+    """
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 100)
+
+
 async def run_operator(
     config: OperatorConfig, store: Store, stop: asyncio.Event | None = None
 ) -> None:
@@ -251,6 +265,7 @@ async def run_operator(
         ]
         settings = kopf.OperatorSettings()
         configure_kopf(settings, config)
+        _settle_garbage_collector()
         try:
             await kopf.operator(
                 registry=registry,
