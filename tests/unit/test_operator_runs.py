@@ -191,24 +191,41 @@ def patches_counted(rig: Rig) -> float | None:
 
 async def test_status_patches_within_an_interval_are_coalesced(rig: Rig) -> None:
     writer = StatusWriter(cast(Any, rig.kube), rig.metrics, NS, "run", 1.0, rig.clock)
-    await writer.offer({"phase": "Running", "progress": "0/3"})
+    built: list[str] = []
+
+    def status(progress: str, **more: str) -> Any:
+        def build() -> dict[str, Any]:
+            built.append(progress)
+            return {
+                "phase": "Succeeded" if progress == "3/3" else "Running",
+                "progress": progress,
+                **more,
+            }
+
+        return build
+
+    await writer.offer(status("0/3"))
     assert [p["progress"] for p in rig.kube.patches] == ["0/3"]  # the first goes at once
     for progress in ("1/3", "2/3"):
         rig.clock.advance(0.25)  # binary fractions: the sums are exact
-        await writer.offer({"phase": "Running", "progress": progress})
+        await writer.offer(status(progress))
     assert len(rig.kube.patches) == 1  # held back: the interval has not passed
     assert writer.due_in() == 0.5
-    await writer.offer({"phase": "Running", "progress": "2/3", "duration": "1s"})
+    await writer.offer(status("2/3", duration="1s"))
     assert writer.pending is not None
-    assert writer.pending["duration"] == "1s"
     rig.clock.advance(0.5)
     assert writer.due_in() == 0.0
     await writer.flush()
     assert [p["progress"] for p in rig.kube.patches] == ["0/3", "2/3"]  # only the newest
-    await writer.offer({"phase": "Succeeded", "progress": "3/3"}, final=True)
+    assert rig.kube.patches[-1]["duration"] == "1s"
+    assert built == ["0/3", "2/3"]  # those held back and replaced were never built
+    assert writer.due_in() is None
+    await writer.offer(status("3/3"), final=True)
     assert rig.kube.patches[-1] == {"phase": "Succeeded", "progress": "3/3"}  # no wait
-    await writer.offer({"phase": "Succeeded", "progress": "3/3", "duration": "2s"})
+    rig.clock.advance(1.0)
+    await writer.offer(status("3/3", duration="2s"))
     assert len(rig.kube.patches) == 3  # a duration tick alone is no reason to write
+    assert writer.due_in() is None
     assert patches_counted(rig) == 3
 
 

@@ -159,23 +159,28 @@ class Driver:
         await self.publisher.post_events(run, body, latest, spec)
         now = self.settings.clock.now()
         generation = self.known.generations.get(run.id, meta.get("generation"))
-        status = run_status(
-            run,
-            spec,
-            latest,
-            live_message=step.decision.message,
-            generation=generation,
-            previous_conditions=writer.written.get("conditions") or previous,
-            now=now,
-            include_spec=include_spec,
-        )
-        if trace_id is not None:
-            status["traceId"] = trace_id
+
+        def build() -> dict[str, Any]:
+            status = run_status(
+                run,
+                spec,
+                latest,
+                live_message=step.decision.message,
+                generation=generation,
+                previous_conditions=writer.written.get("conditions") or previous,
+                now=now,
+                include_spec=include_spec,
+            )
+            if trace_id is not None:
+                status["traceId"] = trace_id
+            return status
+
         try:
-            await writer.offer(status, final=run.phase.finished)
+            status = await writer.offer(build, final=run.phase.finished)
         except NotFound:
             return None  # the WorkflowRun is gone; the delete handler records it
         if run.phase.finished:
+            assert status is not None  # a final status is written at once
             self.known.finished.add(run.id)
             if run.parent_id is not None:
                 self.waker(run.parent_id)  # its workflow task waits on this run

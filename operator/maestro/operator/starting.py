@@ -106,7 +106,7 @@ class Starter:
                 if why.phase.finished and writer.written.get("phase") != why.phase.value:
                     self.metrics.rejected()
                 try:
-                    await writer.offer(status, final=True)
+                    await writer.offer(status.copy, final=True)
                 except NotFound:
                     return None
                 except APIError as err:
