@@ -56,6 +56,48 @@ def with_jobs(h: Harness, jobs: FakeJobs) -> None:
     h.engine.executors = {**h.engine.executors, "container": jobs}
 
 
+@dataclass
+class EndingJobs(FakeJobs):
+    """FakeJobs whose objects in ``ended`` have succeeded."""
+
+    ended: set[str] = field(default_factory=set)
+
+    async def poll(self, ctx: AttemptContext) -> Result | None:
+        if ctx.handle in self.ended:
+            return Result.succeeded({})
+        return await super().poll(ctx)
+
+
+async def test_a_pass_asks_to_look_again_only_when_it_can_move_without_news(h: Harness) -> None:
+    # Pass.again: the operator's driver passes again at once only then; otherwise it waits
+    # for a pod to end (which wakes the run) or the decision's own wake time.
+    jobs = EndingJobs()
+    with_jobs(h, jobs)
+    spec = spec_of([sh("a", "true"), sh("b", "true", dependsOn=["a"], retries={"limit": 1})])
+    run = await h.create(spec)
+    first = await h.engine.reconcile(run.id)
+    assert jobs.created == ["run-a-1"]
+    assert first.progressed  # the run moved to Running
+    assert first.again
+    idle = await h.engine.reconcile(run.id)
+    assert not idle.progressed
+    assert not idle.again
+    jobs.ended.add("run-a-1")
+    ended = await h.engine.reconcile(run.id)  # a's result, and b started on it
+    assert jobs.created == ["run-a-1", "run-b-1"]
+    assert ended.progressed
+    assert not ended.again  # its decision already saw the result
+    jobs.existing.discard("run-b-1")
+    failed = await h.engine.reconcile(run.id)  # b's pod vanished: failed, retried
+    assert failed.progressed
+    assert failed.again
+    b = (await h.latest(run.id))["b"]
+    assert (b.attempt, b.phase) == (2, TaskPhase.PENDING)
+    backoff = await h.engine.reconcile(run.id)  # the retry waits out its backoff
+    assert not backoff.again
+    assert backoff.decision.wake_at is not None
+
+
 async def test_a_refused_start_fails_the_task_with_the_api_message(h: Harness) -> None:
     jobs = FakeJobs(fail_with=[StartRejected("cannot create job run-a-1: spec invalid", "X")])
     with_jobs(h, jobs)

@@ -81,6 +81,11 @@ class Pass:
     decision: Decision
     progressed: bool
     latest: Mapping[str, AttemptRecord]  # each task's latest attempt after the pass
+    # Whether a pass at once may move the run further without news from outside: False
+    # when all it did was take in results and start what they let start (its decision
+    # already saw the results, and started attempts move only when they end, which wakes
+    # the run). The operator's driver looks again at once only then.
+    again: bool = False
 
 
 def controls_of(run: RunRecord) -> Controls:
@@ -427,8 +432,10 @@ class Engine:
             result = await executor.poll(ctx)
             if result is not None:
                 results.append((name, att.attempt, result))
+        again = False  # see Pass.again
         if unlaunched:
-            progressed |= await self._launch(held, unlaunched, raise_errors=True)
+            again = await self._launch(held, unlaunched, raise_errors=True)
+            progressed |= again
             if run_id not in self._held:
                 return await self._lost(run_id)
         launch: list[tuple[Executor, AttemptContext]] = []
@@ -485,7 +492,11 @@ class Engine:
                 # Nothing (more) to write: a pod event that changed no task costs no
                 # transaction at all.
                 await stack.aclose()
-                return await self._passed(run_id, held, decision, progressed)
+                return await self._passed(run_id, held, decision, progressed, again)
+            # What the decision moves besides fresh starts can let it move again at once
+            # (a retry to start, instances to start, a settled or cached task's dependents).
+            again |= bool(decision.run) or any(not isinstance(a, Start) for a in decision.actions)
+            again |= any(isinstance(s, Settle | _CacheHit) for s in starts)
             if writes is None:
                 writes = await stack.enter_async_context(self._writes(held))
             for action in decision.actions:
@@ -542,20 +553,23 @@ class Engine:
         if launch:
             # Ready tasks are independent of each other: created together, so the last of
             # a wide fan-out does not wait for every pod before it.
-            await self._launch(self._held.get(run_id) or held, launch, raise_errors=False)
-        return await self._passed(run_id, held, decision, progressed)
+            # A failed attempt the decision has not seen, or one to create again.
+            again |= await self._launch(self._held.get(run_id) or held, launch, raise_errors=False)
+        return await self._passed(run_id, held, decision, progressed, again)
 
-    async def _passed(self, run_id: str, held: _Held, decision: Decision, progressed: bool) -> Pass:
+    async def _passed(
+        self, run_id: str, held: _Held, decision: Decision, progressed: bool, again: bool
+    ) -> Pass:
         """What the pass did, or, when a write of it lost a compare-and-set, the run as
         the store has it now."""
         if run_id not in self._held:
             return await self._lost(run_id, decision)
-        return Pass(held.run, decision, progressed, dict(held.latest))
+        return Pass(held.run, decision, progressed, dict(held.latest), again and progressed)
 
     async def _lost(self, run_id: str, decision: Decision | None = None) -> Pass:
         """Another writer moved the run: start again from the store."""
         held = await self._recall(run_id)
-        return Pass(held.run, decision or Decision(), True, dict(held.latest))
+        return Pass(held.run, decision or Decision(), True, dict(held.latest), again=True)
 
     async def _record_result(self, writes: Batch, task: str, attempt: int, result: Result) -> bool:
         try:
@@ -692,7 +706,8 @@ class Engine:
         Any other trouble leaves an attempt Running and unlaunched: the next pass creates
         it again (start is idempotent). With ``raise_errors`` the first such error is
         raised after the rest is recorded, so the caller backs off while it lasts.
-        True when an attempt was failed.
+        True when an attempt was failed or left unlaunched: the run has to be looked at
+        again (see Pass.again).
         """
 
         async def start(executor: Executor, ctx: AttemptContext) -> Result | None:
@@ -735,7 +750,7 @@ class Engine:
             self._take_attempts(held, marked)
         if trouble is not None and raise_errors:
             raise trouble
-        return progressed
+        return progressed or trouble is not None
 
     async def abort(self, run_id: str, message: str) -> RunRecord:
         """Stop every running attempt and cancel the run now, without finally tasks.

@@ -191,7 +191,7 @@ class Driver:
                 await self.controls.observe(meta, status, live, run.id)
             self.engine.forget(run.id)
             return run
-        if step.progressed:
+        if step.again:
             return 0.0
         timeout = RESYNC_SECONDS
         if step.decision.wake_at is not None:
