@@ -123,6 +123,13 @@ class Harness:
                 await asyncio.sleep(0.05)
         return path.read_text()
 
+    async def wait_lines(self, path: Path, count: int) -> list[str]:
+        """Poll until ``path`` has ``count`` lines: that many executions wrote their mark."""
+        async with asyncio.timeout(HANG_GUARD):
+            while len(lines(path)) < count:
+                await asyncio.sleep(0.05)
+        return lines(path)
+
     async def control(self, run_id: str, **changes: Any) -> None:
         """Change the run's controls, as the operator or CLI would, and wake the driver."""
         await self.engine.update_controls(run_id, **changes)

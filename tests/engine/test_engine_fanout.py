@@ -214,6 +214,9 @@ async def test_a_cancel_stops_running_instances_and_settles_the_rest(h: Harness)
     run = await h.create(spec)
     drive = h.drive(run.id)
     await h.wait_for(run.id, "w[1]", "Running")
+    # "Running" is recorded at launch, before the script's first line: cancel only
+    # once both admitted instances have written their mark, or the kill may beat it.
+    await h.wait_lines(h.counter, 2)
     await h.control(run.id, cancel=True)
     done = await drive
     assert done.phase is RunPhase.CANCELLED
