@@ -18,10 +18,9 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
-from kubernetes_asyncio import client
 
 from fixtures.control_plane import ControlPlane, KubectlError, load_controlplane_module
-from maestro.k8s.client import load_config
+from maestro.k8s.client import Api, APIError, PermanentAPIError, load_config
 
 pytestmark = pytest.mark.e2e
 
@@ -44,10 +43,10 @@ async def wait_for(what: str, fn: Callable[[], Awaitable[T | None]], seconds: fl
 
 
 @pytest.fixture
-async def api(control_plane: ControlPlane) -> AsyncIterator[client.ApiClient]:
-    """An admin API client for the test cluster."""
-    async with await load_config(str(control_plane.kubeconfig)) as api_client:
-        yield api_client
+async def api(control_plane: ControlPlane) -> AsyncIterator[Api]:
+    """An admin API session for the test cluster."""
+    async with await load_config(str(control_plane.kubeconfig)) as session:
+        yield session
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +86,7 @@ def _workflow(name: str, task_name: str) -> dict[str, Any]:
 
 @pytest.mark.usefixtures("crds")
 async def test_schema_violations_are_rejected_with_the_field_named(
-    control_plane: ControlPlane, namespace: str, api: client.ApiClient
+    control_plane: ControlPlane, namespace: str, api: Api
 ) -> None:
     # A valid object goes in, so the rejections below are the schema's doing.
     good = yaml.safe_dump(_workflow("ok", "build"))
@@ -99,7 +98,6 @@ async def test_schema_violations_are_rejected_with_the_field_named(
     assert "spec.tasks[0].name" in proc.stderr, proc.stderr
     assert "should match" in proc.stderr, proc.stderr
 
-    custom = client.CustomObjectsApi(api)
     run = {
         "apiVersion": "maestro.dev/v1alpha1",
         "kind": "WorkflowRun",
@@ -107,12 +105,15 @@ async def test_schema_violations_are_rejected_with_the_field_named(
         # params is a map of strings; a list must be refused by the API server.
         "spec": {"workflowRef": {"name": "ok"}, "params": ["not", "a", "map"]},
     }
-    with pytest.raises(client.ApiException) as excinfo:
-        await custom.create_namespaced_custom_object(
-            "maestro.dev", "v1alpha1", namespace, "workflowruns", run
+    with pytest.raises(PermanentAPIError) as excinfo:
+        await api.call(
+            "POST",
+            f"/apis/maestro.dev/v1alpha1/namespaces/{namespace}/workflowruns",
+            "create workflowrun wrong-type",
+            body=run,
         )
     assert excinfo.value.status == 422
-    assert "spec.params" in str(excinfo.value.body), excinfo.value.body
+    assert "spec.params" in excinfo.value.message, excinfo.value.message
 
 
 def _task_pod(name: str, annotations: dict[str, str], run: str = "r1") -> dict[str, Any]:
@@ -128,56 +129,65 @@ def _task_pod(name: str, annotations: dict[str, str], run: str = "r1") -> dict[s
     }
 
 
-async def _ended(core: client.CoreV1Api, name: str, ns: str) -> client.V1Pod | None:
-    pod = await core.read_namespaced_pod(name, ns)
-    return pod if pod.status.phase in ("Succeeded", "Failed") else None
+def _pods(ns: str) -> str:
+    return f"/api/v1/namespaces/{ns}/pods"
+
+
+async def _create_pod(api: Api, ns: str, pod: dict[str, Any]) -> None:
+    await api.call("POST", _pods(ns), f"create pod {ns}/{pod['metadata']['name']}", body=pod)
+
+
+async def _pod(api: Api, name: str, ns: str) -> dict[str, Any]:
+    pod: dict[str, Any] = await api.call("GET", f"{_pods(ns)}/{name}", f"pod {ns}/{name}")
+    return pod
+
+
+async def _ended(api: Api, name: str, ns: str) -> dict[str, Any] | None:
+    pod = await _pod(api, name, ns)
+    return pod if pod["status"].get("phase") in ("Succeeded", "Failed") else None
 
 
 async def test_task_pod_succeeds_through_kwok_with_termination_message(
-    namespace: str, api: client.ApiClient
+    namespace: str, api: Api
 ) -> None:
-    core = client.CoreV1Api(api)
     outputs = json.dumps({"version": "1.2.3", "quoted": 'a "b" \\ c'})
-    await core.create_namespaced_pod(
-        namespace, _task_pod("ok", {"maestro.dev/kwok-message": outputs})
-    )
+    await _create_pod(api, namespace, _task_pod("ok", {"maestro.dev/kwok-message": outputs}))
 
-    pod = await wait_for("pod ok to finish", lambda: _ended(core, "ok", namespace))
-    assert pod.status.phase == "Succeeded"
-    assert pod.spec.node_name == "kwok-node-0"  # bound by the real scheduler
-    terminated = pod.status.container_statuses[0].state.terminated
-    assert terminated.exit_code == 0
-    assert terminated.reason == "Completed"
-    assert json.loads(terminated.message) == json.loads(outputs)
+    pod = await wait_for("pod ok to finish", lambda: _ended(api, "ok", namespace))
+    assert pod["status"]["phase"] == "Succeeded"
+    assert pod["spec"]["nodeName"] == "kwok-node-0"  # bound by the real scheduler
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == 0
+    assert terminated["reason"] == "Completed"
+    assert json.loads(terminated["message"]) == json.loads(outputs)
 
 
-async def test_task_pod_annotated_to_fail_fails(namespace: str, api: client.ApiClient) -> None:
-    core = client.CoreV1Api(api)
+async def test_task_pod_annotated_to_fail_fails(namespace: str, api: Api) -> None:
     annotations = {"maestro.dev/kwok-result": "Failed", "maestro.dev/kwok-message": "boom"}
-    await core.create_namespaced_pod(namespace, _task_pod("bad", annotations))
+    await _create_pod(api, namespace, _task_pod("bad", annotations))
 
-    pod = await wait_for("pod bad to finish", lambda: _ended(core, "bad", namespace))
-    assert pod.status.phase == "Failed"
-    terminated = pod.status.container_statuses[0].state.terminated
-    assert (terminated.exit_code, terminated.reason, terminated.message) == (1, "Error", "boom")
+    pod = await wait_for("pod bad to finish", lambda: _ended(api, "bad", namespace))
+    assert pod["status"]["phase"] == "Failed"
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    expected = {"exitCode": 1, "reason": "Error", "message": "boom"}
+    assert {key: terminated.get(key) for key in expected} == expected
 
 
 async def test_kwok_delay_holds_a_task_pod_running_and_other_pods_run_on(
-    namespace: str, api: client.ApiClient
+    namespace: str, api: Api
 ) -> None:
-    core = client.CoreV1Api(api)
     started = time.monotonic()
-    await core.create_namespaced_pod(namespace, _task_pod("slow", {"maestro.dev/kwok-delay": "2s"}))
+    await _create_pod(api, namespace, _task_pod("slow", {"maestro.dev/kwok-delay": "2s"}))
     server = _task_pod("server", {})
     del server["metadata"]["labels"]  # not a task pod: a long-running process
-    await core.create_namespaced_pod(namespace, server)
+    await _create_pod(api, namespace, server)
 
     async def running(name: str) -> bool:
-        return bool((await core.read_namespaced_pod(name, namespace)).status.phase == "Running")
+        return bool((await _pod(api, name, namespace))["status"].get("phase") == "Running")
 
     await wait_for("pod slow to run", lambda: running("slow"))
-    pod = await wait_for("pod slow to finish", lambda: _ended(core, "slow", namespace))
-    assert pod.status.phase == "Succeeded"
+    pod = await wait_for("pod slow to finish", lambda: _ended(api, "slow", namespace))
+    assert pod["status"]["phase"] == "Succeeded"
     assert time.monotonic() - started >= 2.0
     assert await running("server")
 
@@ -202,51 +212,59 @@ def _token_kubeconfig(control_plane: ControlPlane, token: str, path: Path) -> Pa
 
 
 async def test_service_account_without_rbac_is_refused_until_bound(
-    control_plane: ControlPlane, namespace: str, api: client.ApiClient, tmp_path: Path
+    control_plane: ControlPlane, namespace: str, api: Api, tmp_path: Path
 ) -> None:
-    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
-    await core.create_namespaced_service_account(
-        namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="robot"))
+    core = f"/api/v1/namespaces/{namespace}"
+    rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}"
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "robot"}}
+    await api.call("POST", f"{core}/serviceaccounts", "create serviceaccount robot", body=account)
+    request = {
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenRequest",
+        "spec": {"audiences": [], "expirationSeconds": 600},
+    }
+    answer = await api.call(
+        "POST", f"{core}/serviceaccounts/robot/token", "token of robot", body=request
     )
-    request = client.AuthenticationV1TokenRequest(
-        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600)
-    )
-    token = (
-        await core.create_namespaced_service_account_token("robot", namespace, request)
-    ).status.token
+    token: str = answer["status"]["token"]
     kubeconfig = _token_kubeconfig(control_plane, token, tmp_path / "robot.kubeconfig")
 
-    async with await load_config(str(kubeconfig)) as robot_api:
-        robot = client.CoreV1Api(robot_api)
-        with pytest.raises(client.ApiException) as excinfo:
-            await robot.list_namespaced_pod(namespace)
-        assert excinfo.value.status == 403
-        assert f"system:serviceaccount:{namespace}:robot" in str(excinfo.value.body)
+    async with await load_config(str(kubeconfig)) as robot:
 
-        await rbac.create_namespaced_role(
-            namespace,
-            client.V1Role(
-                metadata=client.V1ObjectMeta(name="pod-reader"),
-                rules=[client.V1PolicyRule(api_groups=[""], resources=["pods"], verbs=["list"])],
-            ),
-        )
-        await rbac.create_namespaced_role_binding(
-            namespace,
-            client.V1RoleBinding(
-                metadata=client.V1ObjectMeta(name="robot-reads-pods"),
-                role_ref=client.V1RoleRef(
-                    api_group="rbac.authorization.k8s.io", kind="Role", name="pod-reader"
-                ),
-                subjects=[
-                    client.RbacV1Subject(kind="ServiceAccount", name="robot", namespace=namespace)
-                ],
-            ),
+        async def list_pods(ns: str) -> None:
+            await robot.call("GET", _pods(ns), f"pods in {ns}")
+
+        with pytest.raises(PermanentAPIError) as excinfo:
+            await list_pods(namespace)
+        assert excinfo.value.status == 403
+        assert f"system:serviceaccount:{namespace}:robot" in excinfo.value.message
+
+        role = {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "pod-reader"},
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}],
+        }
+        await api.call("POST", f"{rbac}/roles", "create role pod-reader", body=role)
+        binding = {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "robot-reads-pods"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": "pod-reader",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": "robot", "namespace": namespace}],
+        }
+        await api.call(
+            "POST", f"{rbac}/rolebindings", "create rolebinding robot-reads-pods", body=binding
         )
 
         async def allowed() -> bool:
             try:
-                await robot.list_namespaced_pod(namespace)
-            except client.ApiException as err:
+                await list_pods(namespace)
+            except APIError as err:
                 if err.status != 403:
                     raise
                 return False
@@ -254,8 +272,8 @@ async def test_service_account_without_rbac_is_refused_until_bound(
 
         await wait_for("the RoleBinding to take effect", allowed, seconds=30)
         # The binding is namespaced: elsewhere the account is still refused.
-        with pytest.raises(client.ApiException) as excinfo:
-            await robot.list_namespaced_pod("default")
+        with pytest.raises(PermanentAPIError) as excinfo:
+            await list_pods("default")
         assert excinfo.value.status == 403
 
     # kubectl sees the same refusal (and names the verb and resource).

@@ -8,18 +8,19 @@ import re
 
 import aiohttp
 import pytest
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from maestro.api.models import WorkflowSpec
 from maestro.dag.validate import validate
 from maestro.executors.container import pod_name, run_label
 from maestro.k8s.client import (
+    APIError,
     Conflict,
     NamespaceTerminating,
     NotFound,
     PermanentAPIError,
     TransientAPIError,
-    translate,
+    api_errors,
+    status_error,
 )
 from maestro.operator.runs import RETRY_MAX_SECONDS, event_name, retry_delay
 
@@ -109,31 +110,48 @@ def test_templated_fields_are_left_to_render_time() -> None:
     assert validate(wf) == []
 
 
-def api_error(status: int, body: dict[str, object] | None = None) -> ApiException:
-    err = ApiException(status=status, reason="Reason")
-    err.body = json.dumps(body or {})
-    return err
+def api_error(status: int, body: dict[str, object] | None = None) -> APIError:
+    return status_error("x", status, "Reason", json.dumps(body or {}).encode())
 
 
 def test_api_errors_are_typed_with_the_apis_own_message() -> None:
-    invalid = translate(
-        api_error(422, {"message": 'Job.batch "x" is invalid: name', "reason": "Invalid"}), "job x"
+    invalid = status_error(
+        "job x",
+        422,
+        "Unprocessable Entity",
+        json.dumps({"message": 'Job.batch "x" is invalid: name', "reason": "Invalid"}).encode(),
     )
     assert isinstance(invalid, PermanentAPIError)
     assert not isinstance(invalid, TransientAPIError)
     assert (invalid.status, invalid.reason) == (422, "Invalid")
     assert invalid.message == 'Job.batch "x" is invalid: name'
-    assert isinstance(translate(api_error(403), "x"), PermanentAPIError)
-    assert isinstance(translate(api_error(404), "x"), NotFound)
-    assert isinstance(translate(api_error(409), "x"), Conflict)
+    assert str(invalid) == 'job x: Job.batch "x" is invalid: name'
+    assert isinstance(api_error(403), PermanentAPIError)
+    assert isinstance(api_error(404), NotFound)
+    assert isinstance(api_error(409), Conflict)
     for status in (429, 500, 503, 504):
-        assert isinstance(translate(api_error(status), "x"), TransientAPIError)
+        assert isinstance(api_error(status), TransientAPIError)
     terminating = {"details": {"causes": [{"reason": "NamespaceTerminating"}]}}
-    assert isinstance(translate(api_error(403, terminating), "x"), NamespaceTerminating)
-    refused = aiohttp.ClientConnectionError("connection refused")
-    assert isinstance(translate(refused, "x"), TransientAPIError)
-    assert isinstance(translate(TimeoutError(), "x"), TransientAPIError)
-    assert translate(ValueError("not an API error"), "x") is None
+    assert isinstance(api_error(403, terminating), NamespaceTerminating)
+    # A body that is not a Status (a proxy's HTML page): the HTTP reason speaks.
+    garbled = status_error("x", 502, "Bad Gateway", b"<html>")
+    assert isinstance(garbled, TransientAPIError)
+    assert garbled.message == "Bad Gateway"
+
+
+@pytest.mark.parametrize(
+    "err", [aiohttp.ClientConnectionError("connection refused"), TimeoutError(), ConnectionError()]
+)
+def test_a_request_without_an_answer_is_transient(err: Exception) -> None:
+    with pytest.raises(TransientAPIError) as caught, api_errors("pod p"):
+        raise err
+    assert caught.value.what == "pod p"
+    assert caught.value.status is None
+
+
+def test_other_errors_are_not_api_errors() -> None:
+    with pytest.raises(ValueError, match="not an API error"), api_errors("x"):
+        raise ValueError("not an API error")
 
 
 def test_retry_delays_are_seconds_and_capped() -> None:

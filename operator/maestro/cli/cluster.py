@@ -32,11 +32,11 @@ from maestro.k8s.client import (
     Conflict,
     Kube,
     NotFound,
-    current_namespace,
     load_config,
     retry_manifest,
     run_manifest,
 )
+from maestro.k8s.config import ConfigError, current_namespace
 from maestro.store import Store, StoreError
 
 T = TypeVar("T")
@@ -57,11 +57,16 @@ def _call(kubeconfig: str | None, work: Callable[[Kube], Awaitable[T]]) -> T:
     except NotFound as err:
         # ``what`` names the object ("workflowrun NS/NAME"); the API's own text repeats it.
         raise click.ClickException(f"{err.what} not found") from None
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from None
 
 
 def _namespace(namespace: str | None, kubeconfig: str | None) -> str:
     """``-n``, else the current context's namespace (as kubectl), else ``default``."""
-    return namespace or current_namespace(kubeconfig)
+    try:
+        return namespace or current_namespace(kubeconfig)
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from None
 
 
 def _common(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -310,25 +315,25 @@ async def _print_logs(
     done: set[str] = set()
     fetched = 0
     while True:
-        pods = await kube.core.list_namespaced_pod(namespace, label_selector=selector)
-        for pod in sorted(pods.items, key=lambda p: p.metadata.creation_timestamp):
-            if pod.metadata.name in done:
+        for pod in await kube.list_pods(namespace, selector):
+            meta, status = pod["metadata"], pod.get("status") or {}
+            name = meta["name"]
+            if name in done:
                 continue
-            ended = pod.status.phase in ("Succeeded", "Failed")
-            if follow and not ended and pod.status.phase != "Running":
+            ended = status.get("phase") in ("Succeeded", "Failed")
+            if follow and not ended and status.get("phase") != "Running":
                 continue  # not started yet: its turn comes on a later round
-            done.add(pod.metadata.name)
-            labels = pod.metadata.labels or {}
+            done.add(name)
+            labels = meta.get("labels") or {}
             click.echo(
-                f"==> {labels.get(LABEL_TASK)} attempt {labels.get('maestro.dev/attempt')} "
-                f"({pod.metadata.name})"
+                f"==> {labels.get(LABEL_TASK)} attempt {labels.get('maestro.dev/attempt')} ({name})"
             )
             try:
                 if follow and not ended:
-                    async for chunk in kube.follow_pod_log(namespace, pod.metadata.name):
+                    async for chunk in kube.follow_pod_log(namespace, name):
                         click.echo(chunk.decode(errors="replace"), nl=False)
                 else:
-                    click.echo(await kube.pod_log(namespace, pod.metadata.name), nl=False)
+                    click.echo(await kube.pod_log(namespace, name), nl=False)
                 fetched += 1
             except NotFound as err:
                 click.echo(f"(no log: {err})")
@@ -336,8 +341,8 @@ async def _print_logs(
             return len(done), fetched
         phase = (await kube.get_run(namespace, run)).get("status", {}).get("phase")
         if phase in _FINISHED:
-            pods = await kube.core.list_namespaced_pod(namespace, label_selector=selector)
-            if {p.metadata.name for p in pods.items} <= done:
+            pods = await kube.list_pods(namespace, selector)
+            if {p["metadata"]["name"] for p in pods} <= done:
                 return len(done), fetched
         await asyncio.sleep(1.0)
 

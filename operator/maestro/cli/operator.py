@@ -11,6 +11,7 @@ import sys
 import click
 
 from maestro.executors.http import EgressPolicy
+from maestro.k8s.config import ConfigError
 from maestro.operator.app import OperatorConfig, run_operator
 from maestro.operator.logs import JsonFormatter, RunContextFilter, TextFormatter
 from maestro.store import Store, StoreError
@@ -224,6 +225,9 @@ async def _main(config: OperatorConfig) -> int:
     log.info("store: %s", store.description)
     try:
         await run_operator(config, store)
+    except ConfigError as err:
+        log.error("cannot start: %s", err)  # no way to the API server: fail fast
+        return 1
     finally:
         await store.close()
     return 0

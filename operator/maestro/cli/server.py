@@ -11,6 +11,7 @@ import uvicorn
 
 from maestro.cli.operator import setup_logging
 from maestro.k8s.client import Kube, load_config
+from maestro.k8s.config import ConfigError
 from maestro.server.app import create_app
 from maestro.store import Store, StoreError
 
@@ -63,7 +64,12 @@ def server_cmd(
         except StoreError as err:
             log.error("cannot start: %s", err)
             return 1
-        kube = Kube(await load_config(kubeconfig))
+        try:
+            kube = Kube(await load_config(kubeconfig))
+        except ConfigError as err:
+            log.error("cannot start: %s", err)
+            await store.close()
+            return 1
         app = create_app(
             store, kube, allow_anonymous=allow_anonymous, auth_cache_seconds=auth_cache_seconds
         )

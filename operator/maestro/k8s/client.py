@@ -1,4 +1,4 @@
-"""Thin async adapters over the Kubernetes API (kubernetes_asyncio).
+"""Thin async adapters over the Kubernetes API (plain aiohttp, JSON with orjson).
 
 Everything Maestro asks of the API server goes through :class:`Kube`, so the
 permissions the chart must grant can be read from this one file.
@@ -6,24 +6,22 @@ permissions the chart must grant can be read from this one file.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
-import json
 import logging
-import os
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
-from kubernetes_asyncio import client, config
-from kubernetes_asyncio.client.exceptions import ApiException
+import orjson
 
+from maestro import __version__
 from maestro.api.models import API_VERSION, GROUP, VERSION
+from maestro.k8s.config import Credentials, load
 
 log = logging.getLogger(__name__)
 
@@ -79,107 +77,169 @@ class NamespaceTerminating(PermanentAPIError):
     """The namespace is being deleted: nothing new may be created in it."""
 
 
-def _status_body(err: ApiException) -> dict[str, Any]:
-    try:
-        body = json.loads(err.body or "")
-    except (TypeError, ValueError):
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
-def translate(err: BaseException, what: str) -> APIError | None:
-    """The typed error for a failed request about ``what``; None when not an API error.
+def status_error(what: str, status: int, reason: str, body: bytes) -> APIError:
+    """The typed error for an answer with an error ``status``, about ``what``.
 
     Like Kopf's ``check_response``: the API's Status body gives the message and causes.
     """
-    if isinstance(err, ApiException):
-        status = int(err.status or 0)
-        body = _status_body(err)
-        message = str(body.get("message") or err.reason or f"HTTP {status}")
-        reason = str(body.get("reason") or err.reason or "")
-        causes = (body.get("details") or {}).get("causes") or []
-        if any(c.get("reason") == "NamespaceTerminating" for c in causes if isinstance(c, dict)):
-            return NamespaceTerminating(what, message, status=status, reason="NamespaceTerminating")
-        if status == 404:
-            return NotFound(what, message, status=status, reason=reason)
-        if status == 409:
-            return Conflict(what, message, status=status, reason=reason)
-        if status == 429 or status >= 500 or status == 0:
-            return TransientAPIError(what, message, status=status, reason=reason)
-        return PermanentAPIError(what, message, status=status, reason=reason)
-    if isinstance(err, aiohttp.ClientError | asyncio.TimeoutError | ConnectionError):
-        return TransientAPIError(what, f"{type(err).__name__}: {err}".rstrip(": "))
-    return None
+    try:
+        parsed = orjson.loads(body) if body else {}
+    except orjson.JSONDecodeError:
+        parsed = {}
+    doc: dict[str, Any] = parsed if isinstance(parsed, dict) else {}
+    message = str(doc.get("message") or reason or f"HTTP {status}")
+    why = str(doc.get("reason") or reason or "")
+    causes = (doc.get("details") or {}).get("causes") or []
+    if any(c.get("reason") == "NamespaceTerminating" for c in causes if isinstance(c, dict)):
+        return NamespaceTerminating(what, message, status=status, reason="NamespaceTerminating")
+    if status == 404:
+        return NotFound(what, message, status=status, reason=why)
+    if status == 409:
+        return Conflict(what, message, status=status, reason=why)
+    if status == 429 or status >= 500:
+        return TransientAPIError(what, message, status=status, reason=why)
+    return PermanentAPIError(what, message, status=status, reason=why)
+
+
+def unanswered(what: str, err: BaseException) -> TransientAPIError:
+    """The typed error for a request that got no (whole) answer: worth a retry."""
+    return TransientAPIError(what, f"{type(err).__name__}: {err}".rstrip(": "))
+
+
+# A timeout, a refused or dropped connection, a TLS failure: no answer from the server.
+NO_ANSWER = (aiohttp.ClientError, TimeoutError, ConnectionError)
 
 
 @contextlib.contextmanager
 def api_errors(what: str) -> Iterator[None]:
-    """Raise the typed :class:`APIError` for any failed request in the block."""
+    """Raise a request that got no answer in the block as a :class:`TransientAPIError`."""
     try:
         yield
-    except (TimeoutError, ApiException, aiohttp.ClientError, ConnectionError) as err:
-        typed = translate(err, what)
-        assert typed is not None
-        raise typed from err
+    except NO_ANSWER as err:
+        raise unanswered(what, err) from err
 
 
-async def _body(rsp: Any) -> bytes:
-    """A raw (not preloaded) response's body; an error status raised as the client would."""
-    data: bytes = await rsp.read()
-    if not 200 <= rsp.status <= 299:
-        err = ApiException(status=rsp.status, reason=rsp.reason)
-        err.body = data  # the API's Status, which translate() reads
-        raise err
-    return data
+# An ordinary request that receives nothing for this long is dead (the client had no
+# timeout at all); a watch sets its own, a followed log none.
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(sock_connect=30, sock_read=60)
+STREAM_TIMEOUT = aiohttp.ClientTimeout(sock_connect=30)
+JSON = "application/json"
 
 
-async def load_config(
-    kubeconfig: str | None = None, *, connections: int | None = None
-) -> client.ApiClient:
-    """An API client from ``kubeconfig``, $KUBECONFIG, ~/.kube/config, or in-cluster.
+def _segment(name: str) -> str:
+    """A name as one path segment: a hostile name never reaches another path."""
+    return urllib.parse.quote(name, safe="")
 
-    ``connections`` caps the connections it keeps to the API server (the client's
-    default is 100). Each TLS connection holds its buffers for as long as it lives: the
-    operator's burst of a hundred runs opened ~80 and kept ~23 MiB in them. Requests
-    beyond the cap wait for a free connection; a watch or a followed log holds one for
-    as long as it lasts, so the cap must count them.
+
+class Api:
+    """One HTTP session with the API server: JSON in and out, errors typed.
+
+    A plain aiohttp client, not a generated one: the operator makes a dozen kinds of
+    call, and the generated client's models cost ~36 MiB of memory (imported by Kopf,
+    too, whenever installed) and more CPU per request than the request itself.
     """
-    cfg = client.Configuration()
-    if (
-        kubeconfig is None
-        and "KUBERNETES_SERVICE_HOST" in os.environ
-        and not os.environ.get("KUBECONFIG")
-    ):
-        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-    else:
-        await config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
-    if connections is not None:
-        cfg.connection_pool_maxsize = connections
-    return _direct(client.ApiClient(configuration=cfg))
+
+    def __init__(self, creds: Credentials, *, connections: int | None = None) -> None:
+        """A session to ``creds.server``; ``connections`` caps its pool (see load_config)."""
+        self.creds = creds
+        self.host = creds.server
+        server = urllib.parse.urlsplit(creds.server)
+        proxy = creds.proxy
+        if proxy is None and not urllib.request.proxy_bypass(server.hostname or ""):
+            # Looked up once (NO_PROXY honoured), not per request as a session that
+            # trusts the environment would, reading ~/.netrc in a thread each time.
+            proxy = urllib.request.getproxies().get(server.scheme)
+        self.proxy = proxy
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=connections or 100, ssl=creds.ssl),
+            trust_env=False,
+            read_bufsize=2**21,  # a watch event may be large
+            headers={"Accept": JSON, "User-Agent": f"maestro/{__version__}"},
+        )
+
+    async def close(self) -> None:
+        """Close the session and its connections."""
+        await self.session.close()
+
+    async def __aenter__(self) -> Api:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(
+        self,
+        method: str,
+        path: str,
+        what: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        content_type: str = JSON,
+        timing: aiohttp.ClientTimeout = REQUEST_TIMEOUT,
+    ) -> aiohttp.ClientResponse:
+        """The answer to a request, its status checked; the caller reads and releases it.
+
+        Every failure is raised as an :class:`APIError` about ``what``.
+        """
+        headers = {}
+        auth = await self.creds.authorization()
+        if auth is not None:
+            headers["Authorization"] = auth
+        data = None
+        if body is not None:
+            data = orjson.dumps(body)
+            headers["Content-Type"] = content_type
+        try:
+            rsp = await self.session.request(
+                method,
+                self.host + path,
+                params=params,
+                data=data,
+                headers=headers,
+                timeout=timing,
+                proxy=self.proxy,
+                server_hostname=self.creds.server_name,
+            )
+            if 200 <= rsp.status <= 299:
+                return rsp
+            try:
+                answer = await rsp.read()
+            finally:
+                rsp.release()
+        except NO_ANSWER as err:
+            raise unanswered(what, err) from err
+        if rsp.status == 401:
+            self.creds.expire()  # a rotated token: read it again next time
+        raise status_error(what, rsp.status, rsp.reason or "", answer)
+
+    async def read(self, method: str, path: str, what: str, **kw: Any) -> bytes:
+        """The body of the answer to a request (see :meth:`open`)."""
+        rsp = await self.open(method, path, what, **kw)
+        try:
+            return await rsp.read()
+        except NO_ANSWER as err:
+            raise unanswered(what, err) from err
+        finally:
+            rsp.release()
+
+    async def call(self, method: str, path: str, what: str, **kw: Any) -> Any:
+        """The decoded JSON answer to a request (see :meth:`open`)."""
+        data = await self.read(method, path, what, **kw)
+        return orjson.loads(data) if data else None
 
 
-def _direct(api: client.ApiClient) -> client.ApiClient:
-    """The client with the environment read once, not on every request.
+async def load_config(kubeconfig: str | None = None, *, connections: int | None = None) -> Api:
+    """A session with the API server of ``kubeconfig``, $KUBECONFIG, ~/.kube/config, or
+    the pod's service account (:mod:`maestro.k8s.config`).
 
-    kubernetes_asyncio's session trusts the environment, so aiohttp looks up the proxy
-    variables and reads ~/.netrc in a thread for every request (two thread hops and a
-    file read per pod created). The proxy for the API server is looked up here, once
-    (NO_PROXY honoured), and a session that does not look again takes over the same
-    connection pool; a netrc login never applies to the API server's own credentials.
+    ``connections`` caps the connections it keeps to the API server (default 100).
+    Each TLS connection holds its buffers for as long as it lives: the operator's burst
+    of a hundred runs opened ~80 and kept ~23 MiB in them. Requests beyond the cap wait
+    for a free connection; a watch or a followed log holds one for as long as it lasts,
+    so the cap must count them.
     """
-    rest = api.rest_client
-    server = urllib.parse.urlsplit(api.configuration.host or "")
-    proxy = urllib.request.getproxies().get(server.scheme)
-    if proxy and not rest.proxy and not urllib.request.proxy_bypass(server.hostname or ""):
-        rest.proxy = proxy
-    trusting = rest.pool_manager
-    rest.pool_manager = aiohttp.ClientSession(
-        connector=trusting.connector,
-        trust_env=False,
-        read_bufsize=2**21,  # as kubernetes_asyncio's: a watch event may be large
-    )
-    trusting.detach()  # the connector is the new session's now
-    return api
+    return Api(load(kubeconfig), connections=connections)
 
 
 @dataclass(frozen=True)
@@ -228,36 +288,35 @@ def retry_manifest(old: Mapping[str, Any], run_id: str) -> dict[str, Any]:
     }
 
 
-IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+CORE = "/api/v1"
+OURS = f"/apis/{GROUP}/{VERSION}"
+AUTHZ = "/apis/authorization.k8s.io/v1"
+AUTHN = "/apis/authentication.k8s.io/v1"
 
 
-def current_namespace(kubeconfig: str | None = None) -> str:
-    """The namespace kubectl would use: the current context's, else ``default``.
+def _in(namespace: str | None, base: str, resource: str) -> str:
+    """The path of a collection in ``namespace``, or across all namespaces for None."""
+    if namespace is None:
+        return f"{base}/{resource}"
+    return f"{base}/namespaces/{_segment(namespace)}/{resource}"
 
-    In a pod without a kubeconfig, the pod's own namespace.
-    """
-    if (
-        kubeconfig is None
-        and "KUBERNETES_SERVICE_HOST" in os.environ
-        and not os.environ.get("KUBECONFIG")
-        and os.path.exists(IN_CLUSTER_NAMESPACE)
-    ):
-        with open(IN_CLUSTER_NAMESPACE, encoding="utf-8") as fh:
-            return fh.read().strip() or "default"
-    _, active = config.list_kube_config_contexts(config_file=kubeconfig)
-    return str(((active or {}).get("context") or {}).get("namespace") or "default")
+
+def _pods(namespace: str, name: str | None = None) -> str:
+    path = _in(namespace, CORE, "pods")
+    return path if name is None else f"{path}/{_segment(name)}"
+
+
+def _ours(plural: str, namespace: str, name: str | None = None) -> str:
+    path = _in(namespace, OURS, plural)
+    return path if name is None else f"{path}/{_segment(name)}"
 
 
 class Kube:
     """The API calls Maestro makes; every failure is raised as an :class:`APIError`."""
 
-    def __init__(self, api: client.ApiClient) -> None:
-        """Wrap an API client (closed by its owner)."""
+    def __init__(self, api: Api) -> None:
+        """Wrap an API session (closed by :meth:`close`)."""
         self.api = api
-        self.core = client.CoreV1Api(api)
-        self.custom = client.CustomObjectsApi(api)
-        self.authz = client.AuthorizationV1Api(api)
-        self.auth = client.AuthenticationV1Api(api)
         self.reads = 0
         self.writes = 0
 
@@ -270,15 +329,10 @@ class Kube:
     async def create_pod(self, namespace: str, pod: dict[str, Any]) -> bool:
         """Create a pod; False when one of that name already exists."""
         self.writes += 1
+        what = f"create pod {namespace}/{pod['metadata']['name']}"
         try:
-            with api_errors(f"create pod {namespace}/{pod['metadata']['name']}"):
-                # The pod sent back is not read: decoding it into the client's models cost
-                # more than the request (the watch brings it anyway).
-                await _body(
-                    await self.core.create_namespaced_pod(
-                        namespace, cast(Any, pod), _preload_content=False
-                    )
-                )
+            # The pod sent back is not decoded (the watch brings it anyway).
+            await self.api.read("POST", _pods(namespace), what, body=pod)
         except Conflict:
             return False
         return True
@@ -286,35 +340,44 @@ class Kube:
     async def create_pvc(self, namespace: str, claim: dict[str, Any]) -> bool:
         """Create a run's workspace claim; False when it already exists (idempotent)."""
         self.writes += 1
+        what = f"create persistentvolumeclaim {namespace}/{claim['metadata']['name']}"
         try:
-            await self.core.create_namespaced_persistent_volume_claim(namespace, cast(Any, claim))
-        except ApiException as err:
-            if err.status == 409:
-                return False
-            raise
+            await self.api.read(
+                "POST", _in(namespace, CORE, "persistentvolumeclaims"), what, body=claim
+            )
+        except Conflict:
+            return False
         return True
 
     async def get_pod(self, namespace: str, name: str) -> dict[str, Any]:
         """A pod as a plain dict."""
         self.reads += 1
-        with api_errors(f"pod {namespace}/{name}"):
-            pod = await self.core.read_namespaced_pod(name, namespace)
-        result: dict[str, Any] = self.api.sanitize_for_serialization(pod)
-        return result
+        pod: dict[str, Any] = await self.api.call(
+            "GET", _pods(namespace, name), f"pod {namespace}/{name}"
+        )
+        return pod
 
     async def delete_pod(self, namespace: str, name: str) -> None:
         """Delete a pod; a missing pod is fine."""
         self.writes += 1
-        with contextlib.suppress(NotFound), api_errors(f"delete pod {namespace}/{name}"):
-            await self.core.delete_namespaced_pod(name, namespace)
+        with contextlib.suppress(NotFound):
+            await self.api.read("DELETE", _pods(namespace, name), f"delete pod {namespace}/{name}")
+
+    def _collection(self, resource: str, namespace: str | None) -> str:
+        if resource == "pods":
+            return _in(namespace, CORE, "pods")
+        return _in(namespace, OURS, resource)
 
     async def list_raw(self, resource: str, namespace: str | None, selector: str) -> bytes:
         """The JSON of a list of pods or WorkflowRuns (all namespaces for None),
-        undecoded: the caller's decoder is faster than the client's models."""
+        undecoded: the caller decodes it as it needs."""
         self.reads += 1
-        with api_errors(f"{resource} in {namespace or 'all namespaces'}"):
-            rsp = await self._list_request(resource, namespace, label_selector=selector)
-            return await _body(rsp)
+        return await self.api.read(
+            "GET",
+            self._collection(resource, namespace),
+            f"{resource} in {namespace or 'all namespaces'}",
+            params={"labelSelector": selector},
+        )
 
     async def watch_raw(
         self, resource: str, namespace: str | None, selector: str, version: str, seconds: int
@@ -322,20 +385,20 @@ class Kube:
         """The lines (one JSON watch event each) of a watch of pods or WorkflowRuns."""
         self.reads += 1
         what = f"watch {resource} in {namespace or 'all namespaces'}"
-        with api_errors(what):
-            rsp = await self._list_request(
-                resource,
-                namespace,
-                label_selector=selector,
-                watch=True,
-                resource_version=version,
-                allow_watch_bookmarks=True,
-                timeout_seconds=seconds,
-                # No read timeout beyond the watch's own, but a dead connection ends it.
-                _request_timeout=aiohttp.ClientTimeout(connect=30, sock_read=seconds + 30),
-            )
-            if rsp.status != 200:
-                await _body(rsp)  # raises the typed error
+        rsp = await self.api.open(
+            "GET",
+            self._collection(resource, namespace),
+            what,
+            params={
+                "labelSelector": selector,
+                "watch": "true",
+                "resourceVersion": version,
+                "allowWatchBookmarks": "true",
+                "timeoutSeconds": str(seconds),
+            },
+            # No read timeout beyond the watch's own, but a dead connection ends it.
+            timing=aiohttp.ClientTimeout(sock_connect=30, sock_read=seconds + 30),
+        )
         try:
             buffer = b""
             with api_errors(what):
@@ -349,42 +412,36 @@ class Kube:
         finally:
             rsp.release()
 
-    async def _list_request(self, resource: str, namespace: str | None, **kw: Any) -> Any:
-        # Without preloading, the generated client returns the aiohttp response as it is.
-        kw["_preload_content"] = False
-        if resource == "pods":
-            if namespace is None:
-                return await self.core.list_pod_for_all_namespaces(**kw)
-            return await self.core.list_namespaced_pod(namespace, **kw)
-        if namespace is None:
-            return await self.custom.list_cluster_custom_object(GROUP, VERSION, resource, **kw)
-        return await self.custom.list_namespaced_custom_object(
-            GROUP, VERSION, namespace, resource, **kw
+    async def _log(self, namespace: str, pod: str, **params: str) -> str:
+        data = await self.api.read(
+            "GET",
+            f"{_pods(namespace, pod)}/log",
+            f"log of pod {namespace}/{pod}",
+            params=params or None,
         )
+        return data.decode("utf-8", errors="replace")
 
     async def pod_log_tail(self, namespace: str, pod: str, lines: int = 5) -> str:
         """The last lines of a pod's log, or '' when there is none (kwok has none)."""
         self.reads += 1
         try:
-            with api_errors(f"log of pod {namespace}/{pod}"):
-                text = await self.core.read_namespaced_pod_log(pod, namespace, tail_lines=lines)
+            return await self._log(namespace, pod, tailLines=str(lines))
         except APIError:  # a kubelet without logs (kwok) answers 500
             return ""
-        return str(text or "")
 
     async def namespace_terminating(self, namespace: str) -> bool:
         """Whether the namespace is being deleted (False when it cannot be read)."""
         self.reads += 1
         try:
-            with api_errors(f"namespace {namespace}"):
-                ns = await self.core.read_namespace(namespace)
+            ns = await self.api.call(
+                "GET", f"{CORE}/namespaces/{_segment(namespace)}", f"namespace {namespace}"
+            )
         except NotFound:
             return True
         except PermanentAPIError:
             return False  # not allowed to look: assume it lives, as before
-        return bool(ns.metadata.deletion_timestamp) or (ns.status and ns.status.phase) == (
-            "Terminating"
-        )
+        meta, status = ns.get("metadata") or {}, ns.get("status") or {}
+        return bool(meta.get("deletionTimestamp")) or status.get("phase") == "Terminating"
 
     # Secrets -------------------------------------------------------------------------
 
@@ -392,11 +449,14 @@ class Kube:
         """One decoded key of a Secret; None when the Secret or the key is missing."""
         self.reads += 1
         try:
-            with api_errors(f"secret {namespace}/{name}"):
-                secret = await self.core.read_namespaced_secret(name, namespace)
+            secret = await self.api.call(
+                "GET",
+                f"{_in(namespace, CORE, 'secrets')}/{_segment(name)}",
+                f"secret {namespace}/{name}",
+            )
         except NotFound:
             return None
-        data = secret.data or {}
+        data = secret.get("data") or {}
         if key not in data:
             return None
         return base64.b64decode(data[key]).decode()
@@ -410,60 +470,65 @@ class Kube:
         it) with the user and groups the API server gives that ServiceAccount's token.
         """
         self.writes += 1
-        review = client.V1LocalSubjectAccessReview(
-            metadata=client.V1ObjectMeta(namespace=namespace),
-            spec=client.V1SubjectAccessReviewSpec(
-                user=f"system:serviceaccount:{namespace}:{service_account}",
-                groups=[
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "LocalSubjectAccessReview",
+            "metadata": {"namespace": namespace},
+            "spec": {
+                "user": f"system:serviceaccount:{namespace}:{service_account}",
+                "groups": [
                     "system:serviceaccounts",
                     f"system:serviceaccounts:{namespace}",
                     "system:authenticated",
                 ],
-                resource_attributes=client.V1ResourceAttributes(
-                    namespace=namespace, verb=verb, resource=resource, name=name
-                ),
-            ),
-        )
+                "resourceAttributes": {
+                    "namespace": namespace,
+                    "verb": verb,
+                    "resource": resource,
+                    "name": name,
+                },
+            },
+        }
         try:
-            result = await self.authz.create_namespaced_local_subject_access_review(
-                namespace, review
+            result = await self.api.call(
+                "POST",
+                _in(namespace, AUTHZ, "localsubjectaccessreviews"),
+                f"review of serviceaccount {namespace}/{service_account}",
+                body=review,
             )
-        except ApiException as err:
+        except APIError as err:
             raise AccessCheckFailed(
                 f"cannot review what serviceaccount {namespace}/{service_account} may do: "
-                f"{err.status} {err.reason} (the operator needs create on "
+                f"{err.status or ''} {err.reason or err.message} (the operator needs create on "
                 "localsubjectaccessreviews)"
             ) from None
-        status = result.status
-        return bool(status and status.allowed), str((status and status.reason) or "")
+        status = result.get("status") or {}
+        return bool(status.get("allowed")), str(status.get("reason") or "")
 
     # Maestro resources ---------------------------------------------------------------
 
     async def get_workflow(self, namespace: str, name: str) -> dict[str, Any]:
         """A Workflow as a dict."""
         self.reads += 1
-        with api_errors(f"workflow {namespace}/{name}"):
-            obj: dict[str, Any] = await self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, WORKFLOWS, name
-            )
+        obj: dict[str, Any] = await self.api.call(
+            "GET", _ours(WORKFLOWS, namespace, name), f"workflow {namespace}/{name}"
+        )
         return obj
 
     async def create_run(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         """Create a WorkflowRun; returns it as stored (with its generated name)."""
         self.writes += 1
-        with api_errors(f"create workflowrun in {namespace}"):
-            obj: dict[str, Any] = await self.custom.create_namespaced_custom_object(
-                GROUP, VERSION, namespace, RUNS, body
-            )
+        obj: dict[str, Any] = await self.api.call(
+            "POST", _ours(RUNS, namespace), f"create workflowrun in {namespace}", body=body
+        )
         return obj
 
     async def get_run(self, namespace: str, name: str) -> dict[str, Any]:
         """A WorkflowRun as a dict."""
         self.reads += 1
-        with api_errors(f"workflowrun {namespace}/{name}"):
-            obj: dict[str, Any] = await self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, RUNS, name
-            )
+        obj: dict[str, Any] = await self.api.call(
+            "GET", _ours(RUNS, namespace, name), f"workflowrun {namespace}/{name}"
+        )
         return obj
 
     async def list_runs(
@@ -472,52 +537,50 @@ class Kube:
         """Every WorkflowRun of a namespace (of all namespaces for None), matching
         ``label_selector`` when given."""
         self.reads += 1
-        with api_errors(f"workflowruns in {namespace or 'all namespaces'}"):
-            if namespace is None:
-                found = await self.custom.list_cluster_custom_object(
-                    GROUP, VERSION, RUNS, label_selector=label_selector
-                )
-            else:
-                found = await self.custom.list_namespaced_custom_object(
-                    GROUP, VERSION, namespace, RUNS, label_selector=label_selector
-                )
-        items: list[dict[str, Any]] = found.get("items", [])
+        found = await self.api.call(
+            "GET",
+            _in(namespace, OURS, RUNS),
+            f"workflowruns in {namespace or 'all namespaces'}",
+            params={"labelSelector": label_selector} if label_selector else None,
+        )
+        items: list[dict[str, Any]] = found.get("items") or []
         return items
 
     async def get_schedule(self, namespace: str, name: str) -> dict[str, Any]:
         """A WorkflowSchedule as a dict."""
         self.reads += 1
-        with api_errors(f"workflowschedule {namespace}/{name}"):
-            obj: dict[str, Any] = await self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, SCHEDULES, name
-            )
+        obj: dict[str, Any] = await self.api.call(
+            "GET", _ours(SCHEDULES, namespace, name), f"workflowschedule {namespace}/{name}"
+        )
         return obj
 
     async def list_schedules(self, namespace: str) -> list[dict[str, Any]]:
         """Every WorkflowSchedule of a namespace."""
         self.reads += 1
-        with api_errors(f"workflowschedules in {namespace}"):
-            found = await self.custom.list_namespaced_custom_object(
-                GROUP, VERSION, namespace, SCHEDULES
-            )
-        items: list[dict[str, Any]] = found.get("items", [])
+        found = await self.api.call(
+            "GET", _ours(SCHEDULES, namespace), f"workflowschedules in {namespace}"
+        )
+        items: list[dict[str, Any]] = found.get("items") or []
         return items
 
     async def patch_schedule(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         """Merge-patch a WorkflowSchedule (``maestro schedule suspend/resume``)."""
         self.writes += 1
-        call = cast(Any, self.custom.patch_namespaced_custom_object)
-        with api_errors(f"workflowschedule {namespace}/{name}"):
-            await call(GROUP, VERSION, namespace, SCHEDULES, name, patch, _content_type=MERGE_PATCH)
+        await self.api.read(
+            "PATCH",
+            _ours(SCHEDULES, namespace, name),
+            f"workflowschedule {namespace}/{name}",
+            body=patch,
+            content_type=MERGE_PATCH,
+        )
 
     async def create_run_once(self, namespace: str, body: dict[str, Any]) -> bool:
         """Create a WorkflowRun with a fixed name; False when it already exists."""
         self.writes += 1
         try:
-            with api_errors(f"create workflowrun in {namespace}"):
-                await self.custom.create_namespaced_custom_object(
-                    GROUP, VERSION, namespace, RUNS, body
-                )
+            await self.api.read(
+                "POST", _ours(RUNS, namespace), f"create workflowrun in {namespace}", body=body
+            )
         except Conflict:
             return False
         return True
@@ -535,12 +598,14 @@ class Kube:
         ``field_manager`` names who edits (the operator reads it back as the actor).
         """
         self.writes += 1
-        call = cast(Any, self.custom.patch_namespaced_custom_object)
-        extra = {"field_manager": field_manager} if field_manager else {}
-        with api_errors(f"workflowrun {namespace}/{name}"):
-            await call(
-                GROUP, VERSION, namespace, RUNS, name, patch, _content_type=MERGE_PATCH, **extra
-            )
+        await self.api.read(
+            "PATCH",
+            _ours(RUNS, namespace, name),
+            f"workflowrun {namespace}/{name}",
+            body=patch,
+            content_type=MERGE_PATCH,
+            params={"fieldManager": field_manager} if field_manager else None,
+        )
 
     async def change_run_finalizers(
         self, namespace: str, name: str, body: Mapping[str, Any], add: bool
@@ -596,39 +661,49 @@ class Kube:
     async def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         """Pods matching a label selector, oldest first."""
         self.reads += 1
-        pods = await self.core.list_namespaced_pod(namespace, label_selector=selector)
-        items: list[dict[str, Any]] = [self.api.sanitize_for_serialization(p) for p in pods.items]
+        found = await self.api.call(
+            "GET", _pods(namespace), f"pods in {namespace}", params={"labelSelector": selector}
+        )
+        items: list[dict[str, Any]] = found.get("items") or []
         items.sort(key=lambda p: p["metadata"].get("creationTimestamp", ""))
         return items
 
     async def follow_pod_log(self, namespace: str, pod: str) -> AsyncIterator[bytes]:
         """A running pod's log as it is written, until the container ends."""
         self.reads += 1
-        with api_errors(f"log of pod {namespace}/{pod}"):
-            # Without preloading, the call returns the aiohttp response to stream from.
-            rsp: Any = await self.core.read_namespaced_pod_log(
-                pod, namespace, follow=True, _preload_content=False
-            )
+        what = f"log of pod {namespace}/{pod}"
+        rsp = await self.api.open(
+            "GET",
+            f"{_pods(namespace, pod)}/log",
+            what,
+            params={"follow": "true"},
+            timing=STREAM_TIMEOUT,
+        )
         try:
-            async for chunk in rsp.content.iter_any():
-                yield chunk
+            with api_errors(what):
+                async for chunk in rsp.content.iter_any():
+                    yield chunk
         finally:
             rsp.release()
 
     async def review_token(self, token: str) -> Caller | None:
         """The caller a bearer token authenticates, or None when the API server says no."""
         self.writes += 1
-        review = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token))
-        result = await client.AuthenticationV1Api(self.api).create_token_review(review)
-        status = result.status
-        if status is None or not status.authenticated or status.user is None:
+        review = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token},
+        }
+        result = await self.api.call("POST", f"{AUTHN}/tokenreviews", "token review", body=review)
+        status = result.get("status") or {}
+        user = status.get("user")
+        if not status.get("authenticated") or not user:
             return None
-        user = status.user
         return Caller(
-            username=user.username or "",
-            uid=user.uid or "",
-            groups=tuple(user.groups or ()),
-            extra=tuple(sorted((k, tuple(v)) for k, v in (user.extra or {}).items())),
+            username=str(user.get("username") or ""),
+            uid=str(user.get("uid") or ""),
+            groups=tuple(user.get("groups") or ()),
+            extra=tuple(sorted((k, tuple(v)) for k, v in (user.get("extra") or {}).items())),
         )
 
     async def may(
@@ -644,45 +719,54 @@ class Kube:
         """Whether the API server's authorizer lets ``caller`` do ``verb`` on ``resource``
         in ``namespace`` ("" for every namespace): a SubjectAccessReview."""
         self.writes += 1
-        review = client.V1SubjectAccessReview(
-            spec=client.V1SubjectAccessReviewSpec(
-                user=caller.username,
-                uid=caller.uid or None,
-                groups=list(caller.groups),
-                extra={k: list(v) for k, v in caller.extra} or None,
-                resource_attributes=client.V1ResourceAttributes(
-                    group=group,
-                    resource=resource,
-                    subresource=subresource,
-                    verb=verb,
-                    namespace=namespace or None,
-                ),
-            )
+        attributes = {"group": group, "resource": resource, "verb": verb}
+        if subresource:
+            attributes["subresource"] = subresource
+        if namespace:
+            attributes["namespace"] = namespace
+        spec: dict[str, Any] = {
+            "user": caller.username,
+            "groups": list(caller.groups),
+            "resourceAttributes": attributes,
+        }
+        if caller.uid:
+            spec["uid"] = caller.uid
+        if caller.extra:
+            spec["extra"] = {k: list(v) for k, v in caller.extra}
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": spec,
+        }
+        result = await self.api.call(
+            "POST",
+            f"{AUTHZ}/subjectaccessreviews",
+            f"access review of {caller.username}",
+            body=review,
         )
-        result = await client.AuthorizationV1Api(self.api).create_subject_access_review(review)
-        return bool(result.status and result.status.allowed)
+        return bool((result.get("status") or {}).get("allowed"))
 
     async def version(self) -> str:
         """The API server's version (a cheap call: proves it answers)."""
         self.reads += 1
-        info = await client.VersionApi(self.api).get_code()
-        return str(info.git_version)
+        info = await self.api.call("GET", "/version", "version")
+        return str(info.get("gitVersion"))
 
     async def whoami(self) -> str:
         """The caller's user name, as the API server authenticated it (SelfSubjectReview)."""
-        review = await self.auth.create_self_subject_review(
-            client.V1SelfSubjectReview(
-                api_version="authentication.k8s.io/v1", kind="SelfSubjectReview"
-            )
+        review = await self.api.call(
+            "POST",
+            f"{AUTHN}/selfsubjectreviews",
+            "self subject review",
+            body={"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"},
         )
-        return str(review.status.user_info.username)
+        return str(((review.get("status") or {}).get("userInfo") or {}).get("username") or "")
 
     async def pod_log(self, namespace: str, pod: str) -> str:
         """A pod's whole log; raises NotFound when the pod or its log is gone."""
         self.reads += 1
         try:
-            with api_errors(f"log of pod {namespace}/{pod}"):
-                return str(await self.core.read_namespaced_pod_log(pod, namespace) or "")
+            return await self._log(namespace, pod)
         except APIError as err:  # a kubelet without logs (kwok) answers 500: no log either
             raise NotFound(err.what, err.message, status=err.status, reason=err.reason) from None
 
@@ -691,26 +775,21 @@ class Kube:
     ) -> None:
         """Merge-patch the status subresource of one of our objects."""
         self.writes += 1
-        # The generated signature omits _content_type, which the client does accept.
-        patch = cast(Any, self.custom.patch_namespaced_custom_object_status)
-        with api_errors(f"status of {plural} {namespace}/{name}"):
-            rsp = await patch(
-                GROUP,
-                VERSION,
-                namespace,
-                plural,
-                name,
-                {"status": status},
-                _content_type=MERGE_PATCH,
-                _preload_content=False,  # the object sent back is not needed
-            )
-            await _body(rsp)
+        await self.api.read(  # the object sent back is not needed
+            "PATCH",
+            f"{_ours(plural, namespace, name)}/status",
+            f"status of {plural} {namespace}/{name}",
+            body={"status": status},
+            content_type=MERGE_PATCH,
+        )
 
     async def delete_run(self, namespace: str, name: str) -> None:
         """Delete a WorkflowRun (TTL after finish)."""
         self.writes += 1
-        with contextlib.suppress(NotFound), api_errors(f"delete workflowrun {namespace}/{name}"):
-            await self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, RUNS, name)
+        with contextlib.suppress(NotFound):
+            await self.api.read(
+                "DELETE", _ours(RUNS, namespace, name), f"delete workflowrun {namespace}/{name}"
+            )
 
     async def emit_event(
         self,
@@ -728,32 +807,34 @@ class Kube:
         Raises :class:`APIError`; callers decide whether an Event is worth a retry.
         """
         meta = involved["metadata"]
-        now = datetime.now(UTC)
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.writes += 1
-        body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(
-                name=name,
-                generate_name=None if name else f"{meta['name']}.",
-                namespace=meta["namespace"],
-            ),
-            involved_object=client.V1ObjectReference(
-                api_version=involved["apiVersion"],
-                kind=involved["kind"],
-                name=meta["name"],
-                namespace=meta["namespace"],
-                uid=meta.get("uid"),
-            ),
-            reason=reason,
-            message=message[:1024],
-            type="Warning" if warning else "Normal",
-            source=client.V1EventSource(component="maestro"),
-            first_timestamp=now,
-            last_timestamp=now,
-            count=1,
-        )
-        with contextlib.suppress(Conflict), api_errors(f"event {reason} on {meta['name']}"):
-            await _body(
-                await self.core.create_namespaced_event(
-                    meta["namespace"], body, _preload_content=False
-                )
+        naming = {"name": name} if name else {"generateName": f"{meta['name']}."}
+        reference = {
+            "apiVersion": involved["apiVersion"],
+            "kind": involved["kind"],
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+        }
+        if meta.get("uid"):
+            reference["uid"] = meta["uid"]
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {**naming, "namespace": meta["namespace"]},
+            "involvedObject": reference,
+            "reason": reason,
+            "message": message[:1024],
+            "type": "Warning" if warning else "Normal",
+            "source": {"component": "maestro"},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        with contextlib.suppress(Conflict):
+            await self.api.read(
+                "POST",
+                _in(meta["namespace"], CORE, "events"),
+                f"event {reason} on {meta['name']}",
+                body=body,
             )

@@ -24,7 +24,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import BaseModel, Field, ValidationError
 
 from maestro import __version__
@@ -36,10 +35,12 @@ from maestro.dag.templates import Context, render
 from maestro.dag.validate import resolve_params, validate
 from maestro.executors.container import LABEL_ATTEMPT, LABEL_RUN_ID, LABEL_TASK
 from maestro.k8s.client import (
+    APIError,
     Caller,
     Conflict,
     Kube,
     NotFound,
+    PermanentAPIError,
     retry_manifest,
     run_manifest,
 )
@@ -186,8 +187,8 @@ async def _caller(
     auth: Authorizer = request.app.state.auth
     try:
         return await auth.authenticate(request.headers.get("authorization"))
-    except ApiException as err:
-        raise ApiError(503, f"cannot review the token: {err.status} {err.reason}") from None
+    except APIError as err:
+        raise ApiError(503, f"cannot review the token: {err.message}") from None
 
 
 CallerDep = Annotated[Caller, Depends(_caller)]
@@ -289,7 +290,7 @@ def create_app(
         try:
             async with asyncio.timeout(2.0):
                 await kube.version()
-        except (OSError, TimeoutError, ApiException) as err:
+        except (OSError, TimeoutError, APIError) as err:
             problems["kubernetes"] = str(err) or type(err).__name__
         if problems:
             return JSONResponse({"status": "unready", "problems": problems}, status_code=503)
@@ -362,12 +363,10 @@ def create_app(
         )
         try:
             created = await kube.create_run(namespace, body)
-        except ApiException as err:
-            if err.status == 409:
-                raise ApiError(409, f"a run named {run_name!r} exists", "name") from None
-            if err.status in (400, 403, 404, 422):
-                raise ApiError(422, f"rejected by the API server: {err.reason}") from None
-            raise
+        except Conflict:
+            raise ApiError(409, f"a run named {run_name!r} exists", "name") from None
+        except PermanentAPIError as err:
+            raise ApiError(422, f"rejected by the API server: {err.message}") from None
         meta = created["metadata"]
         run_id = None
         deadline = asyncio.get_running_loop().time() + run_id_wait
