@@ -17,6 +17,7 @@ import pytest
 import yaml
 from aiohttp import web
 
+from maestro.k8s import config
 from maestro.k8s.client import Kube, NotFound, PermanentAPIError, load_config
 from maestro.k8s.config import ConfigError, current_namespace, load
 
@@ -286,3 +287,25 @@ async def test_conflict_on_a_named_event_counts_as_posted(
     assert event["metadata"] == {"name": "r.started", "namespace": "ns"}
     assert event["involvedObject"]["uid"] == "u-1"
     assert event["firstTimestamp"].endswith("Z")
+
+
+async def test_in_a_pod_the_service_account_is_used_and_its_token_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mounted = tmp_path / "serviceaccount"
+    mounted.mkdir()
+    (mounted / "token").write_text("one")
+    (mounted / "namespace").write_text("team-a\n")
+    monkeypatch.setattr(config, "IN_CLUSTER", mounted)
+    monkeypatch.setattr(config, "TOKEN_FILE_SECONDS", 0.0)  # every request reads it
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00::1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "6443")
+    creds = load()
+    assert (creds.server, creds.namespace) == ("https://[fd00::1]:6443", "team-a")
+    assert current_namespace() == "team-a"
+    assert await creds.authorization() == "Bearer one"
+    (mounted / "token").write_text("two")  # the kubelet rotated it
+    assert await creds.authorization() == "Bearer two"
+    # An explicit kubeconfig wins over the pod's account, as with kubectl.
+    path = kubeconfig(tmp_path / "kc", "https://elsewhere:6443", {"token": "t"})
+    assert load(str(path)).server == "https://elsewhere:6443"
