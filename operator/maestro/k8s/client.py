@@ -563,15 +563,24 @@ class Kube:
         items: list[dict[str, Any]] = found.get("items") or []
         return items
 
-    async def patch_schedule(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
-        """Merge-patch a WorkflowSchedule (``maestro schedule suspend/resume``)."""
+    async def _merge_patch(
+        self, path: str, what: str, patch: dict[str, Any], field_manager: str | None = None
+    ) -> None:
+        """Merge-patch one of our objects (the object sent back is not needed)."""
         self.writes += 1
         await self.api.read(
             "PATCH",
-            _ours(SCHEDULES, namespace, name),
-            f"workflowschedule {namespace}/{name}",
+            path,
+            what,
             body=patch,
             content_type=MERGE_PATCH,
+            params={"fieldManager": field_manager} if field_manager else None,
+        )
+
+    async def patch_schedule(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        """Merge-patch a WorkflowSchedule (``maestro schedule suspend/resume``)."""
+        await self._merge_patch(
+            _ours(SCHEDULES, namespace, name), f"workflowschedule {namespace}/{name}", patch
         )
 
     async def create_run_once(self, namespace: str, body: dict[str, Any]) -> bool:
@@ -597,14 +606,8 @@ class Kube:
 
         ``field_manager`` names who edits (the operator reads it back as the actor).
         """
-        self.writes += 1
-        await self.api.read(
-            "PATCH",
-            _ours(RUNS, namespace, name),
-            f"workflowrun {namespace}/{name}",
-            body=patch,
-            content_type=MERGE_PATCH,
-            params={"fieldManager": field_manager} if field_manager else None,
+        await self._merge_patch(
+            _ours(RUNS, namespace, name), f"workflowrun {namespace}/{name}", patch, field_manager
         )
 
     async def change_run_finalizers(
@@ -774,13 +777,10 @@ class Kube:
         self, plural: str, namespace: str, name: str, status: dict[str, Any]
     ) -> None:
         """Merge-patch the status subresource of one of our objects."""
-        self.writes += 1
-        await self.api.read(  # the object sent back is not needed
-            "PATCH",
+        await self._merge_patch(
             f"{_ours(plural, namespace, name)}/status",
             f"status of {plural} {namespace}/{name}",
-            body={"status": status},
-            content_type=MERGE_PATCH,
+            {"status": status},
         )
 
     async def delete_run(self, namespace: str, name: str) -> None:
