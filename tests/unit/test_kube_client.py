@@ -6,8 +6,11 @@ certificates are exercised against the real one in tests/e2e/test_control_plane.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import stat
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +21,10 @@ import yaml
 from aiohttp import web
 
 from maestro.k8s import config
-from maestro.k8s.client import Kube, NotFound, PermanentAPIError, load_config
+from maestro.k8s.client import Kube, NotFound, PermanentAPIError, TransientAPIError, load_config
 from maestro.k8s.config import ConfigError, current_namespace, load
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def kubeconfig(
@@ -204,13 +209,15 @@ async def test_an_exec_plugin_gives_the_token_and_is_run_once_while_it_lasts(
     assert runs.read_text().split("\n") == ["hello world", ""]
 
 
-async def test_a_failing_exec_plugin_is_a_config_error_naming_it(
+async def test_a_failing_exec_plugin_fails_the_request_naming_it(
     tmp_path: Path, server: FakeServer
 ) -> None:
     user = {"exec": {"command": "sh", "args": ["-c", "echo denied >&2; exit 3"]}}
     path = kubeconfig(tmp_path / "kc", server.url, user)
     async with await load_config(str(path)) as api:
-        with pytest.raises(ConfigError, match="exec plugin sh exited 3: denied"):
+        with pytest.raises(
+            TransientAPIError, match="no credentials: exec plugin sh exited 3: denied"
+        ):
             await Kube(api).get_run("ns", "a")
     assert server.seen == []
 
@@ -309,3 +316,31 @@ async def test_in_a_pod_the_service_account_is_used_and_its_token_read_again(
     # An explicit kubeconfig wins over the pod's account, as with kubectl.
     path = kubeconfig(tmp_path / "kc", "https://elsewhere:6443", {"token": "t"})
     assert load(str(path)).server == "https://elsewhere:6443"
+
+
+async def test_the_cli_reports_a_refusal_in_one_line_naming_the_object(
+    tmp_path: Path, server: FakeServer
+) -> None:
+    path = kubeconfig(tmp_path / "kc", server.url, {"token": "t"}, namespace="team-a")
+    server.answers["/apis/maestro.dev/v1alpha1/namespaces/team-a/workflowruns/nightly"] = (
+        403,
+        {"message": 'workflowruns "nightly" is forbidden: User "bob" cannot get', "reason": "x"},
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "maestro",
+        "get",
+        "nightly",
+        "--kubeconfig",
+        str(path),
+        env={**os.environ, "PYTHONPATH": str(REPO / "operator")},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 1, (out, err)
+    assert err.decode().strip() == (
+        'Error: workflowrun team-a/nightly: workflowruns "nightly" is forbidden: '
+        'User "bob" cannot get'
+    )

@@ -29,6 +29,7 @@ from maestro.dag import fanout
 from maestro.dag.validate import plan, resolve_params, validate
 from maestro.executors.container import LABEL_RUN, LABEL_TASK, run_label
 from maestro.k8s.client import (
+    APIError,
     Conflict,
     Kube,
     NotFound,
@@ -57,7 +58,7 @@ def _call(kubeconfig: str | None, work: Callable[[Kube], Awaitable[T]]) -> T:
     except NotFound as err:
         # ``what`` names the object ("workflowrun NS/NAME"); the API's own text repeats it.
         raise click.ClickException(f"{err.what} not found") from None
-    except ConfigError as err:
+    except (ConfigError, APIError) as err:
         raise click.ClickException(str(err)) from None
 
 

@@ -21,7 +21,7 @@ import orjson
 
 from maestro import __version__
 from maestro.api.models import API_VERSION, GROUP, VERSION
-from maestro.k8s.config import Credentials, load
+from maestro.k8s.config import ConfigError, Credentials, load
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,10 @@ class Api:
         Every failure is raised as an :class:`APIError` about ``what``.
         """
         headers = {}
-        auth = await self.creds.authorization()
+        try:
+            auth = await self.creds.authorization()
+        except ConfigError as err:  # an exec plugin failed, a token file went: try later
+            raise TransientAPIError(what, f"no credentials: {err}") from None
         if auth is not None:
             headers["Authorization"] = auth
         data = None

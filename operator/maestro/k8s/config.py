@@ -86,12 +86,19 @@ class Credentials:
             return self._cached[0]
 
     def expire(self) -> None:
-        """Forget a rotating token (the API server refused it: 401)."""
-        self._cached = None
+        """Read a rotating token again before the next request (the API server refused
+        it: 401)."""
+        if self._cached is not None:
+            self._cached = (self._cached[0], 0.0)
 
     async def _refresh(self) -> tuple[str, float]:
         if self.token_file is not None:
-            token = self.token_file.read_text(encoding="utf-8").strip()
+            try:
+                token = self.token_file.read_text(encoding="utf-8").strip()
+            except OSError as err:
+                if self._cached is not None:  # mid-rotation: the last token, a little longer
+                    return self._cached[0], time.monotonic() + 1.0
+                raise ConfigError(f"cannot read the token file {self.token_file}: {err}") from None
             return f"Bearer {token}", time.monotonic() + TOKEN_FILE_SECONDS
         assert self.exec_plugin is not None
         status = await _run_exec(self.exec_plugin, self.base)
