@@ -344,3 +344,18 @@ async def test_the_cli_reports_a_refusal_in_one_line_naming_the_object(
         'Error: workflowrun team-a/nightly: workflowruns "nightly" is forbidden: '
         'User "bob" cannot get'
     )
+
+
+async def test_a_hung_exec_plugin_is_stopped_and_named(
+    tmp_path: Path, server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(config, "EXEC_TIMEOUT", 0.5)
+    pid_file = tmp_path / "pid"
+    user = {"exec": {"command": "sh", "args": ["-c", f"echo $$ > {pid_file}; exec sleep 60"]}}
+    path = kubeconfig(tmp_path / "kc", server.url, user)
+    async with await load_config(str(path)) as api:
+        with pytest.raises(TransientAPIError, match="exec plugin sh gave no credential within"):
+            await Kube(api).get_run("ns", "a")
+    pid = int(pid_file.read_text())
+    assert not Path(f"/proc/{pid}").exists()  # killed and reaped, not left behind
+    assert server.seen == []

@@ -101,22 +101,14 @@ def status_error(what: str, status: int, reason: str, body: bytes) -> APIError:
     return PermanentAPIError(what, message, status=status, reason=why)
 
 
-def unanswered(what: str, err: BaseException) -> TransientAPIError:
-    """The typed error for a request that got no (whole) answer: worth a retry."""
-    return TransientAPIError(what, f"{type(err).__name__}: {err}".rstrip(": "))
-
-
-# A timeout, a refused or dropped connection, a TLS failure: no answer from the server.
-NO_ANSWER = (aiohttp.ClientError, TimeoutError, ConnectionError)
-
-
 @contextlib.contextmanager
 def api_errors(what: str) -> Iterator[None]:
-    """Raise a request that got no answer in the block as a :class:`TransientAPIError`."""
+    """Raise a request that got no (whole) answer in the block (a timeout, a refused or
+    dropped connection, a TLS failure) as a :class:`TransientAPIError`: worth a retry."""
     try:
         yield
-    except NO_ANSWER as err:
-        raise unanswered(what, err) from err
+    except (aiohttp.ClientError, TimeoutError, ConnectionError) as err:
+        raise TransientAPIError(what, f"{type(err).__name__}: {err}".rstrip(": ")) from err
 
 
 # An ordinary request that receives nothing for this long is dead (the client had no
@@ -142,7 +134,6 @@ class Api:
     def __init__(self, creds: Credentials, *, connections: int | None = None) -> None:
         """A session to ``creds.server``; ``connections`` caps its pool (see load_config)."""
         self.creds = creds
-        self.host = creds.server
         server = urllib.parse.urlsplit(creds.server)
         proxy = creds.proxy
         if proxy is None and not urllib.request.proxy_bypass(server.hostname or ""):
@@ -193,10 +184,10 @@ class Api:
         if body is not None:
             data = orjson.dumps(body)
             headers["Content-Type"] = content_type
-        try:
+        with api_errors(what):
             rsp = await self.session.request(
                 method,
-                self.host + path,
+                self.creds.server + path,
                 params=params,
                 data=data,
                 headers=headers,
@@ -210,8 +201,6 @@ class Api:
                 answer = await rsp.read()
             finally:
                 rsp.release()
-        except NO_ANSWER as err:
-            raise unanswered(what, err) from err
         if rsp.status == 401:
             self.creds.expire()  # a rotated token: read it again next time
         raise status_error(what, rsp.status, rsp.reason or "", answer)
@@ -220,9 +209,8 @@ class Api:
         """The body of the answer to a request (see :meth:`open`)."""
         rsp = await self.open(method, path, what, **kw)
         try:
-            return await rsp.read()
-        except NO_ANSWER as err:
-            raise unanswered(what, err) from err
+            with api_errors(what):
+                return await rsp.read()
         finally:
             rsp.release()
 
@@ -297,21 +285,21 @@ AUTHZ = "/apis/authorization.k8s.io/v1"
 AUTHN = "/apis/authentication.k8s.io/v1"
 
 
-def _in(namespace: str | None, base: str, resource: str) -> str:
-    """The path of a collection in ``namespace``, or across all namespaces for None."""
-    if namespace is None:
-        return f"{base}/{resource}"
-    return f"{base}/namespaces/{_segment(namespace)}/{resource}"
+def _in(namespace: str | None, base: str, resource: str, name: str | None = None) -> str:
+    """The path of a collection in ``namespace`` (across all namespaces for None), or of
+    the object ``name`` in it."""
+    path = f"{base}/{resource}"
+    if namespace is not None:
+        path = f"{base}/namespaces/{_segment(namespace)}/{resource}"
+    return path if name is None else f"{path}/{_segment(name)}"
 
 
 def _pods(namespace: str, name: str | None = None) -> str:
-    path = _in(namespace, CORE, "pods")
-    return path if name is None else f"{path}/{_segment(name)}"
+    return _in(namespace, CORE, "pods", name)
 
 
 def _ours(plural: str, namespace: str, name: str | None = None) -> str:
-    path = _in(namespace, OURS, plural)
-    return path if name is None else f"{path}/{_segment(name)}"
+    return _in(namespace, OURS, plural, name)
 
 
 class Kube:
@@ -454,7 +442,7 @@ class Kube:
         try:
             secret = await self.api.call(
                 "GET",
-                f"{_in(namespace, CORE, 'secrets')}/{_segment(name)}",
+                _in(namespace, CORE, "secrets", name),
                 f"secret {namespace}/{name}",
             )
         except NotFound:

@@ -226,19 +226,15 @@ def _from_kubeconfig(paths: list[Path]) -> Credentials:
     cluster_dir = origin[("clusters", cluster_name)]
     user_dir = origin.get(("users", user_name), cluster_dir)
 
-    def file(value: str | None, directory: Path) -> Path | None:
-        return None if not value else (directory / Path(value).expanduser())
-
     if cluster.get("insecure-skip-tls-verify"):
         context_or_off: ssl.SSLContext | bool = False
     else:
-        ca_file = file(cluster.get("certificate-authority"), cluster_dir)
+        ca_file = _relative(cluster.get("certificate-authority"), cluster_dir)
         ca_data = cluster.get("certificate-authority-data")
-        ctx = ssl.create_default_context(
+        context_or_off = ssl.create_default_context(
             cafile=str(ca_file) if ca_file else None,
             cadata=base64.b64decode(ca_data).decode() if ca_data else None,
         )
-        context_or_off = ctx
     cert = _pem(user, "client-certificate", user_dir)
     key = _pem(user, "client-key", user_dir)
     if cert is not None and key is not None:
@@ -248,7 +244,7 @@ def _from_kubeconfig(paths: list[Path]) -> Credentials:
             context_or_off.verify_mode = ssl.CERT_NONE
         assert isinstance(context_or_off, ssl.SSLContext)
         _load_chain(context_or_off, cert, key)
-    token_file = file(user.get("tokenFile"), user_dir)
+    token_file = _relative(user.get("tokenFile"), user_dir)
     basic = (
         (str(user["username"]), str(user.get("password") or "")) if user.get("username") else None
     )
@@ -266,12 +262,17 @@ def _from_kubeconfig(paths: list[Path]) -> Credentials:
     )
 
 
+def _relative(value: str | None, directory: Path) -> Path | None:
+    """A path written in a kubeconfig: relative to the file that holds it."""
+    return None if not value else directory / Path(value).expanduser()
+
+
 def _pem(user: Mapping[str, Any], key: str, directory: Path) -> bytes | None:
     data = user.get(f"{key}-data")
     if data:
         return base64.b64decode(data)
-    path = user.get(key)
-    return (directory / Path(path).expanduser()).read_bytes() if path else None
+    path = _relative(user.get(key), directory)
+    return path.read_bytes() if path else None
 
 
 def _load_chain(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
@@ -307,9 +308,16 @@ async def _run_exec(plugin: Mapping[str, Any], base: Path) -> dict[str, Any]:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        out, err = await asyncio.wait_for(proc.communicate(), EXEC_TIMEOUT)
-    except (OSError, TimeoutError) as e:
+    except OSError as e:
         raise ConfigError(f"exec plugin {command}: {type(e).__name__}: {e}") from None
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), EXEC_TIMEOUT)
+    except TimeoutError:
+        proc.kill()  # a plugin that hangs (waiting for a login) must not outlive the wait
+        await proc.wait()
+        raise ConfigError(
+            f"exec plugin {command} gave no credential within {EXEC_TIMEOUT:g} s"
+        ) from None
     if proc.returncode != 0:
         # stderr, not stdout: stdout would hold the credential
         raise ConfigError(
