@@ -359,3 +359,19 @@ async def test_a_hung_exec_plugin_is_stopped_and_named(
     pid = int(pid_file.read_text())
     assert not Path(f"/proc/{pid}").exists()  # killed and reaped, not left behind
     assert server.seen == []
+
+
+async def test_a_log_the_kubelet_cannot_serve_is_no_log_to_follow(
+    tmp_path: Path, server: FakeServer
+) -> None:
+    path = kubeconfig(tmp_path / "kc", server.url, {"token": "t"})
+    refused = (500, {"message": "dial tcp 127.0.0.1:10250: connect: connection refused"})
+    server.answers["/api/v1/namespaces/ns/pods/p/log"] = refused
+    async with await load_config(str(path)) as api:
+        kube = Kube(api)
+        with pytest.raises(NotFound, match="connection refused"):
+            async for _ in kube.follow_pod_log("ns", "p"):
+                pass
+        with pytest.raises(NotFound, match="connection refused"):
+            await kube.pod_log("ns", "p")
+    assert [query for _, _, query, _, _ in server.seen] == [{"follow": "true"}, {}]

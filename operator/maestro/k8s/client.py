@@ -279,6 +279,16 @@ def retry_manifest(old: Mapping[str, Any], run_id: str) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _no_log() -> Iterator[None]:
+    """Any refusal to give a pod's log as :class:`NotFound`: a kubelet that cannot serve
+    logs (kwok has none) answers 500, and to a reader that is no log either."""
+    try:
+        yield
+    except APIError as err:
+        raise NotFound(err.what, err.message, status=err.status, reason=err.reason) from None
+
+
 CORE = "/api/v1"
 OURS = f"/apis/{GROUP}/{VERSION}"
 AUTHZ = "/apis/authorization.k8s.io/v1"
@@ -663,16 +673,18 @@ class Kube:
         return items
 
     async def follow_pod_log(self, namespace: str, pod: str) -> AsyncIterator[bytes]:
-        """A running pod's log as it is written, until the container ends."""
+        """A running pod's log as it is written, until the container ends; raises
+        NotFound when there is none to follow."""
         self.reads += 1
         what = f"log of pod {namespace}/{pod}"
-        rsp = await self.api.open(
-            "GET",
-            f"{_pods(namespace, pod)}/log",
-            what,
-            params={"follow": "true"},
-            timing=STREAM_TIMEOUT,
-        )
+        with _no_log():
+            rsp = await self.api.open(
+                "GET",
+                f"{_pods(namespace, pod)}/log",
+                what,
+                params={"follow": "true"},
+                timing=STREAM_TIMEOUT,
+            )
         try:
             with api_errors(what):
                 async for chunk in rsp.content.iter_any():
@@ -759,10 +771,8 @@ class Kube:
     async def pod_log(self, namespace: str, pod: str) -> str:
         """A pod's whole log; raises NotFound when the pod or its log is gone."""
         self.reads += 1
-        try:
+        with _no_log():
             return await self._log(namespace, pod)
-        except APIError as err:  # a kubelet without logs (kwok) answers 500: no log either
-            raise NotFound(err.what, err.message, status=err.status, reason=err.reason) from None
 
     async def patch_status(
         self, plural: str, namespace: str, name: str, status: dict[str, Any]
