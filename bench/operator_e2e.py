@@ -107,10 +107,15 @@ def _vm_hwm_kib(pid: int) -> float:
 
 
 def _cpu_s(pid: int) -> float:
+    return sum(_cpu_split_s(pid))
+
+
+def _cpu_split_s(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process."""
     # Fields after the command (which may hold spaces) start at state; utime, stime are
     # the 14th and 15th fields of the whole line.
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+    return int(fields[11]) / CLOCK_TICK, int(fields[12]) / CLOCK_TICK
 
 
 def _api_requests(plane: ControlPlane) -> float:
@@ -251,6 +256,22 @@ def _store_counts(pg: Postgres, db: str) -> tuple[int, int]:
     return int(transitions), int(finished)
 
 
+def _transactions(pg: Postgres, db: str) -> int:
+    """Transactions the database has counted (pg_stat_database, flushed at least every
+    second; this query is one of them)."""
+    ((n,),) = pg.admin_query(
+        db,
+        "SELECT xact_commit + xact_rollback FROM pg_stat_database "
+        "WHERE datname = current_database()",
+    )
+    return int(n)
+
+
+# The operator's store statements: every statement it runs (SQLAlchemy's cursor events),
+# not the BEGIN and COMMIT around them.
+STATEMENTS = "maestro_store_query_duration_seconds_count"
+
+
 def one_pass(
     plane: ControlPlane,
     pg: Postgres,
@@ -297,7 +318,11 @@ def _drive(
     expected = tasks * 2
     assert op.proc is not None
     requests_before = _api_requests(plane)
+    statements = -op.metric(STATEMENTS)
+    xacts, polls = -_transactions(pg, db), 0
     cpu = -_cpu_s(op.proc.pid)
+    user, system = _cpu_split_s(op.proc.pid)
+    split = [-user, -system]
     t_submit = time.time()
     plane.kubectl("apply", "-n", watcher.namespace, "-f", "-", input=_manifests(shape, n, spec))
     recovery: dict[str, Any] = {}
@@ -306,14 +331,18 @@ def _drive(
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         transitions, finished = _store_counts(pg, db)
+        polls += 1
         if kill and not recovery and transitions >= KILL_AT * expected:
             hwm.append(_vm_hwm_kib(op.proc.pid))
+            statements += op.metric(STATEMENTS)  # the restarted process counts from 0
             cpu += _cpu_s(op.proc.pid)
+            split = [a + b for a, b in zip(split, _cpu_split_s(op.proc.pid), strict=True)]
             t_kill = time.time()
             op.kill(signal.SIGKILL)
             t_restart = time.time()
             op.start(wait_ready=False)
             cpu -= _cpu_s(op.proc.pid)
+            split = [a - b for a, b in zip(split, _cpu_split_s(op.proc.pid), strict=True)]
             op.wait_ready(timeout=120)
             recovery["ready_s"] = time.time() - t_restart
             while time.monotonic() < deadline:
@@ -322,6 +351,7 @@ def _drive(
                     "SELECT extract(epoch FROM min(at)) FROM events "
                     f"WHERE at > to_timestamp({t_restart})",
                 )[0]
+                polls += 1
                 if first is not None:
                     recovery["first_transition_s"] = float(first) - t_restart
                     break
@@ -344,8 +374,12 @@ def _drive(
             break
         time.sleep(0.5)
     cpu += _cpu_s(op.proc.pid)
+    split = [a + b for a, b in zip(split, _cpu_split_s(op.proc.pid), strict=True)]
     hwm.append(_vm_hwm_kib(op.proc.pid))
     requests = _api_requests(plane) - requests_before
+    statements += op.metric(STATEMENTS)
+    time.sleep(1.5)  # the server's statistics are flushed about every second
+    xacts += _transactions(pg, db) - polls - 1  # not this benchmark's own queries
     (last_finish, succeeded, attempts2), *_ = pg.admin_query(
         db,
         "SELECT extract(epoch FROM max(finished_at)), count(*) FILTER (WHERE phase = 'Succeeded'), "
@@ -365,7 +399,11 @@ def _drive(
         "latency_s": latency,
         "latency_skipped": skipped,
         "cpu_s": cpu,
+        "cpu_user_s": split[0],
+        "cpu_system_s": split[1],
         "api_requests": requests,
+        "store_statements": statements,
+        "store_transactions": xacts,
         "vm_hwm_kib": hwm,
         "pods_seen": len(watcher.names),
         "duplicate_pods": len(unexpected) + int(attempts2),
@@ -428,10 +466,16 @@ def _figures(name: str, r: dict[str, Any]) -> list[Figure]:
                "<= 1500", percentile(ms, 95) <= 1500),
         Figure(name, "operator CPU per task", "ms", [r["cpu_s"] * 1000 / tasks], "<= 10",
                r["cpu_s"] * 1000 / tasks <= 10),
+        Figure(name, "operator CPU per task: in the kernel", "ms",
+               [r.get("cpu_system_s", float("nan")) * 1000 / tasks]),
         Figure(name, "operator peak RSS (VmHWM)", "MiB", [max(r["vm_hwm_kib"]) / 1024],
                "<= 160", max(r["vm_hwm_kib"]) / 1024 <= 160),
         Figure(name, "API requests per task (all clients)", "req", [r["api_requests"] / tasks],
                "<= 8", r["api_requests"] / tasks <= 8),
+        Figure(name, "store statements per task (operator)", "stmt",
+               [r.get("store_statements", float("nan")) / tasks]),
+        Figure(name, "store transactions per task (database)", "xact",
+               [r.get("store_transactions", float("nan")) / tasks]),
     ]  # fmt: skip
     if base == "recovery":
         rec = r["recovery"]

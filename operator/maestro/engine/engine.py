@@ -60,6 +60,21 @@ from maestro.store import (
 log = logging.getLogger(__name__)
 
 
+# A workflow of at most this many tasks and no expression to evaluate (no ``when``, no
+# ``forEach``, no workflow outputs) is decided on the event loop: a few microseconds of
+# work, where handing it to a thread cost more than the decision (see reconcile).
+INLINE_DECIDE_TASKS = 64
+
+
+def _decided_inline(spec: WorkflowSpec) -> bool:
+    tasks = spec.all_tasks()
+    return (
+        len(tasks) <= INLINE_DECIDE_TASKS
+        and not spec.outputs
+        and all(t.when is None and t.for_each is None for t in tasks)
+    )
+
+
 def utcnow() -> datetime:
     """The engine's clock."""
     return datetime.now(UTC)
@@ -157,6 +172,7 @@ class Engine:
         self.clock = clock
         self.announced = announced
         self._plans: dict[str, tuple[WorkflowSpec, Plan]] = {}
+        self._inline: dict[str, bool] = {}  # run id -> decided on the loop (_decided_inline)
         self._held: dict[str, _Held] = {}  # run id -> the run while this process drives it
         self._marks = LaunchMarks(store)
         # Fan-out items by (run id, task): the same inputs always give the same items.
@@ -244,11 +260,13 @@ class Engine:
             spec = WorkflowSpec.model_validate(run.spec)
             cached = (spec, plan(spec))
             self._plans[run.id] = cached
+            self._inline[run.id] = _decided_inline(spec)
         return cached
 
     def forget(self, run_id: str) -> None:
         """Drop what is held of a run: it finished, was deleted, or its driver stopped."""
         self._plans.pop(run_id, None)
+        self._inline.pop(run_id, None)
         self._held.pop(run_id, None)
         for key in [k for k in self._items if k[0] == run_id]:
             del self._items[key]
@@ -463,9 +481,13 @@ class Engine:
                 params=run.params,
                 run_info=_run_info(run),
             )
-            # Off the event loop: `when` expressions run inside, and although their budgets
-            # bound them (time, integer size, length), the probes and other runs never wait.
-            decision = await asyncio.to_thread(decide, state, self.clock())
+            # Off the event loop when it evaluates expressions (`when`, `forEach`, outputs)
+            # or walks a large DAG: although budgets bound expressions (time, integer size,
+            # length), the probes and other runs never wait for them.
+            if self._inline.get(run_id, False):
+                decision = decide(state, self.clock())
+            else:
+                decision = await asyncio.to_thread(decide, state, self.clock())
             stops = [a for a in decision.actions if isinstance(a, Stop)]
             cached = any(
                 tasks[fanout.base(a.task)].cache is not None

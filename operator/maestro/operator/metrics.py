@@ -13,10 +13,8 @@ rejected before they start) are added from :meth:`Metrics.not_stored`.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -28,7 +26,6 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import event
 
 from maestro.api.models import WorkflowSpec
 from maestro.api.phases import RunPhase
@@ -190,26 +187,15 @@ class Metrics:
         self._instrument(store)
 
     def _instrument(self, store: Store) -> None:
-        """Time every statement and count failures, through SQLAlchemy's engine events."""
-        sync = store.engine.sync_engine
+        """Time every statement and count failures."""
 
-        def before(conn: Any, *_: Any) -> None:
-            conn.info.setdefault("maestro_started", []).append(time.perf_counter())
+        def observe(seconds: float | None) -> None:
+            if seconds is None:
+                self.store_errors.inc()
+            else:
+                self.store_seconds.observe(seconds)
 
-        def after(conn: Any, *_: Any) -> None:
-            started = conn.info.get("maestro_started")
-            if started:
-                self.store_seconds.observe(time.perf_counter() - started.pop())
-
-        def failed(ctx: Any) -> None:
-            self.store_errors.inc()
-            conn = ctx.connection
-            if conn is not None and conn.info.get("maestro_started"):
-                conn.info["maestro_started"].pop()
-
-        event.listen(sync, "before_cursor_execute", before)
-        event.listen(sync, "after_cursor_execute", after)
-        event.listen(sync, "handle_error", failed)
+        store.watch_statements(observe)
 
     def not_stored(self, uid: str, phase: RunPhase | None, since: datetime | None = None) -> None:
         """A run the store does not hold shows ``phase`` (None: it is stored now, or gone)."""

@@ -43,10 +43,15 @@ def make_engine(
         _make_sqlite_transactions_immediate(engine)
         return engine
     # libpq takes whole seconds and treats anything below 2 as 2.
-    connect_args: dict[str, Any] = {"connect_timeout": max(2, math.ceil(connect_timeout))}
+    # Timestamps in UTC: the hot path reads them straight from psycopg (store.direct),
+    # without the column type's conversion to UTC.
+    options = ["-c TimeZone=UTC"]
     if idle_in_transaction:
-        ms = int(idle_in_transaction * 1000)
-        connect_args["options"] = f"-c idle_in_transaction_session_timeout={ms}"
+        options.append(f"-c idle_in_transaction_session_timeout={int(idle_in_transaction * 1000)}")
+    connect_args: dict[str, Any] = {
+        "connect_timeout": max(2, math.ceil(connect_timeout)),
+        "options": " ".join(options),
+    }
     return create_async_engine(
         url,
         connect_args=connect_args,

@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, Table, and_, bindparam, func, select, tuple_
-from sqlalchemy.ext.asyncio import AsyncConnection
 
+from maestro.store.direct import Connection
 from maestro.store.errors import Fenced
 from maestro.store.models import BucketRow
 from maestro.store.types import UTCDateTime
@@ -66,7 +66,7 @@ _HELD = {
 }
 
 
-async def held_fences(conn: AsyncConnection, fences: Collection[Fence]) -> set[Fence]:
+async def held_fences(conn: Connection, fences: Collection[Fence]) -> set[Fence]:
     """Those of ``fences`` that still hold, their bucket rows held ``FOR KEY SHARE`` until
     the transaction ends, so no one claims them meanwhile (one statement for them all)."""
     if not fences:
@@ -92,7 +92,7 @@ def fenced_out(fence: Fence) -> Fenced:
     )
 
 
-async def check_fence(conn: AsyncConnection) -> None:
+async def check_fence(conn: Connection) -> None:
     """Raise :class:`Fenced` unless the current fence (if any) still holds.
 
     Called first in every write transaction of the store (see :func:`held_fences`).

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import psycopg
 from sqlalchemy import (
     Insert,
     Row,
@@ -20,6 +22,7 @@ from sqlalchemy import (
     Update,
     bindparam,
     delete,
+    event,
     func,
     insert,
     select,
@@ -38,10 +41,11 @@ from sqlalchemy.exc import (
     SQLAlchemyError,
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from maestro.api.phases import RUN_TRANSITIONS, TASK_TRANSITIONS, RunPhase, TaskPhase
 from maestro.store.database import POOL_SIZE, connect, make_engine, unavailable
+from maestro.store.direct import Connection, Direct, Observer, Statements, translated
 from maestro.store.errors import (
     AttemptNotFound,
     Fenced,
@@ -79,7 +83,12 @@ _MARK_POSTED = (
     .where(EVENTS.c.id.in_(bindparam("ids", expanding=True)), EVENTS.c.posted_at.is_(None))
     .values(posted_at=bindparam("now", type_=UTCDateTime()))
 )
-_INSERT_EVENTS = insert(EVENTS).returning(EVENTS.c.id, sort_by_parameter_order=True)
+_INSERT_EVENTS = insert(EVENTS).returning(EVENTS.c.id)
+
+# Rows one INSERT takes: any count up to SMALL_INSERT has a statement of its own, more are
+# written SMALL_INSERT and more at a time (a few shapes of statement, each compiled once).
+SMALL_INSERT = 8
+INSERT_PAGES = (64, 32, 16, SMALL_INSERT)
 
 #: The keys a run's ``controls`` may hold, with their values for a new run.
 DEFAULT_CONTROLS: Mapping[str, Any] = {"suspend": False, "cancel": False, "approvals": []}
@@ -183,7 +192,7 @@ def _moves(
 
 
 async def _compare_and_set(
-    conn: AsyncConnection,
+    conn: Connection,
     table: Table,
     key: Mapping[str, Any],
     sources: Collection[_Phase],
@@ -229,7 +238,66 @@ async def _compare_and_set(
     return None
 
 
-def _newest(run_id: str) -> Select[Any]:
+def _new_rows(insert: Callable[[Table], Any]) -> tuple[Insert, Insert]:
+    """The inserts of attempts (what starting tasks runs, see Batch._insert_attempts) and
+    of a run (replaying the same namespace and uid inserts nothing, see create_run)."""
+    attempts = (
+        insert(ATTEMPTS)
+        .on_conflict_do_nothing(index_elements=["run_id", "task", "attempt"])
+        .returning(*ATTEMPTS.c)
+    )
+    run = (
+        insert(RUNS).on_conflict_do_nothing(index_elements=["namespace", "uid"]).returning(*RUNS.c)
+    )
+    return attempts, run
+
+
+# ON CONFLICT DO NOTHING is spelled the same on both, but lives in each dialect.
+_NEW_ROWS = {"postgresql": _new_rows(pg_insert), "sqlite": _new_rows(sqlite_insert)}
+
+
+@functools.cache
+def _rows_insert(base: Insert, columns: tuple[str, ...], n: int) -> Insert:
+    """``base`` for ``n`` rows of ``columns`` in one statement (parameters
+    ``<column>_<row>``), typed by the table's columns."""
+    table = base.table
+    assert isinstance(table, Table)
+    return base.values(
+        [{c: bindparam(f"{c}_{i}", type_=table.c[c].type) for c in columns} for i in range(n)]
+    )
+
+
+def _pages(n: int) -> Iterator[int]:
+    """How many of ``n`` rows each INSERT takes, in order."""
+    while n > SMALL_INSERT:
+        page = next(p for p in INSERT_PAGES if p <= n)
+        yield page
+        n -= page
+    if n:
+        yield n
+
+
+async def _insert_rows(
+    conn: Connection, base: Insert, rows: Sequence[Mapping[str, Any]]
+) -> list[Row[Any]]:
+    """Insert ``rows`` (each of the same columns) with ``base``: what its RETURNING gives.
+
+    A multi-row VALUES list, not one statement per row (an executemany: pipelined on
+    psycopg, which costs more of the operator's CPU than the statement)."""
+    if not rows:
+        return []
+    columns = tuple(rows[0])
+    returned: list[Row[Any]] = []
+    start = 0
+    for n in _pages(len(rows)):
+        page = rows[start : start + n]
+        start += n
+        params = {f"{c}_{i}": row[c] for i, row in enumerate(page) for c in columns}
+        returned.extend(await conn.execute(_rows_insert(base, columns, n), params))
+    return returned
+
+
+def _newest() -> Select[Any]:
     # Only the newest attempt of each task: older ones (retried) are history, and
     # decoding their outputs on every engine pass would be wasted work.
     older = ATTEMPTS.alias("older")
@@ -238,20 +306,23 @@ def _newest(run_id: str) -> Select[Any]:
         .where(older.c.run_id == ATTEMPTS.c.run_id, older.c.task == ATTEMPTS.c.task)
         .scalar_subquery()
     )
-    return select(ATTEMPTS).where(ATTEMPTS.c.run_id == run_id, ATTEMPTS.c.attempt == newest)
-
-
-def _unposted(run_id: str) -> Select[Any]:
-    # The outbox: the partial index ix_events_unposted serves it.
-    return (
-        select(EVENTS)
-        .where(EVENTS.c.run_id == run_id, EVENTS.c.posted_at.is_(None))
-        .order_by(EVENTS.c.id)
+    return select(ATTEMPTS).where(
+        ATTEMPTS.c.run_id == bindparam("run_id"), ATTEMPTS.c.attempt == newest
     )
 
 
-def _by_uid(namespace: str, uid: str | None) -> Select[Any]:
-    return select(RUNS).where(RUNS.c.namespace == namespace, RUNS.c.uid == uid)
+# A run's reads, built once (parameter ``run_id``; ``namespace`` and ``uid`` by uid).
+_NEWEST = _newest()
+# The outbox: the partial index ix_events_unposted serves it.
+_UNPOSTED = (
+    select(EVENTS)
+    .where(EVENTS.c.run_id == bindparam("run_id"), EVENTS.c.posted_at.is_(None))
+    .order_by(EVENTS.c.id)
+)
+_RUN = select(RUNS).where(RUNS.c.id == bindparam("run_id"))
+_BY_UID = select(RUNS).where(
+    RUNS.c.namespace == bindparam("namespace"), RUNS.c.uid == bindparam("uid")
+)
 
 
 class Store:
@@ -271,12 +342,11 @@ class Store:
         self._connect_timeout = connect_timeout
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         self.max_output_bytes = max_output_bytes
-        # Built once: what starting tasks runs (see Batch._insert_attempts).
-        self._new_attempts = (
-            self._insert(ATTEMPTS)
-            .on_conflict_do_nothing(index_elements=["run_id", "task", "attempt"])
-            .returning(*ATTEMPTS.c)
-        )
+        # PostgreSQL's hot path runs below SQLAlchemy's execution layer (store.direct).
+        postgres = engine.dialect.name == "postgresql"
+        self._statements = Statements(engine.dialect) if postgres else None
+        self._observers: list[Observer] = []
+        self._new_attempts, self._new_run = _NEW_ROWS[engine.dialect.name]
 
     @classmethod
     async def open(
@@ -341,14 +411,55 @@ class Store:
         async with self._unavailable(), self._sessions.begin() as session:
             yield session
 
+    def watch_statements(self, observe: Observer) -> None:
+        """Call ``observe`` after every statement with its seconds, or None when it
+        failed (metrics), whichever path ran it."""
+        sync = self._engine.sync_engine
+
+        def before(conn: Any, *_: Any) -> None:
+            conn.info.setdefault("maestro_started", []).append(time.perf_counter())
+
+        def after(conn: Any, *_: Any) -> None:
+            started = conn.info.get("maestro_started")
+            if started:
+                observe(time.perf_counter() - started.pop())
+
+        def failed(ctx: Any) -> None:
+            observe(None)
+            conn = ctx.connection
+            if conn is not None and conn.info.get("maestro_started"):
+                conn.info["maestro_started"].pop()
+
+        event.listen(sync, "before_cursor_execute", before)
+        event.listen(sync, "after_cursor_execute", after)
+        event.listen(sync, "handle_error", failed)
+        self._observers.append(observe)
+
     @asynccontextmanager
-    async def _begin(self) -> AsyncIterator[AsyncConnection]:
+    async def _begin(self) -> AsyncIterator[Connection]:
         """A transaction on a bare connection, for Core statements only: what the hot
         path (a run's creation and first read, engine passes, launch marks) runs in,
         without an ORM session to set up. Writes in it check the fence themselves
-        (:func:`check_fence`, :func:`held_fences`)."""
-        async with self._unavailable(), self._engine.begin() as conn:
-            yield conn
+        (:func:`check_fence`, :func:`held_fences`). On PostgreSQL the statements run on
+        psycopg directly (:class:`Direct`), on a connection of the same pool."""
+        if self._statements is None:
+            async with self._unavailable(), self._engine.begin() as conn:
+                yield conn
+            return
+        async with self._unavailable(), self._engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert isinstance(raw, psycopg.AsyncConnection)
+            try:
+                async with raw.transaction():
+                    yield Direct(raw, self._statements, self._observers)
+            except psycopg.Error as exc:  # BEGIN, COMMIT or ROLLBACK
+                if raw.broken:
+                    await conn.invalidate()
+                raise translated(exc, "COMMIT", None, self._engine.dialect) from None
+            except DBAPIError:
+                if raw.broken:  # the server went away: the pool opens a new one next time
+                    await conn.invalidate()
+                raise
 
     @asynccontextmanager
     async def _unavailable(self) -> AsyncIterator[None]:
@@ -369,12 +480,6 @@ class Store:
         async with self._transaction() as session:
             await check_fence(await session.connection())
             yield session
-
-    def _insert(self, model: type[RunRow] | Table) -> Any:
-        # ON CONFLICT DO NOTHING is spelled the same on both, but lives in each dialect.
-        insert = pg_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
-        stmt: Insert = insert(model)
-        return stmt
 
     # Runs
 
@@ -399,30 +504,26 @@ class Store:
         _check_controls(controls or {})
         now = _now()
         run_id = str(uuid.uuid4())
-        stmt = (
-            self._insert(RUNS)
-            .values(
-                id=run_id,
-                namespace=namespace,
-                name=name,
-                uid=uid,
-                workflow_name=workflow_name,
-                spec=spec,
-                params=params,
-                phase=RunPhase.PENDING.value,
-                controls={**DEFAULT_CONTROLS, **(controls or {})},
-                generation=generation,
-                created_at=now,
-                updated_at=now,
-                parent_id=parent_id,
-            )
-            .on_conflict_do_nothing(index_elements=["namespace", "uid"])
-            .returning(*RUNS.c)
-        )
+        values = {
+            "id": run_id,
+            "namespace": namespace,
+            "name": name,
+            "uid": uid,
+            "workflow_name": workflow_name,
+            "spec": spec,
+            "params": params,
+            "phase": RunPhase.PENDING.value,
+            "controls": {**DEFAULT_CONTROLS, **(controls or {})},
+            "generation": generation,
+            "created_at": now,
+            "updated_at": now,
+            "parent_id": parent_id,
+        }
         async with self.batch(run_id, announced=announced) as writes:
-            row = (await writes.conn.execute(stmt)).first()
+            row = (await writes.conn.execute(self._new_run, values)).first()
             if row is None:
-                return RunRecord.of((await writes.conn.execute(_by_uid(namespace, uid))).one())
+                by_uid = {"namespace": namespace, "uid": uid}
+                return RunRecord.of((await writes.conn.execute(_BY_UID, by_uid)).one())
             writes.event("RunPhase", at=now, to_phase=RunPhase.PENDING, reason="Created")
             return RunRecord.of(row)
 
@@ -437,7 +538,7 @@ class Store:
     async def find_run(self, namespace: str, uid: str) -> RunRecord | None:
         """The run created for the Kubernetes object with this uid, if any."""
         async with self._begin() as conn:
-            row = (await conn.execute(_by_uid(namespace, uid))).first()
+            row = (await conn.execute(_BY_UID, {"namespace": namespace, "uid": uid})).first()
             return None if row is None else RunRecord.of(row)
 
     async def list_runs(
@@ -668,7 +769,8 @@ class Store:
     async def latest_attempts(self, run_id: str) -> dict[str, AttemptRecord]:
         """The newest attempt of each task in the run, by task name."""
         async with self._begin() as conn:
-            return {row.task: AttemptRecord.of(row) for row in await conn.execute(_newest(run_id))}
+            rows = await conn.execute(_NEWEST, {"run_id": run_id})
+            return {row.task: AttemptRecord.of(row) for row in rows}
 
     async def snapshot(
         self, run_id: str
@@ -677,11 +779,12 @@ class Store:
         read in one transaction: what an engine first reads of a run. Raises
         :class:`RunNotFound`."""
         async with self._begin() as conn:
-            row = (await conn.execute(select(RUNS).where(RUNS.c.id == run_id))).first()
+            key = {"run_id": run_id}
+            row = (await conn.execute(_RUN, key)).first()
             if row is None:
                 raise RunNotFound(f"run {run_id} not found")
-            latest = {r.task: AttemptRecord.of(r) for r in await conn.execute(_newest(run_id))}
-            outbox = [EventRecord.of(r) for r in await conn.execute(_unposted(run_id))]
+            latest = {r.task: AttemptRecord.of(r) for r in await conn.execute(_NEWEST, key)}
+            outbox = [EventRecord.of(r) for r in await conn.execute(_UNPOSTED, key)]
             return RunRecord.of(row), latest, outbox
 
     async def events(self, run_id: str, *, after: int = 0) -> list[EventRecord]:
@@ -725,7 +828,8 @@ class Store:
     async def unposted_events(self, run_id: str) -> list[EventRecord]:
         """The run's events the operator has not handled yet (the outbox), oldest first."""
         async with self._begin() as conn:
-            return [EventRecord.of(row) for row in await conn.execute(_unposted(run_id))]
+            rows = await conn.execute(_UNPOSTED, {"run_id": run_id})
+            return [EventRecord.of(row) for row in rows]
 
     async def mark_posted(self, event_ids: Collection[int]) -> None:
         """Take events out of the outbox: their Kubernetes Events are posted."""
@@ -800,7 +904,7 @@ class Batch:
     """
 
     def __init__(
-        self, store: Store, conn: AsyncConnection, run_id: str, announced: Announced | None
+        self, store: Store, conn: Connection, run_id: str, announced: Announced | None
     ) -> None:
         """Use :meth:`Store.batch`."""
         self.store, self.conn, self.run_id = store, conn, run_id
@@ -830,7 +934,8 @@ class Batch:
         """Write the pass's events in one statement; their ids are the outbox's."""
         if not self._events:
             return
-        ids = list(await self.conn.scalars(_INSERT_EVENTS, self._events))
+        # Ids come from a sequence, drawn in the VALUES list's order.
+        ids = sorted(row.id for row in await _insert_rows(self.conn, _INSERT_EVENTS, self._events))
         self.events = [
             EventRecord(id=i, **{k: v for k, v in e.items() if k != "posted_at"})
             for i, e in zip(ids, self._events, strict=True)
@@ -921,16 +1026,14 @@ class Batch:
         """Insert attempts, skipping those that exist; the rows made, in the order given,
         each with its creation event (and its start's, for one inserted Running).
 
-        One statement for them all, of constant text (SQLAlchemy's insertmanyvalues
-        pages it within the bind parameter limits): no statement to build per call."""
+        One statement for them all (see _insert_rows)."""
         if not values:
             return []
         try:
-            rows = list(
-                await self.conn.execute(
-                    self.store._new_attempts,
-                    [{"run_id": self.run_id, "created_at": now, **v} for v in values],
-                )
+            rows = await _insert_rows(
+                self.conn,
+                self.store._new_attempts,
+                [{"run_id": self.run_id, "created_at": now, **v} for v in values],
             )
         except IntegrityError:
             # The one constraint an insert that skips duplicates can break: the reference
