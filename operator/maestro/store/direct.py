@@ -4,7 +4,7 @@ An engine pass is one transaction of a few small statements. Through SQLAlchemy'
 engine a transaction of one ``SELECT 1`` cost 1.3-1.9 ms of the operator's CPU (the
 greenlet bridge, parameter and result processing, the connection's bookkeeping), on a
 connection of the same pool driven by psycopg 0.6-0.7 ms; the operator's CPU per task
-fell to 0.75x (docs/performance.md, sixth round).
+fell to 0.80x (docs/performance.md, sixth round).
 
 The statements stay SQLAlchemy Core, built once; SQLAlchemy compiles each once per
 process for the psycopg dialect and binds its parameters (:meth:`construct_expanded_state`
