@@ -171,8 +171,8 @@ class Engine:
         self.executors = executors
         self.clock = clock
         self.announced = announced
-        self._plans: dict[str, tuple[WorkflowSpec, Plan]] = {}
-        self._inline: dict[str, bool] = {}  # run id -> decided on the loop (_decided_inline)
+        # Run id -> its spec, plan and whether it is decided on the loop (_decided_inline).
+        self._plans: dict[str, tuple[WorkflowSpec, Plan, bool]] = {}
         self._held: dict[str, _Held] = {}  # run id -> the run while this process drives it
         self._marks = LaunchMarks(store)
         # Fan-out items by (run id, task): the same inputs always give the same items.
@@ -258,15 +258,12 @@ class Engine:
         cached = self._plans.get(run.id)
         if cached is None:
             spec = WorkflowSpec.model_validate(run.spec)
-            cached = (spec, plan(spec))
-            self._plans[run.id] = cached
-            self._inline[run.id] = _decided_inline(spec)
-        return cached
+            cached = self._plans[run.id] = (spec, plan(spec), _decided_inline(spec))
+        return cached[0], cached[1]
 
     def forget(self, run_id: str) -> None:
         """Drop what is held of a run: it finished, was deleted, or its driver stopped."""
         self._plans.pop(run_id, None)
-        self._inline.pop(run_id, None)
         self._held.pop(run_id, None)
         for key in [k for k in self._items if k[0] == run_id]:
             del self._items[key]
@@ -484,7 +481,7 @@ class Engine:
             # Off the event loop when it evaluates expressions (`when`, `forEach`, outputs)
             # or walks a large DAG: although budgets bound expressions (time, integer size,
             # length), the probes and other runs never wait for them.
-            if self._inline.get(run_id, False):
+            if (planned := self._plans.get(run_id)) is not None and planned[2]:
                 decision = decide(state, self.clock())
             else:
                 decision = await asyncio.to_thread(decide, state, self.clock())

@@ -17,7 +17,7 @@ path: :class:`Connection` is what both give the repository.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -56,8 +56,6 @@ class Connection(Protocol):
 
     async def scalar(self, statement: Executable, parameters: Any = None) -> Any: ...
 
-    async def scalars(self, statement: Executable, parameters: Any = None) -> Iterable[Any]: ...
-
 
 class Rows:
     """A statement's rows, fetched (named tuples: ``row.task``, as SQLAlchemy's rows)."""
@@ -80,10 +78,6 @@ class Rows:
 
     def all(self) -> Sequence[Any]:
         return self._rows
-
-    def scalars(self) -> list[Any]:
-        """The first column of every row."""
-        return [row[0] for row in self._rows]
 
 
 @dataclass(frozen=True)
@@ -150,53 +144,35 @@ class Direct:
     def dialect(self) -> Dialect:
         return self.statements.dialect
 
-    async def execute(self, statement: Executable, parameters: Any = None) -> Rows:
-        """Run ``statement`` with one parameter set, or with each of a list of them (one
-        pipelined round trip; RETURNING rows of all, in order)."""
-        sets: list[Mapping[str, Any]] = (
-            parameters if isinstance(parameters, list) else [parameters or {}]
-        )
-        if not sets:
-            return Rows([])
-        prepared = self.statements.prepared(statement, tuple(sets[0]))
-        bound = [prepared.bind(p) for p in sets]
-        sql = bound[0][0]
+    async def execute(
+        self, statement: Executable, parameters: Mapping[str, Any] | None = None
+    ) -> Rows:
+        """Run ``statement`` with one parameter set (several rows go in one statement:
+        see repository._insert_rows)."""
+        values = parameters or {}
+        sql, bound = self.statements.prepared(statement, tuple(values)).bind(values)
         started = time.perf_counter()
         try:
             async with self.raw.cursor(row_factory=namedtuple_row) as cur:
-                if len(bound) > 1:  # pipelined: one round trip
-                    await cur.executemany(sql, [v for _, v in bound], returning=True)
-                    rows: list[Any] = []
-                    while True:
-                        rows.extend(await _fetched(cur))
-                        if not cur.nextset():
-                            break
-                else:
-                    await cur.execute(sql, bound[0][1])
-                    rows = await _fetched(cur)
+                await cur.execute(sql, bound)
+                res = cur.pgresult
+                # Tested on the result's status, not ``description``, which builds column
+                # objects: no rows for a statement without any.
+                ok = res is not None and res.status == pq.ExecStatus.TUPLES_OK
+                rows = await cur.fetchall() if ok else []
         except psycopg.Error as exc:
             for observe in self.observers:
                 observe(None)
-            raise translated(exc, sql, bound[0][1], self.dialect) from exc
+            raise translated(exc, sql, bound, self.dialect) from exc
         for observe in self.observers:
             observe(time.perf_counter() - started)
         return Rows(rows)
 
-    async def scalar(self, statement: Executable, parameters: Any = None) -> Any:
+    async def scalar(
+        self, statement: Executable, parameters: Mapping[str, Any] | None = None
+    ) -> Any:
         row = (await self.execute(statement, parameters)).first()
         return None if row is None else row[0]
-
-    async def scalars(self, statement: Executable, parameters: Any = None) -> list[Any]:
-        return (await self.execute(statement, parameters)).scalars()
-
-
-async def _fetched(cur: psycopg.AsyncCursor[Any]) -> list[Any]:
-    """The rows of the cursor's current result (none for a statement without any);
-    tested on the result's status, not ``description``, which builds column objects."""
-    res = cur.pgresult
-    if res is None or res.status != pq.ExecStatus.TUPLES_OK:
-        return []
-    return await cur.fetchall()
 
 
 def translated(exc: psycopg.Error, sql: str, params: Any, dialect: Dialect) -> StatementError:

@@ -452,13 +452,11 @@ class Store:
             try:
                 async with raw.transaction():
                     yield Direct(raw, self._statements, self._observers)
-            except psycopg.Error as exc:  # BEGIN, COMMIT or ROLLBACK
-                if raw.broken:
-                    await conn.invalidate()
-                raise translated(exc, "COMMIT", None, self._engine.dialect) from None
-            except DBAPIError:
+            except (psycopg.Error, DBAPIError) as exc:
                 if raw.broken:  # the server went away: the pool opens a new one next time
                     await conn.invalidate()
+                if isinstance(exc, psycopg.Error):  # BEGIN, COMMIT or ROLLBACK
+                    raise translated(exc, "COMMIT", None, self._engine.dialect) from None
                 raise
 
     @asynccontextmanager
@@ -931,7 +929,8 @@ class Batch:
             self.attempts[row.task] = AttemptRecord.of(row)
 
     async def close(self) -> None:
-        """Write the pass's events in one statement; their ids are the outbox's."""
+        """Write the pass's events (one statement, or pages of many: _insert_rows); their
+        ids are the outbox's."""
         if not self._events:
             return
         # Ids come from a sequence, drawn in the VALUES list's order.
@@ -1026,7 +1025,7 @@ class Batch:
         """Insert attempts, skipping those that exist; the rows made, in the order given,
         each with its creation event (and its start's, for one inserted Running).
 
-        One statement for them all (see _insert_rows)."""
+        One statement for them all (in pages past a few rows: _insert_rows)."""
         if not values:
             return []
         try:
