@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from test_operator import events, fails, run, slow, store_history, task_pods, workflow
 
-from fixtures.control_plane import ControlPlane, KubectlError, apiserver_down
+from fixtures.control_plane import ControlPlane, KubectlError, apiserver_down, wait_until_settled
 from fixtures.operator import OperatorProcess, apply, get, running_operator, wait_phase
 from maestro.executors.container import pod_name
 from maestro.store import Store
@@ -205,6 +205,7 @@ def test_runs_finish_soon_after_a_15s_apiserver_outage(
     finally:
         server.shutdown()
         server.server_close()
+        wait_until_settled(control_plane)
     assert "Traceback" not in operator.log()
 
 
