@@ -225,3 +225,47 @@ async def test_events_are_posted_once_even_when_a_post_fails_midway(h: Harness) 
     assert reasons == ["RunFailed", "RunStarted", "TaskFailed", "TaskFailed", "TaskFailed"]
     assert api.calls == 6  # 5 Events + the one refused once; none posted before was re-sent
     assert await h.store.unposted_events(run.id) == []
+
+
+@dataclass
+class SeeingJobs(EndingJobs):
+    """EndingJobs that keep the task each poll was given, by attempt."""
+
+    polled: dict[str, list[object]] = field(default_factory=dict)
+
+    async def poll(self, ctx: AttemptContext) -> Result | None:
+        self.polled.setdefault(ctx.handle or "", []).append(ctx.task)
+        return await super().poll(ctx)
+
+
+async def test_a_running_attempt_is_rendered_once_however_many_passes_poll_it(
+    h: Harness,
+) -> None:
+    # Every pass polls every running attempt; its templates cannot change while it runs,
+    # so the held run keeps the rendered task instead of rendering it on each pass.
+    jobs = SeeingJobs()
+    with_jobs(h, jobs)
+    spec = spec_of(
+        [
+            sh("a", "echo {{ params.word }}"),
+            sh("b", "true"),
+            sh("c", "true", dependsOn=["b"]),
+        ],
+        params=[{"name": "word"}],
+    )
+    run = await h.create(spec, {"word": "hi"})
+    await h.engine.reconcile(run.id)
+    await h.engine.reconcile(run.id)
+    jobs.ended.add("run-b-1")
+    await h.engine.reconcile(run.id)  # b's result, c started
+    await h.engine.reconcile(run.id)
+    polled = jobs.polled["run-a-1"]
+    assert len(polled) == 3
+    assert all(task is polled[0] for task in polled)
+    assert cast(Any, polled[0]).container.command == ["sh", "-c", "echo hi"]
+    # A restarted process renders it again, from the store.
+    h.engine.forget(run.id)
+    await h.engine.reconcile(run.id)
+    again = jobs.polled["run-a-1"][-1]
+    assert again is not polled[0]
+    assert again == polled[0]

@@ -138,6 +138,9 @@ class _Held:
     # Outbox events written already marked in the store (see Store.batch): only logged,
     # measured and traced from here, never marked again.
     handled: set[int] = field(default_factory=set)
+    # (task, attempt) -> the running attempt's rendered task and inputs: they cannot change
+    # while it runs, and every pass polls every running attempt (see _running_context).
+    rendered: dict[tuple[str, int], tuple[Task, Mapping[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -299,23 +302,22 @@ class Engine:
         return templates.Context(run.params, outputs, run_info, item), inputs
 
     def _running_context(
-        self, run: RunRecord, task: Task, att: AttemptRecord, latest: Mapping[str, AttemptRecord]
+        self,
+        run: RunRecord,
+        task: Task,
+        att: AttemptRecord,
+        latest: Mapping[str, AttemptRecord],
+        memo: dict[tuple[str, int], tuple[Task, Mapping[str, Any]]] | None = None,
     ) -> AttemptContext:
         """The context of a started attempt, rendered again: an executor that lost its
-        in-memory state (a restart) may need the full task to re-attach or start it."""
-        spec, the_plan = self.spec_of(run)
-        run_info = _run_info(run)
-        if task.name in the_plan.final.deps:
-            states = {n: _state(a) for n, a in latest.items()}
-            outcome = main_outcome(spec, states, controls_of(run), run.started_at, self.clock())
-            if outcome is not None:
-                run_info["outcome"] = outcome
-        ctx_values, inputs = self._context(run, task, att.task, latest, run_info)
-        try:
-            rendered = _render_task(task, ctx_values, att.task)
-        except templates.TemplateError:
-            # It rendered when it started; inputs cannot have changed since.
-            rendered = _named(task, att.task)
+        in-memory state (a restart) may need the full task to re-attach or start it.
+        Rendered once per attempt with a ``memo`` (the held run's)."""
+        found = None if memo is None else memo.get((att.task, att.attempt))
+        if found is None:
+            found = self._rendered_again(run, task, att, latest)
+            if memo is not None:
+                memo[(att.task, att.attempt)] = found
+        rendered, inputs = found
         return AttemptContext(
             run=run,
             task=rendered,
@@ -325,6 +327,23 @@ class Engine:
             controls=controls_of(run),
             started_at=att.started_at,
         )
+
+    def _rendered_again(
+        self, run: RunRecord, task: Task, att: AttemptRecord, latest: Mapping[str, AttemptRecord]
+    ) -> tuple[Task, Mapping[str, Any]]:
+        spec, the_plan = self.spec_of(run)
+        run_info = _run_info(run)
+        if task.name in the_plan.final.deps:
+            states = {n: _state(a) for n, a in latest.items()}
+            outcome = main_outcome(spec, states, controls_of(run), run.started_at, self.clock())
+            if outcome is not None:
+                run_info["outcome"] = outcome
+        ctx_values, inputs = self._context(run, task, att.task, latest, run_info)
+        try:
+            return _render_task(task, ctx_values, att.task), inputs
+        except templates.TemplateError:
+            # It rendered when it started; inputs cannot have changed since.
+            return _named(task, att.task), inputs
 
     async def _recall(self, run_id: str) -> _Held:
         """The run as this process holds it, loaded from the store on first use."""
@@ -436,7 +455,7 @@ class Engine:
             if att.phase is not TaskPhase.RUNNING:
                 continue
             task = tasks[fanout.base(name)]
-            ctx = self._running_context(run, task, att, held.latest)
+            ctx = self._running_context(run, task, att, held.latest, held.rendered)
             executor = self.executors[task.kind]
             if att.job_name is not None and att.launched_at is None:
                 # Recorded Running, but its pod was never created (the process stopped in
@@ -447,6 +466,7 @@ class Engine:
             result = await executor.poll(ctx)
             if result is not None:
                 results.append((name, att.attempt, result))
+                held.rendered.pop((name, att.attempt), None)  # it ends in this pass
         again = False  # see Pass.again
         if unlaunched:
             again = await self._launch(held, unlaunched, raise_errors=True)
@@ -500,7 +520,7 @@ class Engine:
                     return await self._lost(run_id, decision)
             for stop in stops:
                 task = tasks[fanout.base(stop.task)]
-                ctx = self._running_context(run, task, latest[stop.task], latest)
+                ctx = self._running_context(run, task, latest[stop.task], latest, held.rendered)
                 await self.executors[task.kind].stop(ctx)
             starts = [
                 await self._prepare(run, tasks[fanout.base(a.task)], latest, a, decision)
