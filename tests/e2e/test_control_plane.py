@@ -19,7 +19,12 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from fixtures.control_plane import ControlPlane, KubectlError, load_controlplane_module
+from fixtures.control_plane import (
+    ControlPlane,
+    KubectlError,
+    load_controlplane_module,
+    task_pod,
+)
 from maestro.k8s.client import Api, APIError, PermanentAPIError, load_config
 
 pytestmark = pytest.mark.e2e
@@ -116,19 +121,6 @@ async def test_schema_violations_are_rejected_with_the_field_named(
     assert "spec.params" in excinfo.value.message, excinfo.value.message
 
 
-def _task_pod(name: str, annotations: dict[str, str], run: str = "r1") -> dict[str, Any]:
-    """A pod as the operator makes one: labelled with its run, which the kwok stages select."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "labels": {"maestro.dev/run": run}, "annotations": annotations},
-        "spec": {
-            "restartPolicy": "Never",
-            "containers": [{"name": "main", "image": "busybox", "command": ["true"]}],
-        },
-    }
-
-
 def _pods(ns: str) -> str:
     return f"/api/v1/namespaces/{ns}/pods"
 
@@ -151,7 +143,7 @@ async def test_task_pod_succeeds_through_kwok_with_termination_message(
     namespace: str, api: Api
 ) -> None:
     outputs = json.dumps({"version": "1.2.3", "quoted": 'a "b" \\ c'})
-    await _create_pod(api, namespace, _task_pod("ok", {"maestro.dev/kwok-message": outputs}))
+    await _create_pod(api, namespace, task_pod("ok", {"maestro.dev/kwok-message": outputs}))
 
     pod = await wait_for("pod ok to finish", lambda: _ended(api, "ok", namespace))
     assert pod["status"]["phase"] == "Succeeded"
@@ -164,7 +156,7 @@ async def test_task_pod_succeeds_through_kwok_with_termination_message(
 
 async def test_task_pod_annotated_to_fail_fails(namespace: str, api: Api) -> None:
     annotations = {"maestro.dev/kwok-result": "Failed", "maestro.dev/kwok-message": "boom"}
-    await _create_pod(api, namespace, _task_pod("bad", annotations))
+    await _create_pod(api, namespace, task_pod("bad", annotations))
 
     pod = await wait_for("pod bad to finish", lambda: _ended(api, "bad", namespace))
     assert pod["status"]["phase"] == "Failed"
@@ -177,8 +169,8 @@ async def test_kwok_delay_holds_a_task_pod_running_and_other_pods_run_on(
     namespace: str, api: Api
 ) -> None:
     started = time.monotonic()
-    await _create_pod(api, namespace, _task_pod("slow", {"maestro.dev/kwok-delay": "2s"}))
-    server = _task_pod("server", {})
+    await _create_pod(api, namespace, task_pod("slow", {"maestro.dev/kwok-delay": "2s"}))
+    server = task_pod("server", {})
     del server["metadata"]["labels"]  # not a task pod: a long-running process
     await _create_pod(api, namespace, server)
 
