@@ -127,6 +127,10 @@ def _state(a: AttemptRecord) -> TaskState:
     )
 
 
+# (task, attempt) -> a started attempt's rendered task and its inputs.
+Rendered = dict[tuple[str, int], tuple[Task, Mapping[str, Any]]]
+
+
 @dataclass
 class _Held:
     """One run as this process drives it (like Kopf's per-object memory: recalled on
@@ -138,9 +142,9 @@ class _Held:
     # Outbox events written already marked in the store (see Store.batch): only logged,
     # measured and traced from here, never marked again.
     handled: set[int] = field(default_factory=set)
-    # (task, attempt) -> the running attempt's rendered task and inputs: they cannot change
-    # while it runs, and every pass polls every running attempt (see _running_context).
-    rendered: dict[tuple[str, int], tuple[Task, Mapping[str, Any]]] = field(default_factory=dict)
+    # The running attempts': they cannot change while one runs, and every pass polls every
+    # running attempt (see _running_context).
+    rendered: Rendered = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -307,7 +311,7 @@ class Engine:
         task: Task,
         att: AttemptRecord,
         latest: Mapping[str, AttemptRecord],
-        memo: dict[tuple[str, int], tuple[Task, Mapping[str, Any]]] | None = None,
+        memo: Rendered | None = None,
     ) -> AttemptContext:
         """The context of a started attempt, rendered again: an executor that lost its
         in-memory state (a restart) may need the full task to re-attach or start it.
